@@ -1,0 +1,191 @@
+"""The dist-lm command line (fire, a dict of commands; every command returns None).
+
+    dist-lm prepare ptb                       # corpus -> shards/ptb (vocab, manifest, tar shards)
+    dist-lm verify shards/ptb                 # check every shard against its manifest
+    dist-lm train configs/cpu_smoke.toml --optim.lr=30
+    torchrun --nproc_per_node 2 -m dist_lm train configs/ptb_awd_lstm.toml --dist.engine=ddp
+    dist-lm eval runs/ptb --split test
+    dist-lm generate runs/ptb --prompt "the market" --length 50
+    dist-lm score runs/ptb sentences.txt
+    dist-lm bench data --json bench.json
+    dist-lm compare runs/a runs/b
+
+Run `dist-lm COMMAND --help` for a command's options.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .errors import UserError
+
+
+def prepare(corpus: str, out: str | None = None, data_dir: str | None = None,
+            tokenizer: str | None = None, chunk_len: int = 4096,
+            shard_tokens: int = 16_777_216, max_vocab: int = 0, min_freq: int = 0,
+            bpe_vocab: int = 16384, download: bool = True) -> None:
+    """Turn a corpus into WebDataset shards, vocab.json and manifest.json.
+
+    Args:
+      corpus: ptb, ptb-char, wikitext-2, wikitext-103, enwik8, text8, or text:DIR
+        (a directory with train.txt, valid.txt and test.txt).
+      out: output directory (default shards/CORPUS). Written under a temporary name
+        and renamed at the end, so an interrupted prepare leaves nothing half-written.
+      data_dir: directory holding the raw corpus files (default $DIST_LM_DATA_DIR);
+        files missing there are downloaded from the official source and checked by sha256.
+      tokenizer: word, char, byte or bpe (default: the preset's own).
+      chunk_len: tokens per WebDataset sample.
+      shard_tokens: tokens per tar shard (rounded to whole chunks).
+      max_vocab: keep the most frequent words only (word tokenizer; 0 keeps all).
+      min_freq: drop words seen fewer times (word tokenizer; they become <unk>).
+      bpe_vocab: vocabulary size for the bpe tokenizer.
+      download: allow downloading missing files.
+    """
+    from .data.prepare import prepare_corpus
+
+    prepare_corpus(corpus, out=out, data_dir=data_dir, tokenizer=tokenizer,
+                   chunk_len=chunk_len, shard_tokens=shard_tokens, max_vocab=max_vocab,
+                   min_freq=min_freq, bpe_vocab=bpe_vocab, download=download)
+
+
+def verify(directory: str) -> None:
+    """Check every shard of a prepared corpus against manifest.json (sha256, counts)."""
+    from .data.shards import verify_corpus
+
+    verify_corpus(directory)
+
+
+def train(config: str, resume: str | None = None, **overrides) -> None:
+    """Train a model. CONFIG is a TOML file; override any key as --section.key=value.
+
+    Args:
+      config: TOML recipe, e.g. configs/cpu_smoke.toml.
+      resume: 'auto' (latest complete checkpoint in train.run_dir, if any) or a
+        checkpoint directory.
+      overrides: dotted config keys, e.g. --optim.lr=30 --train.run_dir=runs/x.
+        `dist-lm train --help` lists them all below.
+    """
+    from .train.trainer import train_command
+
+    train_command(config, resume=resume, overrides=overrides)
+
+
+def eval(path: str, split: str = "test", protocol: str = "reference", batch_size: int = 0,
+         **options) -> None:
+    """Evaluate a run or checkpoint: perplexity (words) or bits per character.
+
+    Args:
+      path: run directory (its latest complete checkpoint) or a step-XXXXXXXX directory.
+      split: valid or test.
+      protocol: reference (10 streams for valid, 1 for test, fixed bptt) or fast (batched).
+      batch_size: streams; 0 uses the protocol's default.
+      options: --cache.window/--cache.theta/--cache.lambdah, --cache.search,
+        --dynamic.lr/--dynamic.decay/--dynamic.bptt, --dynamic.search.
+    """
+    from .eval.evaluate import eval_command
+
+    eval_command(path, split=split, protocol=protocol, batch_size=batch_size, options=options)
+
+
+def generate(path: str, prompt: str = "", length: int = 100, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, samples: int = 1) -> None:
+    """Sample text from a trained model, from a prompt or from nothing.
+
+    Args:
+      path: run directory or checkpoint directory.
+      prompt: text to condition on (tokenized with the run's vocabulary).
+      length: tokens to generate.
+      temperature: softmax temperature (> 0).
+      top_k: keep the k most likely tokens (0 keeps all).
+      top_p: nucleus sampling mass (1.0 keeps all).
+      seed: random seed; the same seed gives the same text.
+      samples: number of independent samples.
+    """
+    from .eval.generate import generate_command
+
+    generate_command(path, prompt=prompt, length=length, temperature=temperature,
+                     top_k=top_k, top_p=top_p, seed=seed, samples=samples)
+
+
+def score(path: str, file: str, per: str = "line", out: str | None = None) -> None:
+    """Per-token log-probabilities of a text file, as JSON lines.
+
+    Args:
+      path: run directory or checkpoint directory.
+      file: text file to score ('-' reads standard input).
+      per: 'line' scores each line on its own; 'text' scores the whole file as one stream.
+      out: write JSON lines here instead of standard output.
+    """
+    from .eval.score import score_command
+
+    score_command(path, file, per=per, out=out)
+
+
+def bench(group: str = "all", json: str | None = None, quick: bool = False) -> None:
+    """Measure speed in one process and print a table.
+
+    Args:
+      group: data, kernels, model, train, eval or all.
+      json: also write each figure as {"name", "value", "unit", "baseline", "ratio"}.
+      quick: smaller sizes (a smoke run of the benchmark code, not a measurement).
+    """
+    from .bench import bench_command
+
+    bench_command(group, json_path=json, quick=quick)
+
+
+def compare(*runs: str, out: str | None = None, metric: str = "valid_ppl") -> None:
+    """Compare runs: one table of final/best metrics and throughput, plus plots.
+
+    Args:
+      runs: run directories.
+      out: directory for the table (markdown) and plots (PNG); default prints only.
+      metric: the column to sort by.
+    """
+    from .metrics import compare_command
+
+    compare_command(list(runs), out=out, metric=metric)
+
+
+COMMANDS = {
+    "prepare": prepare,
+    "verify": verify,
+    "train": train,
+    "eval": eval,
+    "generate": generate,
+    "score": score,
+    "bench": bench,
+    "compare": compare,
+}
+
+
+def _train_help_requested(argv: list[str]) -> bool:
+    return len(argv) >= 1 and argv[0] == "train" and ("--help" in argv or "-h" in argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `dist-lm` console script and `python -m dist_lm`."""
+    import fire
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _train_help_requested(argv):
+        from .config import help_text
+
+        print(train.__doc__)
+        print("Config keys (defaults shown):\n" + help_text())
+        return
+    try:
+        fire.Fire(COMMANDS, command=argv, name="dist-lm")
+    except UserError as exc:
+        rank = os.environ.get("RANK", "0")
+        prefix = "dist-lm: error: " if rank == "0" else f"dist-lm [rank {rank}]: error: "
+        print(prefix + str(exc), file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("dist-lm: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""Run configuration: nested dataclasses, a TOML file, and dotted command-line overrides.
+
+Precedence is command line > file > defaults. Every field has a docstring (the string
+literal under it), which `dist-lm train --help` and the docs point to. Unknown keys and
+values of the wrong type are errors that name the key and suggest the closest valid one.
+
+    cfg = load_config("configs/ptb_awd_lstm.toml", {"optim.lr": 30, "model.arch": "qrnn"})
+    save_config(cfg, run_dir / "config.json")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "ptb"
+    """Corpus preset (ptb, ptb-char, wikitext-2, wikitext-103, enwik8, text8) or text:DIR."""
+    shards: str = ""
+    """Directory written by `dist-lm prepare` (holds manifest.json, vocab.json, tar shards).
+    Empty means shards/<corpus>."""
+    train_split: str = "train"
+    """Split used for training."""
+    valid_split: str = "valid"
+    """Split used for validation (NT-ASGD trigger, plateau schedules, best model)."""
+    test_split: str = "test"
+    """Split reported as test perplexity at the end of training."""
+    eval_batch_size: int = 10
+    """Streams for validation (the reference protocol uses 10)."""
+    test_batch_size: int = 1
+    """Streams for test (the reference protocol uses 1)."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "lstm"
+    """Recurrent layer type: lstm, qrnn or gru."""
+    emb_size: int = 400
+    """Embedding size (also the last layer's output size when weights are tied)."""
+    hidden_size: int = 1150
+    """Hidden size of every layer but the last (the last has emb_size when tied)."""
+    n_layers: int = 3
+    """Number of recurrent layers."""
+    tie_weights: bool = True
+    """Share the embedding matrix with the softmax (Inan et al.; Press & Wolf)."""
+    dropout: float = 0.4
+    """Locked dropout on the output of the last layer."""
+    dropouth: float = 0.25
+    """Locked dropout between recurrent layers."""
+    dropouti: float = 0.4
+    """Locked dropout on the embedding output."""
+    dropoute: float = 0.1
+    """Embedding (word-type) dropout: drop whole rows of the embedding matrix."""
+    wdrop: float = 0.5
+    """DropConnect on the recurrent (hidden-to-hidden / gate) weights."""
+    ar: float = 2.0
+    """Activation regularization weight (alpha) on the dropped last-layer output."""
+    tar: float = 1.0
+    """Temporal activation regularization weight (beta) on the raw last-layer output."""
+    head: str = "softmax"
+    """Output head: softmax, adaptive (tied adaptive softmax) or mos (mixture of softmaxes)."""
+    cutoffs: list[int] = field(default_factory=list)
+    """Adaptive softmax cluster cutoffs; empty chooses them from the vocabulary size."""
+    n_experts: int = 15
+    """Mixture of softmaxes: number of experts."""
+    mos_latent: int = 0
+    """Mixture of softmaxes: latent size; 0 means emb_size."""
+    dropoutl: float = 0.29
+    """Mixture of softmaxes: locked dropout on the latent projection."""
+    qrnn_window: int = 2
+    """QRNN convolution window (1 or 2) for the first layer; later layers use 1."""
+    zoneout: float = 0.0
+    """QRNN zoneout on the forget gate."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """Optimizer: sgd, asgd (NT-ASGD: SGD with averaging), adam, adamw, amsgrad, rmsprop,
+    adagrad, adadelta, momentum (SGD with momentum)."""
+    lr: float = 30.0
+    """Base learning rate (scaled per step by seq_len / bptt)."""
+    weight_decay: float = 1.2e-6
+    """L2 weight decay."""
+    clip: float = 0.25
+    """Gradient-norm clipping over all parameters; 0 disables."""
+    momentum: float = 0.9
+    """Momentum for the momentum optimizer and RMSprop."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas (the QRNN recipes use [0, 0.999])."""
+    eps: float = 1e-8
+    """Adam/RMSprop epsilon."""
+    nt_asgd: bool = True
+    """Switch SGD to averaged SGD when validation stops improving (non-monotone trigger)."""
+    nonmono: int = 5
+    """NT-ASGD non-monotone interval (validation checks)."""
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "constant"
+    """Learning-rate schedule: constant, step, plateau, cosine or cyclic."""
+    milestones: list[float] = field(default_factory=list)
+    """Step decay points: epochs (values >= 1) or fractions of the run (values < 1)."""
+    gamma: float = 0.1
+    """Decay factor at each milestone / plateau."""
+    patience: int = 0
+    """Plateau schedule: validation checks without improvement before decaying."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to the base learning rate."""
+    base_batch: int = 0
+    """Linear scaling rule: lr *= global_batch / base_batch; 0 disables scaling."""
+    min_lr: float = 0.0
+    """Lower bound for cosine, cyclic and plateau schedules."""
+    cycle_steps: int = 2000
+    """Cyclic schedule: steps per half cycle."""
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    """Where the run writes config.json, metrics.jsonl, checkpoints/ and results."""
+    seed: int = 141
+    """Seed for parameters, the shared BPTT generator and the per-rank dropout generators."""
+    epochs: int = 750
+    """Training epochs (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 means train by epochs."""
+    max_seconds: float = 0.0
+    """Stop after this much wall-clock training time; 0 means no limit."""
+    global_batch: int = 80
+    """Total number of streams over all ranks (AWD-LSTM's batch_size)."""
+    micro_batch: int = 0
+    """Streams per rank per forward pass; 0 means global_batch / world_size (no accumulation)."""
+    bptt: int = 70
+    """Base truncated-BPTT window length."""
+    variable_bptt: bool = True
+    """Draw window lengths as AWD-LSTM does (0.95 base else half, normal sd 5, min 5)."""
+    max_seq_len: int = 0
+    """Cap on drawn window lengths; 0 means base bptt + 20 (keeps memory bounded)."""
+    eval_every_steps: int = 0
+    """Validate every N steps; 0 means once per epoch."""
+    device: str = "auto"
+    """cpu, cuda or auto (cuda when available)."""
+    bf16: bool = False
+    """bf16 autocast on GPU."""
+    finetune: bool = False
+    """Finetune stage: averaged SGD from the start, stop at the first non-monotone validation."""
+    finetune_from: str = ""
+    """Checkpoint (run dir or step dir) whose weights start the finetune stage."""
+    baseline_tokens_per_s: float = 0.0
+    """Single-device tokens/s for this model config, for scaling efficiency; 0 looks it up
+    in the baseline file written by `dist-lm bench train`, if any."""
+
+
+@dataclass
+class DistConfig:
+    engine: str = "local"
+    """local (one device), ddp (torchrun) or deepspeed."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0-3)."""
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 200
+    """Console/JSONL/W&B logging interval in optimizer steps."""
+    wandb_mode: str = "offline"
+    """online, offline or disabled (the WANDB_MODE environment variable wins)."""
+    project: str = "dist-lm"
+    """W&B project."""
+    group: str = ""
+    """W&B group (e.g. one sweep)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    name: str = ""
+    """W&B run name; empty uses the run directory's name."""
+    progress: bool = True
+    """Show a tqdm progress bar on rank 0."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every N optimizer steps; 0 saves at the end of every epoch only."""
+    keep_last: int = 3
+    """Keep this many most recent complete checkpoints (the best one is kept as well)."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def shards_dir(self) -> Path:
+        """The prepared corpus directory for this config."""
+        if self.data.shards:
+            return Path(self.data.shards)
+        name = self.data.corpus.replace(":", "_").replace("/", "_")
+        return Path("shards") / name
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("lstm", "qrnn", "gru"),
+    "model.head": ("softmax", "adaptive", "mos"),
+    "optim.name": ("sgd", "asgd", "adam", "adamw", "amsgrad", "rmsprop", "adagrad",
+                   "adadelta", "momentum"),
+    "schedule.kind": ("constant", "step", "plateau", "cosine", "cyclic"),
+    "dist.engine": ("local", "ddp", "deepspeed"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+    "log.wandb_mode": ("online", "offline", "disabled"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _resolve(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(options))}."
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert `value` (from TOML or fire) to the field's type, or raise UserError."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    raise UserError(f"config key '{key}': cannot parse {value!r} as a list; "
+                                    f"write it like [1, 2, 3].") from None
+            else:
+                value = [v for v in text.split(",") if v.strip()]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}' expects a list, got {value!r}; "
+                            f"write it like [1, 2, 3].")
+        return [_coerce(key, v, item) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise UserError(f"config key '{key}' expects true or false, got {value!r}.")
+    if hint is int:
+        if isinstance(value, bool):
+            raise UserError(f"config key '{key}' expects an integer, got {value!r}.")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise UserError(f"config key '{key}' expects an integer, got {value!r}.")
+    if hint is float:
+        if isinstance(value, bool):
+            raise UserError(f"config key '{key}' expects a number, got {value!r}.")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"config key '{key}' expects a number, got {value!r}.")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config key '{key}' expects a string, got {value!r}.")
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this file
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    sections = [f.name for f in dataclasses.fields(Config)]
+    if len(parts) != 2:
+        all_keys = list(flat_keys())
+        raise UserError(f"config key '{key}' must look like section.field "
+                        f"(e.g. optim.lr).{_closest(key, all_keys)}")
+    section, name = parts
+    if section not in sections:
+        raise UserError(f"unknown config section '{section}' in '{key}'."
+                        f"{_closest(section, sections)}")
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if name not in hints:
+        names = [f"{section}.{n}" for n in hints]
+        raise UserError(f"unknown config key '{key}'.{_closest(key, names)}")
+    coerced = _coerce(key, value, hints[name])
+    choices = _CHOICES.get(key)
+    if choices and coerced not in choices:
+        raise UserError(f"config key '{key}' must be one of {', '.join(choices)}; got {coerced!r}.")
+    setattr(obj, name, coerced)
+
+
+def flat_keys() -> dict[str, str]:
+    """All dotted keys with their docstrings (used for help text and error suggestions)."""
+    docs = _field_docs()
+    out = {}
+    for sec in dataclasses.fields(Config):
+        cls = _resolve(Config, sec.name)
+        for f in dataclasses.fields(cls):
+            out[f"{sec.name}.{f.name}"] = docs.get((cls.__name__, f.name), "")
+    return out
+
+
+def _field_docs() -> dict[tuple[str, str], str]:
+    """Read the string literal under each dataclass field from this file's source."""
+    import ast
+
+    tree = ast.parse(Path(__file__).read_text())
+    docs: dict[tuple[str, str], str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            body = node.body
+            for a, b in zip(body, body[1:]):
+                if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
+                        and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+                        and isinstance(b.value.value, str)):
+                    docs[(node.name, a.target.id)] = " ".join(b.value.value.split())
+    return docs
+
+
+def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the TOML file at `path`, then dotted `overrides` (e.g. {'optim.lr': 30})."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            hint = ""
+            if not p.suffix:
+                cand = Path("configs") / f"{p.name}.toml"
+                if cand.is_file():
+                    hint = f" Did you mean {cand}?"
+            raise UserError(f"config file {p} does not exist.{hint} "
+                            f"Pass a TOML file such as configs/cpu_smoke.toml.")
+        try:
+            table = tomllib.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"config file {p} is not valid TOML: {exc}. Fix the file.") from None
+        for key, value in _flatten(table).items():
+            _set(cfg, key, value)
+    for key, value in (overrides or {}).items():
+        _set(cfg, key.replace("-", "_") if "." in key else key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks, with the key to change named in the message."""
+    t, m = cfg.train, cfg.model
+    if t.global_batch < 1:
+        raise UserError("train.global_batch must be >= 1.")
+    if t.micro_batch < 0:
+        raise UserError("train.micro_batch must be >= 0 (0 means global_batch / world_size).")
+    if t.bptt < 2:
+        raise UserError("train.bptt must be >= 2.")
+    if m.n_layers < 1:
+        raise UserError("model.n_layers must be >= 1.")
+    for name in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop", "zoneout", "dropoutl"):
+        v = getattr(m, name)
+        if not 0.0 <= v < 1.0:
+            raise UserError(f"model.{name} must be in [0, 1); got {v}.")
+    if m.qrnn_window not in (1, 2):
+        raise UserError(f"model.qrnn_window must be 1 or 2; got {m.qrnn_window}.")
+    if cfg.dist.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"dist.zero_stage must be 0, 1, 2 or 3; got {cfg.dist.zero_stage}.")
+    if cfg.optim.lr <= 0:
+        raise UserError(f"optim.lr must be > 0; got {cfg.optim.lr}.")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(table: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a run's config.json)."""
+    cfg = Config()
+    for key, value in _flatten(table).items():
+        _set(cfg, key, value)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as JSON (temporary name, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, p)
+
+
+def help_text() -> str:
+    """Every config key with its default and docstring, for --help."""
+    defaults = _flatten(to_dict(Config()))
+    lines = []
+    for key, doc in flat_keys().items():
+        lines.append(f"  --{key}={defaults[key]!r}\n      {doc}")
+    return "\n".join(lines)
