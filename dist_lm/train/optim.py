@@ -1,0 +1,211 @@
+"""Optimizers, learning-rate schedules and NT-ASGD (non-monotonically triggered averaging).
+
+Every piece is engine-agnostic: the Trainer asks the schedule for the step's learning rate,
+writes it into the optimizer's param groups (scaled by seq_len / bptt, as AWD-LSTM does),
+and keeps the NT-ASGD running average of the parameters itself, so it works unchanged
+under the local, DDP and DeepSpeed engines. Each stateful piece has state_dict() /
+load_state_dict() with plain values (readable by torch.load(weights_only=True)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from ..config import OptimConfig, ScheduleConfig
+from ..errors import UserError
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The torch.optim optimizer named by optim.name (asgd = plain SGD plus NT-ASGD averaging)."""
+    params = list(params)
+    name, lr, wd = cfg.name, cfg.lr, cfg.weight_decay
+    if name in ("sgd", "asgd"):  # NT-ASGD's ASGD(t0=0, lambd=0) steps exactly like SGD; the average is ours
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+    betas = tuple(cfg.betas)
+    if len(betas) != 2:
+        raise UserError(f"optim.betas must hold two numbers, got {cfg.betas}.")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=wd)
+    if name == "amsgrad":
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=wd, amsgrad=True)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=cfg.eps, weight_decay=wd)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, eps=cfg.eps, weight_decay=wd, momentum=0.0)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=lr, weight_decay=wd)
+    raise UserError(f"unknown optim.name '{name}'.")  # config validation normally catches it
+
+
+def uses_averaging(cfg: OptimConfig) -> bool:
+    """NT-ASGD applies to plain SGD (the reference's condition `args.optimizer == 'sgd'`)."""
+    return cfg.name == "asgd" or (cfg.name == "sgd" and cfg.nt_asgd)
+
+
+class LRSchedule:
+    """Learning rate as a function of (optimizer step, epochs completed as a float).
+
+    kinds: constant; step (multiply by gamma at each milestone: epochs when >= 1, fractions of
+    the run when < 1, e.g. [0.5, 0.75] = "fixed-time" decay); plateau (multiply by gamma when
+    validation has not improved for more than `patience` checks); cosine (to min_lr over the
+    run); cyclic (triangular between min_lr and lr, `cycle_steps` per half cycle). Linear
+    warmup and the linear scaling rule (lr * global_batch / base_batch) apply to every kind.
+    The per-step seq_len / bptt factor is applied by the caller.
+    """
+
+    def __init__(self, cfg: ScheduleConfig, base_lr: float, global_batch: int,
+                 total_steps: int, total_epochs: float):
+        self.cfg = cfg
+        self.peak = base_lr * (global_batch / cfg.base_batch if cfg.base_batch > 0 else 1.0)
+        self.total_steps = max(1, int(total_steps))
+        self.total_epochs = max(1e-9, float(total_epochs))
+        self.plateau_scale = 1.0
+        self.best = math.inf
+        self.bad = 0
+        self.extra_scale = 1.0  # set by the trainer (e.g. a manual decay); kept in the state
+
+    def lr(self, step: int, epoch: float) -> float:
+        """Learning rate for optimizer step `step` (0-based) taken `epoch` epochs into the run."""
+        c = self.cfg
+        progress = min(1.0, step / self.total_steps)
+        lr = self.peak
+        if c.kind == "step":
+            for m in c.milestones:
+                if (m >= 1 and epoch >= m) or (m < 1 and progress >= m):
+                    lr *= c.gamma
+        elif c.kind == "plateau":
+            lr = max(c.min_lr, lr * self.plateau_scale)
+        elif c.kind == "cosine":
+            w = c.warmup_steps
+            p = min(1.0, max(0, step - w) / max(1, self.total_steps - w))
+            lr = c.min_lr + (lr - c.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+        elif c.kind == "cyclic":
+            pos = (step % (2 * c.cycle_steps)) / c.cycle_steps  # 0..2
+            frac = pos if pos <= 1 else 2 - pos
+            lr = c.min_lr + (lr - c.min_lr) * frac
+        if c.warmup_steps > 0 and step < c.warmup_steps:
+            lr *= (step + 1) / c.warmup_steps
+        return lr * self.extra_scale
+
+    def observe(self, val_loss: float) -> None:
+        """Feed one validation loss (plateau schedule)."""
+        if self.cfg.kind != "plateau":
+            return
+        if val_loss < self.best:
+            self.best, self.bad = val_loss, 0
+        else:
+            self.bad += 1
+            if self.bad > self.cfg.patience:
+                self.plateau_scale *= self.cfg.gamma
+                self.bad = 0
+
+    def state_dict(self) -> dict:
+        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad": self.bad,
+                "extra_scale": self.extra_scale}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.plateau_scale = float(sd["plateau_scale"])
+        self.best = float(sd["best"])
+        self.bad = int(sd["bad"])
+        self.extra_scale = float(sd.get("extra_scale", 1.0))
+
+
+class NTASGD:
+    """The non-monotone trigger of salesforce/awd-lstm-lm (main.py / finetune.py).
+
+    After each validation (before appending it to the history):
+        len(history) > nonmono and val_loss > min(history[:-nonmono])
+    switches SGD to averaged SGD (training mode) or stops the run (finetune mode, which
+    averages from the start).
+    """
+
+    def __init__(self, nonmono: int = 5, enabled: bool = True, finetune: bool = False):
+        self.nonmono = nonmono
+        self.enabled = enabled
+        self.finetune = finetune
+        self.history: list[float] = []
+        self.averaging = enabled and finetune
+        self.stop = False
+
+    def trigger(self, val_loss: float) -> bool:
+        h, n = self.history, self.nonmono
+        return len(h) > n and val_loss > min(h[:-n])
+
+    def observe(self, val_loss: float) -> str | None:
+        """Record a validation loss; returns 'switch', 'stop' or None."""
+        event = None
+        if self.enabled:
+            if self.finetune:
+                if self.trigger(val_loss):
+                    self.stop, event = True, "stop"
+            elif not self.averaging and self.trigger(val_loss):
+                self.averaging, event = True, "switch"
+        self.history.append(float(val_loss))
+        return event
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "averaging": self.averaging, "stop": self.stop}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.history = [float(v) for v in sd["history"]]
+        self.averaging = bool(sd["averaging"])
+        self.stop = bool(sd["stop"])
+
+
+class ParamAverager:
+    """Running mean of the parameters over the optimizer steps since averaging began.
+
+    Same as torch.optim.ASGD's `ax` with t0=0, lambd=0 (the reference's optimizer): its mu
+    lags one step, so steps 1 and 2 copy and step k adds (p - ax) / (k - 1), i.e. the
+    mean of the parameters after steps 2..k. Keys are the unwrapped model's parameter names, so `averaged.pt`
+    loads into the same model as `model.pt`.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.count = 0
+        self.avg: dict[str, torch.Tensor] = {}
+
+    def _params(self):
+        return [(n, p) for n, p in self.module.named_parameters()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.count += 1
+        for name, p in self._params():
+            if self.count <= 2:
+                self.avg[name] = p.detach().clone()
+            else:
+                a = self.avg[name]
+                a.add_(p.detach().sub(a).mul_(1.0 / (self.count - 1)))
+
+    def state_dict(self) -> dict:
+        """Like module.state_dict() but with averaged parameters (buffers as they are)."""
+        sd = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        for name, a in self.avg.items():
+            if name in sd:
+                sd[name] = a.detach().clone()
+        return sd
+
+    def load(self, averaged_state: dict, count: int) -> None:
+        names = dict(self._params())
+        self.count = int(count)
+        self.avg = {n: averaged_state[n].to(p.device, p.dtype).clone()
+                    for n, p in names.items() if n in averaged_state}
+
+    def swap(self) -> None:
+        """Exchange live parameters and the average (call twice to undo); used for evaluation."""
+        with torch.no_grad():
+            for name, p in self._params():
+                a = self.avg.get(name)
+                if a is not None:
+                    tmp = p.detach().clone()
+                    p.copy_(a)
+                    a.copy_(tmp)
