@@ -14,11 +14,21 @@ predicted, a 1/L bias. We report exactly `sum NLL / number of predicted tokens`.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
 import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..distributed import all_reduce_sum
+from ..errors import UserError
+from .cache import NeuralCache, mix_log_prob
+from .dynamic import SEARCH_DECAYS, SEARCH_LRS, DynamicEvaluator
 
 
 @torch.no_grad()
@@ -61,3 +71,344 @@ def ppl_or_bpc(mean_nll: float, kind: str) -> dict:
     if kind in ("char", "byte"):
         return {"bpc": mean_nll / math.log(2)}
     return {"ppl": math.exp(min(mean_nll, 700.0))}
+
+
+# ---------------------------------------------------------------------------------------
+# Options, protocols and the `dist-lm eval` command
+
+
+@dataclass
+class CacheOptions:
+    """Neural cache pointer (dist_lm/eval/cache.py); pointer.py's PTB values as defaults."""
+    window: int = 500
+    theta: float = 1.0
+    lambdah: float = 0.1
+    normalize: bool = False  # cosine similarity instead of the dot product
+    search: bool = False     # grid search theta x lambdah on the validation split first
+
+
+@dataclass
+class DynamicOptions:
+    """Dynamic evaluation (dist_lm/eval/dynamic.py); Krause et al.'s values as defaults."""
+    lr: float = 5e-5
+    decay: float = 2e-3
+    eps: float = 2e-5
+    bptt: int = 5             # segment length
+    stat_batch: int = 100     # streams for the gradient statistics on the training split
+    stat_batches: int = 0     # windows for the statistics; 0 = the whole training split
+    search: bool = False      # grid search lr x decay on the validation split first
+    search_tokens: int = 30000  # validation tokens per grid point (0 = all; Krause's gridfast)
+
+
+CACHE_THETAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+CACHE_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+PROTOCOLS = ("reference", "fast")
+FAST_BATCH = 64  # streams of the fast protocol (drops < 64 tokens at the split's end)
+_GENERAL = {"bptt": int, "corpus": str, "device": str, "averaged": bool}
+
+
+def _fields(cls) -> dict[str, type]:
+    return {f.name: type(getattr(cls(), f.name)) for f in dataclasses.fields(cls)}
+
+
+def parse_options(options: dict[str, Any]) -> tuple[dict, CacheOptions | None, DynamicOptions | None]:
+    """Split `--cache.* / --dynamic.* / --bptt ...` options; unknown keys are a UserError."""
+    general: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any]] = {"cache": {}, "dynamic": {}}
+    enabled = {"cache": False, "dynamic": False}
+    kinds = {"cache": _fields(CacheOptions), "dynamic": _fields(DynamicOptions)}
+    known = list(_GENERAL) + ["cache", "dynamic"] + [f"{g}.{k}" for g in kinds for k in kinds[g]]
+    for key, value in options.items():
+        key = key.replace("-", "_")
+        if key in groups:  # --cache / --dynamic alone: enable with defaults
+            enabled[key] = bool(value)
+            continue
+        group, _, name = key.partition(".")
+        if key in _GENERAL:
+            general[key] = _coerce(key, value, _GENERAL[key])
+        elif group in kinds and name in kinds[group]:
+            groups[group][name] = _coerce(key, value, kinds[group][name])
+            enabled[group] = True
+        else:
+            match = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+            hint = f" Did you mean --{match[0]}?" if match else f" Valid: {', '.join('--' + k for k in known)}."
+            raise UserError(f"unknown eval option --{key}.{hint}")
+    if enabled["cache"] and enabled["dynamic"]:
+        raise UserError("use either the cache (--cache.*) or dynamic evaluation (--dynamic.*), "
+                        "not both in one command.")
+    cache = CacheOptions(**groups["cache"]) if enabled["cache"] else None
+    dyn = DynamicOptions(**groups["dynamic"]) if enabled["dynamic"] else None
+    if cache is not None and (cache.window < 1 or not 0 <= cache.lambdah <= 1):
+        raise UserError("--cache.window must be >= 1 and --cache.lambdah in [0, 1].")
+    if dyn is not None and (dyn.bptt < 1 or dyn.lr < 0 or dyn.decay < 0 or dyn.stat_batch < 1):
+        raise UserError("--dynamic.bptt and --dynamic.stat_batch must be >= 1, "
+                        "--dynamic.lr and --dynamic.decay >= 0.")
+    return general, cache, dyn
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"eval option --{key} expects {kind.__name__}, got {value!r}.") from None
+
+
+def corpus_dir_for(run, corpus: str | None = None) -> Path:
+    """The prepared corpus of a run (its config's data.shards, or `corpus`), checked against
+    the run's vocabulary: evaluating with another vocabulary would be silently wrong."""
+    from ..data.tokenizers import load_tokenizer
+
+    d = Path(corpus) if corpus else run.config.shards_dir()
+    if not (d / "manifest.json").is_file():
+        raise UserError(f"prepared corpus {d} not found (no manifest.json); run `dist-lm prepare "
+                        f"{run.config.data.corpus}` or pass --corpus DIR.")
+    theirs = load_tokenizer(d)
+    if list(theirs.itos) != list(run.tokenizer.itos):
+        raise UserError(f"vocabulary mismatch: {d}/vocab.json ({theirs.vocab_size} tokens) differs "
+                        f"from the run's vocab.json ({run.tokenizer.vocab_size} tokens) in "
+                        f"{run.checkpoint.parent.parent}; pass --corpus with the corpus the run "
+                        f"was trained on.")
+    return d
+
+
+def make_loader(corpus_dir: Path, split: str, batch_size: int, bptt: int,
+                device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1):
+    """Fixed-bptt windows over B contiguous streams (the evaluation protocols)."""
+    from ..data.streams import StreamLoader
+
+    return StreamLoader(corpus_dir, split, batch_size, rank=rank, world_size=world_size,
+                        bptt=bptt, variable_bptt=False, device=device)
+
+
+def default_batch(cfg, split: str, protocol: str) -> int:
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol '{protocol}'; choose reference or fast.")
+    if protocol == "fast":
+        return FAST_BATCH
+    return cfg.data.test_batch_size if split == cfg.data.test_split else cfg.data.eval_batch_size
+
+
+@torch.no_grad()
+def evaluate_cache(model: torch.nn.Module, loader, cache: CacheOptions,
+                   reduce: bool = True) -> tuple[float, int]:
+    """evaluate_stream with the neural cache mixed in (one cache per stream column)."""
+    from ..models import detach_hidden
+
+    model.eval()
+    nc = NeuralCache(cache.window, cache.theta, cache.normalize)
+    total, count, hidden = 0.0, 0, None
+    dev = torch.device("cpu")
+    for inputs, targets in loader:
+        if hidden is None:
+            hidden = model.init_hidden(inputs.shape[1])
+        out = model(inputs, hidden, targets)
+        hidden = detach_hidden(out.hidden)
+        p, seen = nc.step(out.output, targets)
+        total += float(mix_log_prob(-out.nll, p, cache.lambdah, seen).sum().neg())
+        count += targets.numel()
+        dev = targets.device
+    buf = torch.tensor([total, float(count)], dtype=torch.float64, device=dev)
+    if reduce:
+        all_reduce_sum(buf)
+    return float(buf[0]), int(round(float(buf[1])))
+
+
+@torch.no_grad()
+def cache_search(model: torch.nn.Module, loader, window: int, normalize: bool = False,
+                 thetas=CACHE_THETAS, lambdas=CACHE_LAMBDAS) -> list[dict]:
+    """Mean NLL for every (theta, lambdah): the model runs once, the cache once per theta."""
+    from ..models import detach_hidden
+
+    model.eval()
+    blocks, hidden = [], None
+    for inputs, targets in loader:
+        if hidden is None:
+            hidden = model.init_hidden(inputs.shape[1])
+        out = model(inputs, hidden, targets)
+        hidden = detach_hidden(out.hidden)
+        blocks.append((out.output.detach(), targets, -out.nll.detach()))
+    n = sum(t.numel() for _, t, _ in blocks)
+    table = []
+    for theta in thetas:
+        nc = NeuralCache(window, theta, normalize)
+        stepped = [(nc.step(k, t), lv) for k, t, lv in blocks]
+        for lam in lambdas:
+            s = sum(float(mix_log_prob(lv, p, lam, seen).sum()) for (p, seen), lv in stepped)
+            table.append({"theta": theta, "lambdah": lam, "nll": -s / n})
+    return table
+
+
+def _metric(mean_nll: float, kind: str) -> dict:
+    return ppl_or_bpc(mean_nll, kind)
+
+
+def evaluate_run(run, split: str = "test", protocol: str = "reference", batch_size: int = 0,
+                 bptt: int = 0, corpus: str | None = None, cache: CacheOptions | None = None,
+                 dynamic: DynamicOptions | None = None, log=print) -> dict:
+    """Evaluate a loaded Run (dist_lm.runs.load_run) on a split; returns the result dict.
+
+    Distributed (torchrun): every rank evaluates its own streams and the sums are all-reduced;
+    the process group must already be initialized.
+    """
+    from ..distributed import get_rank, get_world_size
+
+    cfg = run.config
+    d = corpus_dir_for(run, corpus)
+    device = next(run.model.parameters()).device
+    rank, world = get_rank(), get_world_size()
+    bptt = bptt or cfg.train.bptt
+    kind = run.tokenizer.kind
+    res: dict[str, Any] = {"split": split, "protocol": protocol, "bptt": bptt,
+                           "checkpoint": str(run.checkpoint), "averaged": run.averaged,
+                           "world_size": world, "corpus": str(d)}
+    if dynamic is not None:
+        if world > 1:
+            raise UserError("dynamic evaluation runs in one process (batch 1, one adapted "
+                            "model); launch it without torchrun.")
+        return _evaluate_dynamic(run, d, split, batch_size or 1, dynamic, res, log)
+    B = batch_size or default_batch(cfg, split, protocol)
+    res["batch_size"] = B
+
+    def loader_for(s: str, b: int):
+        return make_loader(d, s, b, bptt, device=device, rank=rank, world_size=world)
+
+    if cache is not None:
+        res["method"] = "cache"
+        if cache.search:
+            vb = batch_size or default_batch(cfg, cfg.data.valid_split, protocol)
+            table = cache_search(run.model, loader_for(cfg.data.valid_split, vb), cache.window,
+                                 cache.normalize)
+            if world > 1:  # each rank searched its own streams: combine the sums
+                nll = torch.tensor([r["nll"] for r in table], dtype=torch.float64)
+                all_reduce_sum(nll)
+                for r, v in zip(table, nll.tolist()):
+                    r["nll"] = v / world
+            best = min(table, key=lambda r: r["nll"])
+            cache = dataclasses.replace(cache, theta=best["theta"], lambdah=best["lambdah"])
+            res["search"] = [{**r, **_metric(r["nll"], kind)} for r in table]
+            log(f"cache search on {cfg.data.valid_split}: best theta {cache.theta} lambdah "
+                f"{cache.lambdah} ({_fmt(_metric(best['nll'], kind))})")
+        res["cache"] = dataclasses.asdict(cache)
+        total, n = evaluate_cache(run.model, loader_for(split, B), cache)
+    else:
+        res["method"] = "plain"
+        total, n = evaluate_stream(run.model, loader_for(split, B))
+    return _finish(res, total, n, kind)
+
+
+def _evaluate_dynamic(run, d: Path, split: str, B: int, opt: DynamicOptions, res: dict, log) -> dict:
+    cfg = run.config
+    device = next(run.model.parameters()).device
+    kind = run.tokenizer.kind
+    res.update(method="dynamic", batch_size=B, bptt=opt.bptt)
+    dyn = DynamicEvaluator(run.model)
+    nb = dyn.collect_stats(make_loader(d, cfg.data.train_split, opt.stat_batch, opt.bptt, device),
+                           opt.stat_batches)
+    log(f"dynamic eval: gradient statistics from {nb} windows of {cfg.data.train_split}")
+    if opt.search:
+        scale = opt.bptt / 5.0
+        table = []
+        for decay in SEARCH_DECAYS:
+            for lr in SEARCH_LRS:
+                loader = make_loader(d, cfg.data.valid_split, B, opt.bptt, device)
+                s, n = dyn.evaluate(loader, lr * scale, decay * scale, opt.eps, opt.search_tokens)
+                table.append({"lr": lr * scale, "decay": decay * scale, "nll": s / n,
+                              "tokens": n, **_metric(s / n, kind)})
+        best = min(table, key=lambda r: r["nll"])
+        opt = dataclasses.replace(opt, lr=best["lr"], decay=best["decay"])
+        res["search"] = table
+        log(f"dynamic search on {cfg.data.valid_split}: best lr {opt.lr:g} decay {opt.decay:g} "
+            f"({_fmt(_metric(best['nll'], kind))} on {best['tokens']} tokens)")
+    res["dynamic"] = dataclasses.asdict(opt)
+    total, n = dyn.evaluate(make_loader(d, split, B, opt.bptt, device), opt.lr, opt.decay, opt.eps)
+    return _finish(res, total, n, kind)
+
+
+def _finish(res: dict, total: float, n: int, kind: str) -> dict:
+    if n == 0:
+        raise UserError(f"split '{res['split']}' of {res['corpus']} has no tokens to evaluate "
+                        f"with batch size {res['batch_size']}.")
+    res.update(tokens=n, nll=total / n, **_metric(total / n, kind))
+    return res
+
+
+def _fmt(m: dict) -> str:
+    return " ".join(f"{k} {v:.4f}" if k == "bpc" else f"{k} {v:.2f}" for k, v in m.items())
+
+
+def result_path(res: dict) -> Path:
+    """<step dir>/eval-<split>[-fast][-cache|-dynamic].json, beside (never inside) model.pt."""
+    name = f"eval-{res['split']}"
+    if res["protocol"] != "reference" and res["method"] != "dynamic":
+        name += f"-{res['protocol']}"
+    if res["method"] != "plain":
+        name += f"-{res['method']}"
+    return Path(res["checkpoint"]) / f"{name}.json"
+
+
+def write_result(res: dict) -> Path:
+    p = result_path(res)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def _log_wandb(run, res: dict) -> None:
+    """Add the result to W&B when the run used it (its config's log.wandb_mode)."""
+    mode = os.environ.get("WANDB_MODE") or run.config.log.wandb_mode
+    if mode == "disabled":
+        return
+    try:
+        import wandb
+    except ImportError:
+        return
+    run_dir = run.checkpoint.parent.parent
+    name = run.config.log.name or run_dir.name
+    w = wandb.init(project=run.config.log.project, group=run.config.log.group or None,
+                   name=f"{name}-eval", job_type="eval", dir=str(run_dir), mode=mode,
+                   config={"checkpoint": res["checkpoint"]}, reinit=True)
+    key = f"{res['split']}/{res['method']}"
+    w.summary.update({f"{key}/{k}": v for k, v in res.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    w.finish()
+
+
+def eval_command(path: str, split: str = "test", protocol: str = "reference",
+                 batch_size: int = 0, options: dict | None = None) -> None:
+    """`dist-lm eval`: load, evaluate (plain / cache / dynamic), print, write JSON (rank 0)."""
+    from ..distributed import init_distributed, is_main, pick_device
+    from ..runs import find_checkpoint, load_run, read_run_config, run_dir_of
+
+    general, cache, dyn = parse_options(dict(options or {}))
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol '{protocol}'; choose reference or fast.")
+    ckpt = find_checkpoint(path)
+    cfg = read_run_config(run_dir_of(ckpt))
+    if split not in (cfg.data.valid_split, cfg.data.test_split, cfg.data.train_split):
+        raise UserError(f"unknown split '{split}'; choose {cfg.data.valid_split} or "
+                        f"{cfg.data.test_split}.")
+    device = pick_device(general.get("device", "cpu"))
+    init_distributed(device, cfg.dist.backend)
+    run = load_run(ckpt, device=device, averaged=general.get("averaged", True))
+    say = print if is_main() else (lambda *a, **k: None)
+    res = evaluate_run(run, split=split, protocol=protocol, batch_size=batch_size,
+                       bptt=general.get("bptt", 0), corpus=general.get("corpus"),
+                       cache=cache, dynamic=dyn, log=say)
+    if is_main():
+        p = write_result(res)
+        weights = "averaged" if run.averaged else "final"
+        say(f"{split} {_fmt(_metric(res['nll'], run.tokenizer.kind))} | nll {res['nll']:.4f} | "
+            f"{res['tokens']} tokens | {res['method']}, {protocol} protocol, batch {res['batch_size']}, "
+            f"bptt {res['bptt']}, {weights} weights | {p}")
+        _log_wandb(run, res)

@@ -1,0 +1,138 @@
+"""Scoring text: per-token log-probabilities (natural log) and their total / average.
+
+    dist-lm score runs/ptb sentences.txt              # one JSON object per non-blank line
+    dist-lm score runs/ptb story.txt --per text       # the whole file as one stream
+
+Each line is encoded as in training (`encode_line`: words not in the vocabulary become
+`<unk>`, counted in `n_unk`; word and char vocabularies append `<eos>`, so the sentence's
+end is scored too) and conditioned on a preceding `<eos>`, the state the model sees at the
+start of every line in its training stream. Vocabularies without `<eos>` (byte, bpe) cannot
+score the first token of a line without context; it is left out and counted in `n_context`.
+
+Output per line: {"line", "text", "tokens", "logprobs", "total", "avg", "ppl", "n_tokens",
+"n_unk"}; "avg" is total / n_tokens and "ppl" = exp(-avg).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+LINE_BATCH = 32  # lines scored side by side (padded at the end: the model is causal)
+WINDOW = 256     # tokens per forward pass for --per text
+
+
+def _context(tokenizer, ids: list[int]) -> tuple[list[int], list[int]]:
+    """(inputs, targets) for a line's ids: after <eos> if the vocabulary has one."""
+    if tokenizer.eos_id is not None:
+        return [tokenizer.eos_id] + ids[:-1], ids
+    return ids[:-1], ids[1:]
+
+
+@torch.no_grad()
+def _score_sequences(model, pairs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+    """Log-probabilities of each (inputs, targets) pair, batched with end padding."""
+    device = next(model.parameters()).device
+    out_lp: list[list[float]] = []
+    for s in range(0, len(pairs), LINE_BATCH):
+        chunk = pairs[s:s + LINE_BATCH]
+        T = max(len(t) for _, t in chunk)
+        if T == 0:
+            out_lp.extend([] for _ in chunk)
+            continue
+        inp = torch.zeros(T, len(chunk), dtype=torch.long)
+        tgt = torch.zeros(T, len(chunk), dtype=torch.long)
+        for j, (i, t) in enumerate(chunk):
+            inp[:len(i), j] = torch.tensor(i, dtype=torch.long)
+            tgt[:len(t), j] = torch.tensor(t, dtype=torch.long)
+        out = model(inp.to(device), model.init_hidden(len(chunk)), tgt.to(device))
+        lp = (-out.nll.double()).cpu()
+        out_lp.extend(lp[:len(t), j].tolist() for j, (_, t) in enumerate(chunk))
+    return out_lp
+
+
+@torch.no_grad()
+def _score_stream(model, inputs: list[int], targets: list[int]) -> list[float]:
+    """One long sequence in windows of WINDOW tokens, hidden state carried."""
+    from ..models import detach_hidden
+
+    device = next(model.parameters()).device
+    hidden = model.init_hidden(1)
+    lps: list[float] = []
+    for s in range(0, len(targets), WINDOW):
+        i = torch.tensor(inputs[s:s + WINDOW], dtype=torch.long, device=device).unsqueeze(1)
+        t = torch.tensor(targets[s:s + WINDOW], dtype=torch.long, device=device).unsqueeze(1)
+        out = model(i, hidden, t)
+        hidden = detach_hidden(out.hidden)
+        lps.extend((-out.nll.double())[:, 0].tolist())
+    return lps
+
+
+def _record(tokenizer, text: str, targets: list[int], lps: list[float], n_context: int,
+            line: int | None = None) -> dict:
+    total = float(sum(lps))
+    n = len(lps)
+    rec = {"line": line} if line is not None else {}
+    rec.update(text=text, tokens=[tokenizer.itos[i] for i in targets], logprobs=lps,
+               total=total, avg=total / n if n else 0.0,
+               ppl=math.exp(-total / n) if n else None, n_tokens=n,
+               n_unk=sum(1 for i in targets if i == tokenizer.unk_id) if tokenizer.unk_id is not None else 0)
+    if n_context:
+        rec["n_context"] = n_context
+    return rec
+
+
+def score_text(run, text: str, per: str = "line") -> list[dict]:
+    """Score `text` with a loaded Run: one record per non-blank line, or one for the text."""
+    if per not in ("line", "text"):
+        raise UserError(f"--per must be 'line' or 'text'; got {per!r}.")
+    tok, model = run.tokenizer, run.model
+    model.eval()
+    if not text.strip():
+        raise UserError("nothing to score: the input is empty (or only blank lines).")
+    ctx = 0 if tok.eos_id is not None else 1
+    if per == "text":
+        ids = tok.encode(text)
+        inputs, targets = _context(tok, ids)
+        return [_record(tok, text, targets, _score_stream(model, inputs, targets), ctx)]
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    pairs = [_context(tok, tok.encode_line(line)) for _, line in lines]
+    lps = _score_sequences(model, pairs)
+    return [_record(tok, line, t, lp, ctx, n) for (n, line), (_, t), lp in zip(lines, pairs, lps)]
+
+
+def score_command(path: str, file: str, per: str = "line", out: str | None = None) -> None:
+    from ..runs import load_run
+
+    if per not in ("line", "text"):
+        raise UserError(f"--per must be 'line' or 'text'; got {per!r}.")
+    if file == "-":
+        text = sys.stdin.read()
+    else:
+        p = Path(file)
+        if not p.is_file():
+            raise UserError(f"{p} does not exist; pass a text file to score (or - for stdin).")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{p} is not UTF-8 text.") from None
+    if not text.strip():
+        raise UserError(f"nothing to score: {file} is empty (or only blank lines).")
+    run = load_run(path)
+    records = score_text(run, text, per=per)
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    if out is None:
+        sys.stdout.write(lines)
+        return
+    o = Path(out)
+    o.parent.mkdir(parents=True, exist_ok=True)
+    tmp = o.with_name(o.name + ".tmp")
+    tmp.write_text(lines)
+    os.replace(tmp, o)
