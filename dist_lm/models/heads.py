@@ -1,0 +1,241 @@
+"""Output heads: tied/untied softmax, tied adaptive softmax (split cross-entropy), mixture of softmaxes.
+
+Every head has
+    nll(h [T, b, d], targets [T, b], weight) -> [T, b] float32 negative log-likelihood
+    log_prob(h [..., d], weight) -> [..., V] full log-distribution
+where `weight` is the tied embedding matrix [V, E] (or None for an untied head, which owns its
+own `weight`). The head never registers the embedding itself, so the tied matrix is one
+parameter under one state_dict key and DDP sees it once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .dropout import locked_dropout
+
+# Merity's splits (awd-lstm-lm main.py): One Billion Word, WikiText-103.
+_AUTO_CUTOFFS = ((500_000, [4200, 35000, 180000]), (75_000, [2800, 20000, 76000]))
+
+
+def auto_cutoffs(vocab_size: int) -> list[int]:
+    """The reference's cutoffs: [4200, 35000, 180000] above 500k words, [2800, 20000, 76000]
+    above 75k (WikiText-103, 267k), else none (one cluster: the adaptive head is a plain softmax;
+    at <75k words the full softmax is cheap and the split only costs accuracy)."""
+    for above, cuts in _AUTO_CUTOFFS:
+        if vocab_size > above:
+            return list(cuts)
+    return []
+
+
+class Head(nn.Module):
+    vocab_size: int
+
+    def _weight(self, weight: Tensor | None) -> Tensor:
+        if self.tied:
+            if weight is None:
+                raise ValueError("a tied head needs the embedding weight")
+            return weight
+        return self.weight
+
+    def prepare(self, targets: Tensor | None):
+        """Work that depends only on the targets, queued before the recurrent layers."""
+        return None
+
+
+class SoftmaxHead(Head):
+    """logits = h W^T + b; W is the embedding (tied) or its own matrix (uniform +-0.1, as the
+    reference inits its decoder); b starts at zero."""
+
+    def __init__(self, in_size: int, vocab_size: int, tied: bool):
+        super().__init__()
+        self.vocab_size, self.tied = vocab_size, tied
+        if not tied:
+            self.weight = nn.Parameter(torch.empty(vocab_size, in_size).uniform_(-0.1, 0.1))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def nll(self, h: Tensor, targets: Tensor, weight: Tensor | None, plan=None) -> Tensor:
+        logits = F.linear(h.reshape(-1, h.size(-1)), self._weight(weight), self.bias)
+        nll = F.cross_entropy(logits.float(), targets.reshape(-1), reduction="none")
+        return nll.view(targets.shape)
+
+    def log_prob(self, h: Tensor, weight: Tensor | None) -> Tensor:
+        return F.linear(h, self._weight(weight), self.bias).float().log_softmax(-1)
+
+
+class _Plan:
+    """Tokens of a batch grouped by cluster: `order` (token indices sorted by cluster, on device)
+    and the per-cluster counts, copied to the host asynchronously."""
+
+    def __init__(self, cluster: Tensor, n_clusters: int):
+        self.cluster = cluster
+        self.order = torch.argsort(cluster, stable=True)
+        counts = torch.bincount(cluster, minlength=n_clusters)
+        if counts.is_cuda:
+            self._host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            self._host.copy_(counts, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = counts, None
+
+    def counts(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()  # waits for the bincount only, not for the network
+        return self._host.tolist()
+
+
+class AdaptiveHead(Head):
+    """Tied adaptive softmax, Merity's SplitCrossEntropyLoss.
+
+    Clusters [0, c0), [c0, c1), ..., [c_{n-1}, V). The head cluster scores the first c0 words
+    plus one "tombstone" vector per tail cluster (`tail_vectors`, `tail_bias`, zero-initialised);
+    a tail word's log-probability is log p(its tombstone) + log softmax within its cluster, whose
+    logits use the (tied) embedding rows of that cluster's words.
+
+    Host synchronisation: a tail cluster's softmax is computed only for the tokens whose target
+    falls in it, so its size depends on the data. Rather than `nonzero` (which waits for the
+    whole network to run), the model calls `prepare(targets)` before the recurrent layers are
+    queued: it sorts token indices by cluster and copies the cluster counts to pinned host memory
+    asynchronously; the loss waits on that copy only, which finished long before, so the GPU
+    queue never drains. Under torch.compile this is a graph break at the loss.
+    """
+
+    def __init__(self, in_size: int, vocab_size: int, cutoffs: list[int], tied: bool):
+        super().__init__()
+        cutoffs = list(cutoffs)
+        if any(b <= a for a, b in zip([0] + cutoffs, cutoffs + [vocab_size])):
+            raise ValueError(f"cutoffs {cutoffs} must increase strictly within (0, {vocab_size})")
+        self.vocab_size, self.tied = vocab_size, tied
+        self.splits = [0] + cutoffs + [vocab_size]
+        self.n_tail = len(cutoffs)
+        if not tied:
+            self.weight = nn.Parameter(torch.empty(vocab_size, in_size).uniform_(-0.1, 0.1))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self.tail_vectors = nn.Parameter(torch.zeros(self.n_tail, in_size))
+        self.tail_bias = nn.Parameter(torch.zeros(self.n_tail))
+        self.register_buffer("cutoffs", torch.tensor(cutoffs, dtype=torch.long), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"splits={self.splits}, tied={self.tied}"
+
+    def prepare(self, targets: Tensor | None):
+        if targets is None or self.n_tail == 0:
+            return None
+        cluster = torch.bucketize(targets.reshape(-1), self.cutoffs, right=True)
+        return _Plan(cluster, self.n_tail + 1)
+
+    def _head_log_prob(self, h: Tensor, w: Tensor) -> Tensor:
+        c0 = self.splits[1]
+        head_w = torch.cat([w[:c0], self.tail_vectors.to(w.dtype)]) if self.n_tail else w
+        head_b = torch.cat([self.bias[:c0], self.tail_bias]) if self.n_tail else self.bias
+        return F.linear(h, head_w, head_b).float().log_softmax(-1)
+
+    def _tail_logits(self, h: Tensor, w: Tensor, i: int) -> Tensor:
+        lo, hi = self.splits[i], self.splits[i + 1]
+        return F.linear(h, w[lo:hi], self.bias[lo:hi]).float()
+
+    def nll(self, h: Tensor, targets: Tensor, weight: Tensor | None, plan=None) -> Tensor:
+        w = self._weight(weight)
+        h2, t = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+        head_lp = self._head_log_prob(h2, w)
+        if self.n_tail == 0:
+            return -head_lp.gather(1, t[:, None]).view(targets.shape)
+        if plan is None:
+            plan = self.prepare(targets)
+        c0 = self.splits[1]
+        head_index = torch.where(plan.cluster == 0, t, c0 - 1 + plan.cluster)
+        nll = -head_lp.gather(1, head_index[:, None]).squeeze(1)
+        counts, start = plan.counts(), 0
+        for i, n in enumerate(counts):
+            if i > 0 and n > 0:
+                idx = plan.order[start:start + n]
+                logits = self._tail_logits(h2.index_select(0, idx), w, i)
+                tgt = (t.index_select(0, idx) - self.splits[i])[:, None]
+                nll = nll.index_add(0, idx, -logits.log_softmax(-1).gather(1, tgt).squeeze(1))
+            start += n
+        return nll.view(targets.shape)
+
+    def log_prob(self, h: Tensor, weight: Tensor | None) -> Tensor:
+        w = self._weight(weight)
+        head_lp = self._head_log_prob(h, w)
+        c0 = self.splits[1]
+        parts = [head_lp[..., :c0]]
+        for i in range(1, self.n_tail + 1):
+            parts.append(head_lp[..., c0 + i - 1:c0 + i] + self._tail_logits(h, w, i).log_softmax(-1))
+        return torch.cat(parts, -1)
+
+
+class _LinearLSE(torch.autograd.Function):
+    """(logsumexp_v(x W^T + b), (x W^T + b)[target]) per row, in fp32, without keeping the
+    [M, V] logits for backward (they are recomputed): MoS runs this once per expert."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, target):
+        logits = torch.addmm(b.to(x.dtype), x, w.to(x.dtype).t()).float()
+        lse = torch.logsumexp(logits, -1)
+        tgt = logits.gather(1, target[:, None]).squeeze(1)
+        ctx.save_for_backward(x, w, b, target, lse)
+        return lse, tgt
+
+    @staticmethod
+    def backward(ctx, g_lse, g_tgt):
+        x, w, b, target, lse = ctx.saved_tensors
+        wx = w.to(x.dtype)
+        logits = torch.addmm(b.to(x.dtype), x, wx.t()).float()
+        grad = torch.exp(logits - lse[:, None]).mul_(g_lse[:, None])
+        grad.scatter_add_(1, target[:, None], g_tgt[:, None])
+        grad_x = (grad.to(x.dtype) @ wx) if ctx.needs_input_grad[0] else None
+        grad_w = (grad.t().to(x.dtype) @ x).to(w.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0).to(b.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+class MoSHead(Head):
+    """Mixture of softmaxes (Yang et al. 2018): prior = softmax(W_p h) over n experts,
+    latent = tanh(W_l h) split into n vectors of size E (locked dropout `dropoutl`),
+    log p = logsumexp_k(log prior_k + log_softmax(latent_k W^T + b)).
+
+    In log space, expert by expert: the loss keeps one [N, V] logit block alive at a time
+    (recomputed in backward), never the [N, n, V] probabilities of the reference.
+    """
+
+    def __init__(self, in_size: int, vocab_size: int, n_experts: int, latent: int, tied: bool,
+                 dropoutl: float = 0.0):
+        super().__init__()
+        self.vocab_size, self.tied = vocab_size, tied
+        self.n_experts, self.latent_size, self.dropoutl = n_experts, latent, dropoutl
+        self.prior = nn.Linear(in_size, n_experts, bias=False)
+        self.latent = nn.Linear(in_size, n_experts * latent)
+        if not tied:
+            self.weight = nn.Parameter(torch.empty(vocab_size, latent).uniform_(-0.1, 0.1))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def _experts(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        lat = torch.tanh(self.latent(h))
+        if h.dim() == 3:
+            lat = locked_dropout(lat, self.dropoutl, self.training)
+        prior_lp = self.prior(h).float().log_softmax(-1)
+        n = h.shape[:-1].numel()
+        return prior_lp.reshape(n, self.n_experts), lat.reshape(n, self.n_experts, self.latent_size)
+
+    def nll(self, h: Tensor, targets: Tensor, weight: Tensor | None, plan=None) -> Tensor:
+        w = self._weight(weight)
+        prior_lp, lat = self._experts(h)
+        t = targets.reshape(-1)
+        terms = []
+        for k in range(self.n_experts):
+            lse, tgt = _LinearLSE.apply(lat[:, k], w, self.bias, t)
+            terms.append(prior_lp[:, k] + tgt - lse)
+        return -torch.logsumexp(torch.stack(terms, 1), 1).view(targets.shape)
+
+    def log_prob(self, h: Tensor, weight: Tensor | None) -> Tensor:
+        w = self._weight(weight)
+        prior_lp, lat = self._experts(h)
+        acc = None
+        for k in range(self.n_experts):
+            lp = prior_lp[:, k:k + 1] + F.linear(lat[:, k], w, self.bias).float().log_softmax(-1)
+            acc = lp if acc is None else torch.logaddexp(acc, lp)
+        return acc.view(*h.shape[:-1], self.vocab_size)
