@@ -35,30 +35,36 @@ def _forget_mult_fwd(F, X, H0, OUT, T, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _forget_mult_bwd(GH, F, X, H0, H, GF, GX, GH0, T, N, BLOCK: tl.constexpr):
+def _bwd_step(gh_ptr, f_ptr, x_ptr, gf_ptr, gx_ptr, hp, carry, mask):
+    """One reverse step given h_{t-1} = hp: stores dL/df_t, dL/dx_t; returns the new carry."""
+    g = tl.load(gh_ptr, mask=mask, other=0.0).to(tl.float32) + carry
+    f = tl.load(f_ptr, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    tl.store(gf_ptr, (g * (x - hp)).to(gf_ptr.dtype.element_ty), mask=mask)
+    tl.store(gx_ptr, (g * f).to(gx_ptr.dtype.element_ty), mask=mask)
+    return g * (1.0 - f)
+
+
+@triton.jit
+def _forget_mult_bwd(GH, F, X, H0, H, GF, GX, GH0, T, N, LAST, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    h0 = tl.load(H0 + offs, mask=mask, other=0.0).to(tl.float32)
-    last = (T - 1).to(tl.int64) * N
-    gh_ptr, f_ptr, x_ptr = GH + last + offs, F + last + offs, X + last + offs
-    hp_ptr, gf_ptr, gx_ptr = H + last - N + offs, GF + last + offs, GX + last + offs
     carry = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(T):
-        g = tl.load(gh_ptr, mask=mask, other=0.0).to(tl.float32) + carry
-        f = tl.load(f_ptr, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-        not_first = i < T - 1  # h_{t-1} is H[t-1], except at t = 0 where it is h0
-        hp = tl.load(hp_ptr, mask=mask & not_first, other=0.0).to(tl.float32)
-        hp = tl.where(not_first, hp, h0)
-        tl.store(gf_ptr, (g * (x - hp)).to(GF.dtype.element_ty), mask=mask)
-        tl.store(gx_ptr, (g * f).to(GX.dtype.element_ty), mask=mask)
-        carry = g * (1.0 - f)
+    # t = T-1 .. 1, where h_{t-1} = H[t-1]; LAST = (T-1)*N, computed on the host (may be int64)
+    gh_ptr, f_ptr, x_ptr = GH + LAST + offs, F + LAST + offs, X + LAST + offs
+    gf_ptr, gx_ptr, hp_ptr = GF + LAST + offs, GX + LAST + offs, H + LAST - N + offs
+    for _ in range(T - 1):
+        hp = tl.load(hp_ptr, mask=mask, other=0.0).to(tl.float32)
+        carry = _bwd_step(gh_ptr, f_ptr, x_ptr, gf_ptr, gx_ptr, hp, carry, mask)
         gh_ptr -= N
         f_ptr -= N
         x_ptr -= N
-        hp_ptr -= N
         gf_ptr -= N
         gx_ptr -= N
+        hp_ptr -= N
+    # t = 0, where h_{-1} = h0
+    h0 = tl.load(H0 + offs, mask=mask, other=0.0).to(tl.float32)
+    carry = _bwd_step(gh_ptr, f_ptr, x_ptr, gf_ptr, gx_ptr, h0, carry, mask)
     tl.store(GH0 + offs, carry.to(GH0.dtype.element_ty), mask=mask)
 
 
@@ -82,7 +88,8 @@ def forget_mult_triton_backward(grad: Tensor, f: Tensor, x: Tensor, h0: Tensor,
     gf, gx, gh0 = torch.empty_like(f), torch.empty_like(x), torch.empty_like(h0)
     T, n = x.size(0), x[0].numel()
     if T > 0 and n > 0:
-        _forget_mult_bwd[_grid(n)](grad, f, x, h0, h, gf, gx, gh0, T, n, BLOCK=BLOCK, num_warps=4)
+        _forget_mult_bwd[_grid(n)](grad, f, x, h0, h, gf, gx, gh0, T, n, (T - 1) * n,
+                                     BLOCK=BLOCK, num_warps=4)
     else:
         gh0.zero_()
     return gf, gx, gh0

@@ -1,0 +1,132 @@
+"""Heads: tied adaptive softmax (split cross-entropy) and mixture of softmaxes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_lm.config import ModelConfig
+from dist_lm.models import build_model
+from dist_lm.models.heads import AdaptiveHead, MoSHead, auto_cutoffs
+
+V = 40
+
+
+def randomize(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)  # zero-initialised tombstones/biases would hide mistakes
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_adaptive_log_prob_is_a_distribution_and_loss_matches_it(tied):
+    torch.manual_seed(0)
+    head = AdaptiveHead(6, V, [10, 25], tied=tied)
+    randomize(head)
+    emb = torch.randn(V, 6) if tied else None
+    h = torch.randn(5, 4, 6)
+    targets = torch.randint(0, V, (5, 4))
+    targets[0, :3] = torch.tensor([3, 15, 33])  # every cluster present
+    lp = head.log_prob(h, emb)
+    assert lp.shape == (5, 4, V)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(5, 4))
+    nll = head.nll(h, targets, emb)
+    torch.testing.assert_close(nll, -lp.gather(-1, targets[..., None]).squeeze(-1))
+
+
+def test_adaptive_is_merity_split_cross_entropy():
+    torch.manual_seed(1)
+    head = AdaptiveHead(6, V, [10, 25], tied=True)
+    randomize(head)
+    emb, h = torch.randn(V, 6), torch.randn(3, 6)
+    head_logits = torch.cat([h @ emb[:10].t() + head.bias[:10], h @ head.tail_vectors.t() + head.tail_bias], -1)
+    head_lp = head_logits.log_softmax(-1)
+    tail_lp = (h @ emb[25:].t() + head.bias[25:]).log_softmax(-1)  # second tail: embedding rows 25..39
+    word = 30
+    want = head_lp[:, 11] + tail_lp[:, word - 25]
+    torch.testing.assert_close(head.log_prob(h, emb)[:, word], want)
+    torch.testing.assert_close(head.log_prob(h, emb)[:, 4], head_lp[:, 4])
+
+
+def test_adaptive_gradients_equal_those_of_the_dense_log_prob():
+    torch.manual_seed(2)
+    head = AdaptiveHead(6, V, [10, 25], tied=True)
+    randomize(head)
+    emb = torch.randn(V, 6, requires_grad=True)
+    h = torch.randn(4, 3, 6, requires_grad=True)
+    targets = torch.randint(0, V, (4, 3))
+    params = [emb, h] + list(head.parameters())
+    got = torch.autograd.grad(head.nll(h, targets, emb).sum(), params)
+    dense = -head.log_prob(h, emb).gather(-1, targets[..., None]).sum()
+    want = torch.autograd.grad(dense, params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_model_with_prepared_plan_equals_direct_loss():
+    torch.manual_seed(0)
+    cfg = ModelConfig(emb_size=6, hidden_size=8, n_layers=2, head="adaptive", cutoffs=[10, 25])
+    model = build_model(cfg, V).eval()
+    x = torch.randint(0, V, (5, 3))
+    y = torch.randint(0, V, (5, 3))
+    out = model(x, model.init_hidden(3), y)
+    lp = model.log_prob(out.output)
+    torch.testing.assert_close(out.nll, -lp.gather(-1, y[..., None]).squeeze(-1))
+
+
+def test_auto_cutoffs_follow_the_reference():
+    assert auto_cutoffs(267_735) == [2800, 20000, 76000]  # WikiText-103
+    assert auto_cutoffs(793_471) == [4200, 35000, 180000]  # One Billion Word
+    assert auto_cutoffs(33_278) == []
+    model = build_model(ModelConfig(emb_size=4, hidden_size=4, n_layers=1, head="adaptive"), 80_000)
+    assert model.head.splits == [0, 2800, 20000, 76000, 80_000]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_mos_log_prob_is_a_distribution_and_loss_matches_it(tied):
+    torch.manual_seed(0)
+    head = MoSHead(6, V, n_experts=3, latent=5, tied=tied).eval()
+    randomize(head)
+    emb = torch.randn(V, 5) if tied else None
+    h = torch.randn(4, 2, 6)
+    targets = torch.randint(0, V, (4, 2))
+    lp = head.log_prob(h, emb)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(4, 2))
+    torch.testing.assert_close(head.nll(h, targets, emb), -lp.gather(-1, targets[..., None]).squeeze(-1))
+
+
+def test_mos_equals_yang_et_al_probability_space_mixture():
+    torch.manual_seed(3)
+    head = MoSHead(6, V, n_experts=4, latent=5, tied=True).eval()
+    randomize(head)
+    emb, h = torch.randn(V, 5), torch.randn(7, 6)
+    latent = torch.tanh(head.latent(h)).view(7, 4, 5)
+    prob = F.softmax(latent @ emb.t() + head.bias, -1)           # [N, K, V]
+    prior = F.softmax(head.prior(h), -1)
+    want = (prob * prior[..., None]).sum(1).log()
+    torch.testing.assert_close(head.log_prob(h, emb), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mos_loss_gradients_equal_those_of_the_dense_log_prob():
+    torch.manual_seed(4)
+    head = MoSHead(6, V, n_experts=3, latent=5, tied=True).eval()
+    randomize(head)
+    emb = torch.randn(V, 5, requires_grad=True)
+    h = torch.randn(3, 2, 6, requires_grad=True)
+    targets = torch.randint(0, V, (3, 2))
+    params = [emb, h] + list(head.parameters())
+    got = torch.autograd.grad(head.nll(h, targets, emb).sum(), params)
+    want = torch.autograd.grad(-head.log_prob(h, emb).gather(-1, targets[..., None]).sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_mos_latent_dropout_only_in_training():
+    torch.manual_seed(0)
+    head = MoSHead(6, V, n_experts=2, latent=5, tied=False, dropoutl=0.5)
+    h = torch.randn(4, 2, 6)
+    t = torch.randint(0, V, (4, 2))
+    assert not torch.allclose(head.nll(h, t, None), head.nll(h, t, None))
+    head.eval()
+    torch.testing.assert_close(head.nll(h, t, None), head.nll(h, t, None))
