@@ -1,0 +1,270 @@
+"""Training metrics: a throughput meter, rank-0 sinks (console + tqdm, metrics.jsonl, W&B),
+single-device baselines for scaling efficiency, and `dist-lm compare`.
+
+    meter = ThroughputMeter(world_size)
+    meter.add(tokens=seq_len * global_batch, wait=data_wait_s)   # once per optimizer step
+    sink = MetricsSink(run_dir, cfg, enabled=is_main(), total_steps=n)
+    sink.log({"step": 100, "loss": 4.6, ...})                    # console, JSONL and W&B
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+class ThroughputMeter:
+    """Tokens/s over the current log interval and the share of time spent waiting for data."""
+
+    def __init__(self, world_size: int = 1):
+        self.world_size = world_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+        self.wait = 0.0
+        self.steps = 0
+
+    def add(self, tokens: int, wait: float = 0.0) -> None:
+        self.tokens += tokens
+        self.wait += wait
+        self.steps += 1
+
+    def snapshot(self, reset: bool = True) -> dict:
+        dt = max(1e-9, time.perf_counter() - self.t0)
+        tps = self.tokens / dt
+        out = {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world_size,
+               "data_wait_share": min(1.0, self.wait / dt), "interval_s": dt}
+        if reset:
+            self.reset()
+        return out
+
+
+def perplexity_fields(mean_nll: float, char_level: bool, prefix: str = "") -> dict:
+    """{'ppl'} for word vocabularies, {'bpc'} for character/byte corpora (nll / ln 2)."""
+    if char_level:
+        return {f"{prefix}bpc": mean_nll / math.log(2)}
+    return {f"{prefix}ppl": math.exp(min(mean_nll, 700.0))}
+
+
+# ---- single-device baselines (scaling efficiency) -------------------------------------------
+
+def baselines_path() -> Path:
+    """Where single-device tokens/s are recorded ($DIST_LM_BASELINES overrides)."""
+    env = os.environ.get("DIST_LM_BASELINES")
+    return Path(env) if env else Path.home() / ".cache" / "dist-lm" / "baselines.json"
+
+
+def baseline_key(model_cfg: dict, micro_batch: int, bptt: int, device_type: str) -> str:
+    """Same model, same per-device batch and window, same device kind -> same key."""
+    blob = json.dumps({"model": model_cfg, "micro": micro_batch, "bptt": bptt,
+                       "device": device_type}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_baseline(key: str) -> float:
+    p = baselines_path()
+    try:
+        return float(json.loads(p.read_text()).get(key, {}).get("tokens_per_s", 0.0))
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+
+
+def record_baseline(key: str, tokens_per_s: float, source: str) -> None:
+    p = baselines_path()
+    try:
+        table = json.loads(p.read_text()) if p.is_file() else {}
+    except ValueError:
+        table = {}
+    table[key] = {"tokens_per_s": tokens_per_s, "source": source, "time": time.time()}
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(table, indent=2) + "\n")
+    os.replace(tmp, p)
+
+
+# ---- sinks (rank 0 only) -------------------------------------------------------------------
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+CONSOLE_KEYS = ("epoch", "step", "loss", "ppl", "bpc", "valid_loss", "valid_ppl", "valid_bpc",
+                "test_ppl", "test_bpc", "lr", "seq_len", "grad_norm", "tokens_per_s",
+                "tokens_per_s_per_device", "data_wait_share", "scaling_efficiency", "averaging")
+
+
+class MetricsSink:
+    """Console line, tqdm bar, metrics.jsonl and W&B. A no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: str | Path, cfg, enabled: bool = True, total_steps: int = 0,
+                 initial_step: int = 0):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.bar = None
+        self.wandb = None
+        self.summary: dict = {}
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.log.progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps or None, initial=initial_step, unit="step",
+                            dynamic_ncols=True, leave=False)
+        self._init_wandb(cfg)
+
+    def _init_wandb(self, cfg) -> None:
+        mode = os.environ.get("WANDB_MODE") or cfg.log.wandb_mode  # the environment wins
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            print("dist-lm: wandb is not installed; W&B logging is off", file=sys.stderr)
+            return
+        from .config import to_dict
+
+        os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+        self.wandb = wandb.init(mode=mode, project=cfg.log.project, group=cfg.log.group or None,
+                                tags=list(cfg.log.tags) or None,
+                                name=cfg.log.name or self.run_dir.name, config=to_dict(cfg),
+                                dir=os.environ["WANDB_DIR"], resume="allow",
+                                id=_wandb_id(self.run_dir))
+
+    def progress(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"time": time.time(), **record}
+        self.jsonl.write(json.dumps(record) + "\n")
+        line = " | ".join(f"{k} {_fmt(record[k])}" for k in CONSOLE_KEYS if k in record)
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                           step=int(record.get("step", 0)))
+
+    def set_summary(self, **values) -> None:
+        if not self.enabled:
+            return
+        self.summary.update(values)
+        if self.wandb is not None:
+            for k, v in values.items():
+                self.wandb.summary[k] = v
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable W&B run id per run directory, so a resumed run continues the same W&B run."""
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+
+
+# ---- dist-lm compare -----------------------------------------------------------------------
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.is_file():
+        raise UserError(f"{run_dir} has no metrics.jsonl; pass run directories written by "
+                        f"`dist-lm train`.")
+    rows = []
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a kill
+    return rows
+
+
+def summarize(run_dir: str | Path) -> dict:
+    rows = read_metrics(run_dir)
+    evals = [r for r in rows if "valid_loss" in r]
+    train = [r for r in rows if "tokens_per_s" in r]
+    out: dict = {"run": str(run_dir), "steps": max((r.get("step", 0) for r in rows), default=0)}
+    for key in ("valid_ppl", "valid_bpc", "valid_loss"):
+        vals = [r[key] for r in evals if key in r]
+        if vals:
+            out[key] = min(vals)
+            out[f"final_{key}"] = vals[-1]
+    for key in ("test_ppl", "test_bpc"):
+        vals = [r[key] for r in rows if key in r]
+        if vals:
+            out[key] = vals[-1]
+    if train:
+        out["tokens_per_s"] = sum(r["tokens_per_s"] for r in train) / len(train)
+        out["tokens_per_s_per_device"] = sum(r.get("tokens_per_s_per_device", 0) for r in train) / len(train)
+    return out
+
+
+def compare_command(runs: list[str], out: str | None = None, metric: str = "valid_ppl") -> None:
+    """Print one markdown table of several runs; with `out`, also write it and PNG plots."""
+    if not runs:
+        raise UserError("compare needs at least one run directory.")
+    rows = [summarize(r) for r in runs]
+    rows.sort(key=lambda r: r.get(metric, math.inf))
+    cols = ["run", "steps"] + [c for c in ("valid_ppl", "final_valid_ppl", "test_ppl", "valid_bpc",
+                                           "final_valid_bpc", "test_bpc", "tokens_per_s",
+                                           "tokens_per_s_per_device")
+                               if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if out:
+        d = Path(out)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "compare.md").write_text(table + "\n")
+        _plots(runs, d)
+
+
+def _plots(runs: list[str], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("dist-lm: matplotlib is not installed; wrote the table only", file=sys.stderr)
+        return
+    for key, fname in (("loss", "train_loss.png"), ("valid_loss", "valid_loss.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in runs:
+            pts = [(m["step"], m[key]) for m in read_metrics(r) if key in m and "step" in m]
+            if pts:
+                ax.plot(*zip(*pts), label=Path(r).name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname)
+        plt.close(fig)

@@ -1,0 +1,200 @@
+"""Engines: local (one device), DDP (torchrun) and DeepSpeed, behind one small interface.
+
+The Trainer only ever calls:
+
+    engine.model                  # what to call forward on (wrapped for DDP / DeepSpeed)
+    engine.module                 # the unwrapped RNNLanguageModel (state_dict, eval, init_hidden)
+    engine.set_lr(lr)             # this step's learning rate into every param group
+    engine.backward(loss, last)   # one micro-batch; `loss` is the mean over this rank's micro-batch
+    engine.step(clip) -> norm     # all-reduce (DDP/DS), clip over all parameters, optimizer step
+    engine.save(step_dir) / engine.load(step_dir)   # optimizer state (the model is saved by the trainer)
+
+Loss normalisation: each rank's micro-batch loss is its mean over m streams; local and DDP
+scale it by 1/accum before backward, DDP averages over the W ranks, DeepSpeed does both
+itself -- so every engine optimises the mean over all B = W * accum * m streams, and one
+rank with B streams matches W ranks with B / W streams each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..errors import UserError
+from ..runs import load_tensor_file
+from .optim import build_optimizer
+
+
+def _save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class LocalEngine:
+    name = "local"
+
+    def __init__(self, module: torch.nn.Module, cfg: Config, accum: int):
+        self.module = module
+        self.model = module
+        self.accum = accum
+        self.optimizer = build_optimizer(module.parameters(), cfg.optim)
+        self.optim_file = "optim.pt"
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def _sync_context(self, last: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        with self._sync_context(last):
+            (loss / self.accum).backward()
+
+    def step(self, clip: float) -> float:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if clip > 0:  # the norm is over every parameter, the softmax head's included
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, step_dir: Path, rank: int) -> None:
+        if rank == 0:
+            _save(self.optimizer.state_dict(), step_dir / self.optim_file)
+
+    def load(self, step_dir: Path, rank: int) -> None:
+        self.optimizer.load_state_dict(load_tensor_file(step_dir / self.optim_file))
+
+
+class DDPEngine(LocalEngine):
+    """torch DistributedDataParallel; gradients are averaged over ranks on the last micro-batch."""
+
+    name = "ddp"
+
+    def __init__(self, module: torch.nn.Module, cfg: Config, accum: int, device: torch.device):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        super().__init__(module, cfg, accum)
+        ids = [device.index] if device.type == "cuda" else None
+        self.model = DDP(module, device_ids=ids, broadcast_buffers=False)
+
+    def _sync_context(self, last: bool):
+        return contextlib.nullcontext() if last else self.model.no_sync()
+
+
+def deepspeed_config(cfg: Config, world_size: int, micro: int, accum: int) -> dict:
+    """ds_config generated from the project config (there is no second, hand-kept copy).
+
+    The schedule is not a DeepSpeed scheduler: AWD-LSTM scales every step's lr by
+    seq_len / bptt, so the Trainer writes the lr into the param groups each step, exactly
+    as it does for the other engines (and NT-ASGD averaging lives in the Trainer too).
+    """
+    o = cfg.optim
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": float(o.clip),
+        "zero_optimization": {"stage": int(cfg.dist.zero_stage)},
+        "bf16": {"enabled": bool(cfg.train.bf16 and torch.cuda.is_available())},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        # SGD and the other client optimizers are not on DeepSpeed's tested list for ZeRO
+        "zero_allow_untested_optimizer": True,
+    }
+    if o.name in ("adam", "adamw"):
+        ds["optimizer"] = {"type": "AdamW" if o.name == "adamw" else "Adam",
+                           "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                      "weight_decay": o.weight_decay, "torch_adam": True,
+                                      "adam_w_mode": o.name == "adamw"}}
+    return ds
+
+
+def _disable_deepspeed_shm_build() -> None:
+    """Stop DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op at init.
+
+    deepspeed.comm's TorchBackend calls build_shm_op() unconditionally, which compiles
+    csrc/cpu/comm/shm*.cpp with the host compiler whenever the op probes as compatible:
+    ~30 s per process on first use, and a crash on machines without a compiler. We talk
+    over torch.distributed (gloo) anyway, so we mark the op incompatible in DeepSpeed's
+    own probe table (`deepspeed.ops.__compatible_ops__`, cached per process so the edit
+    persists); build_shm_op() then returns None and init takes about a second.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize on an already initialised torch.distributed group."""
+
+    name = "deepspeed"
+
+    def __init__(self, module: torch.nn.Module, cfg: Config, accum: int, micro: int,
+                 world_size: int, device: torch.device):
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        try:
+            import deepspeed
+        except ImportError as exc:  # pragma: no cover - deepspeed is a dependency
+            raise UserError(f"dist.engine=deepspeed needs the deepspeed package ({exc}); "
+                            f"pip install deepspeed or use dist.engine=ddp.") from None
+        _disable_deepspeed_shm_build()
+        self.module = module
+        self.accum = accum
+        self.ds_config = deepspeed_config(cfg, world_size, micro, accum)
+        client_opt = None
+        if "optimizer" not in self.ds_config:
+            client_opt = build_optimizer(module.parameters(), cfg.optim)
+        # The process group is already up (gloo/nccl via dist_lm.distributed), so DeepSpeed
+        # must not initialise its own.
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, model_parameters=[p for p in module.parameters()],
+            optimizer=client_opt, config=self.ds_config, dist_init_required=False)
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        if not last:
+            self.model.step()  # no-op apart from DeepSpeed's micro-step bookkeeping
+
+    def step(self, clip: float) -> float:
+        self.model.step()  # reduce, clip (gradient_clipping), optimizer step, zero grads
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, step_dir: Path, rank: int) -> None:
+        # collective: every rank writes its ZeRO partition under step_dir/deepspeed/
+        self.model.save_checkpoint(str(step_dir), tag="deepspeed", save_latest=False)
+
+    def load(self, step_dir: Path, rank: int) -> None:
+        path, _ = self.model.load_checkpoint(str(step_dir), tag="deepspeed",
+                                             load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+        if path is None:
+            raise UserError(f"checkpoint {step_dir} has no DeepSpeed state (deepspeed/); it was "
+                            f"written by another engine. Resume with the same dist.engine.")
+
+
+def build_engine(module: torch.nn.Module, cfg: Config, device: torch.device, world_size: int,
+                 accum: int, micro: int):
+    engine = cfg.dist.engine
+    if engine == "local":
+        if world_size > 1:
+            raise UserError(f"dist.engine=local runs one process but the launcher started "
+                            f"{world_size}; set --dist.engine=ddp (or deepspeed).")
+        return LocalEngine(module, cfg, accum)
+    if engine == "ddp":
+        return DDPEngine(module, cfg, accum, device)
+    return DeepSpeedEngine(module, cfg, accum, micro, world_size, device)
