@@ -1,0 +1,429 @@
+"""`dist-lm prepare CORPUS`: raw text -> vocab.json + WebDataset tar shards + manifest.json.
+
+    dist-lm prepare ptb --data_dir ../shared/data          # -> shards/ptb
+    dist-lm prepare text:my_corpus --tokenizer char --out shards/mine
+
+Two passes with bounded memory, whatever the corpus size:
+
+A. Text is read in blocks (cut at whitespace), split, and every token gets a provisional id
+   in order of first appearance in train (a dict lookup per token, new words get the next
+   id). The ids go to a temporary uint32 file per split; counts come from np.bincount.
+   Valid/test use the frozen train table, unseen tokens get one "out of vocabulary" id.
+B. With the vocabulary final (min_freq / max_vocab applied, `<unk>` added if anything maps
+   to it), the provisional ids are remapped with one numpy lookup table and written as
+   fixed-length chunks into tar shards (dist_lm/data/shards.py).
+
+Memory: one text block, the vocabulary and one block of ids. The byte and bpe tokenizers
+know their vocabulary up front and write shards directly in pass A.
+
+Everything is written into a hidden sibling directory that is renamed to --out at the end;
+on any error it is removed, so there is never a half-written corpus.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .corpora import SPLITS, Corpus, Source, resolve_corpus
+from .shards import MANIFEST, FORMAT, SplitWriter, dtype_for
+from .tokenizers import EOS, KINDS, UNK, ByteTokenizer, CharTokenizer, WordTokenizer, train_bpe
+
+BLOCK_CHARS = 1 << 22  # text read per step (pass A)
+BLOCK_IDS = 1 << 22  # ids remapped per step (pass B)
+
+
+# ----------------------------------------------------------------------------- reading text
+
+
+class _RangeRaw(io.RawIOBase):
+    """Bytes [start, end) of a file as a raw stream (enwik8/text8 splits of one file)."""
+
+    def __init__(self, src: Source):
+        self.f = open(src.path, "rb")
+        self.f.seek(src.start)
+        self.left = None if src.end is None else src.end - src.start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = len(b) if self.left is None else min(len(b), self.left)
+        if n <= 0:
+            return 0
+        got = self.f.readinto(memoryview(b)[:n])
+        if self.left is not None:
+            self.left -= got
+        return got
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def source_size(src: Source) -> int:
+    if not src.path.is_file():
+        raise UserError(f"{src.path} not found; check the corpus directory.")
+    end = src.path.stat().st_size if src.end is None else src.end
+    return end - src.start
+
+
+def text_blocks(src: Source, block_chars: int = BLOCK_CHARS):
+    """UTF-8 text in blocks, newlines translated like Python's line iteration. A last line
+    without a newline still ends a line: a final "\\n" is yielded for it (AWD-LSTM adds
+    `<eos>` to every line)."""
+    f = io.TextIOWrapper(io.BufferedReader(_RangeRaw(src), 1 << 20), encoding="utf-8",
+                         errors="strict", newline=None)
+    last = ""
+    with f:
+        try:
+            while block := f.read(block_chars):
+                yield block
+                last = block[-1]
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{src.describe()} is not UTF-8 text ({exc.reason} in "
+                            f"{exc.object[max(0, exc.start - 10):exc.end + 10]!r}); convert it to "
+                            f"UTF-8, or use --tokenizer byte.") from None
+    if last and last != "\n":
+        yield "\n"
+
+
+def word_blocks(src: Source):
+    """Text blocks cut at a space or newline, so no token spans two blocks."""
+    carry = ""
+    for block in text_blocks(src):
+        data = carry + block
+        cut = max(data.rfind("\n"), data.rfind(" "))
+        if cut < 0:
+            carry = data  # one giant token so far; keep reading
+            continue
+        yield data[:cut + 1]
+        carry = data[cut + 1:]
+    if carry:
+        yield carry
+
+
+def text_lines(src: Source):
+    carry = ""
+    for block in text_blocks(src):
+        parts = (carry + block).split("\n")
+        carry = parts.pop()
+        yield from parts
+
+
+# ----------------------------------------------------------------------------- pass A
+
+
+class _Growing(dict):
+    """word -> provisional id; an unseen word gets the next id (order of first appearance)."""
+
+    def __missing__(self, key):
+        v = self[key] = len(self)
+        return v
+
+
+class _Frozen(dict):
+    """The train table for valid/test: unseen words map to `oov` (= train vocab size)."""
+
+    def __init__(self, table: dict):
+        super().__init__(table)
+        self.oov = len(table)
+
+    def __missing__(self, key):
+        return self.oov
+
+
+class _Counts:
+    def __init__(self):
+        self.c = np.zeros(0, np.int64)
+
+    def add(self, ids: np.ndarray) -> None:
+        b = np.bincount(ids)
+        if len(b) > len(self.c):
+            self.c = np.pad(self.c, (0, len(b) - len(self.c)))
+        self.c[:len(b)] += b
+
+    def upto(self, n: int) -> np.ndarray:
+        return np.pad(self.c, (0, max(0, n - len(self.c))))[:n]
+
+
+class WordEncoder:
+    """Whitespace tokens (word, and PTB-char's spaced symbols)."""
+
+    def __init__(self):
+        self.table: dict = _Growing()
+
+    def freeze(self) -> None:
+        self.table = _Frozen(self.table)
+
+    def blocks(self, src: Source):
+        get = self.table.__getitem__
+        for piece in word_blocks(src):
+            words = piece.replace("\n", " " + EOS + " ").split()
+            yield np.fromiter(map(get, words), np.uint32, count=len(words)), len(piece)
+
+    def itos(self) -> list[str]:
+        return list(self.table)
+
+
+class CharEncoder:
+    """Every character is a symbol; the newline is `<eos>`. A dense code point table."""
+
+    UNSET = np.uint32(0xFFFFFFFF)
+
+    def __init__(self):
+        self.lut = np.full(0x110000, self.UNSET, np.uint32)
+        self.syms: list[str] = []
+        self.frozen = False
+
+    def freeze(self) -> None:
+        self.frozen = True
+        self.lut[self.lut == self.UNSET] = len(self.syms)  # the oov id
+
+    def blocks(self, src: Source):
+        for block in text_blocks(src):
+            cps = np.frombuffer(block.encode("utf-32-le"), np.uint32)
+            ids = self.lut[cps]
+            if not self.frozen:
+                miss = ids == self.UNSET
+                if miss.any():
+                    uniq, first = np.unique(cps[miss], return_index=True)
+                    for cp in uniq[np.argsort(first)]:
+                        self.lut[cp] = len(self.syms)
+                        self.syms.append(EOS if cp == 10 else chr(cp))
+                    ids = self.lut[cps]
+            yield ids, len(block)
+
+    def itos(self) -> list[str]:
+        return list(self.syms)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
+                disable=None, leave=False)
+
+
+def _pass_a(encoder, src: Source, split: str, raw_path: Path) -> tuple[int, _Counts]:
+    counts = _Counts()
+    n = 0
+    with open(raw_path, "wb") as f, _progress(source_size(src), f"tokenize {split}") as bar:
+        for ids, nchars in encoder.blocks(src):
+            f.write(ids.tobytes())
+            counts.add(ids)
+            n += len(ids)
+            bar.update(nchars)
+    return n, counts
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+
+def final_vocab(prov_itos: list[str], train_counts: np.ndarray, oov_elsewhere: bool,
+                max_vocab: int, min_freq: int) -> tuple[list[str], np.ndarray, str | None]:
+    """Provisional ids -> final vocabulary (first-appearance order kept) and a lookup table
+    of len(prov_itos) + 1 entries (the last is the oov id). Returns (itos, lut, unk)."""
+    v = len(prov_itos)
+    index = {s: i for i, s in enumerate(prov_itos)}
+    forced = [index[s] for s in (EOS, UNK) if s in index]
+    keep = np.ones(v, bool) if min_freq <= 0 else train_counts >= min_freq
+    keep[forced] = False  # handled separately
+    order = np.lexsort((np.arange(v), -train_counts))  # most frequent first, ties by appearance
+    cands = order[keep[order]]
+    cap = max_vocab if max_vocab > 0 else v + 1
+    drops = len(cands) < v - len(forced) or len(cands) > cap - len(forced)
+    add_unk = UNK not in index and (drops or oov_elsewhere)
+    room = cap - len(forced) - int(add_unk)
+    if room < 0 or (max_vocab > 0 and room == 0 and len(cands)):
+        raise UserError(f"--max_vocab {max_vocab} leaves no room for words next to "
+                        f"{EOS}/{UNK}; raise it.")
+    kept = np.zeros(v, bool)
+    kept[cands[:room]] = True
+    kept[forced] = True
+    kept_ids = np.flatnonzero(kept)
+    itos = [prov_itos[i] for i in kept_ids]
+    if add_unk:
+        itos.append(UNK)
+    unk = UNK if (add_unk or UNK in index) else None
+    unk_final = itos.index(UNK) if unk else 0
+    lut = np.full(v + 1, unk_final, np.uint32)
+    lut[kept_ids] = np.arange(len(kept_ids), dtype=np.uint32)
+    return itos, lut, unk
+
+
+# ----------------------------------------------------------------------------- output dir
+
+
+def default_out(corpus: str) -> Path:
+    return Path("shards") / corpus.replace(":", "_").replace("/", "_")  # = Config.shards_dir()
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))):
+        raise UserError(f"--out {out} exists and is not a prepared corpus; choose another "
+                        f"directory or remove it.")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def prepare_corpus(corpus: str, out: str | os.PathLike | None = None, data_dir=None,
+                   tokenizer: str | None = None, chunk_len: int = 4096,
+                   shard_tokens: int = 16_777_216, max_vocab: int = 0, min_freq: int = 0,
+                   bpe_vocab: int = 16384, download: bool = True, mirror: str | None = None,
+                   quiet: bool = False) -> Path:
+    """Prepare CORPUS into OUT (default shards/CORPUS); returns the output directory."""
+    corpus = str(corpus)
+    for name, value, low in (("chunk_len", chunk_len, 1), ("shard_tokens", shard_tokens, 1),
+                             ("max_vocab", max_vocab, 0), ("min_freq", min_freq, 0),
+                             ("bpe_vocab", bpe_vocab, 1)):
+        if not isinstance(value, int) or value < low:
+            raise UserError(f"--{name} must be an integer >= {low}, got {value!r}.")
+    if tokenizer is not None and tokenizer not in KINDS:
+        raise UserError(f"--tokenizer {tokenizer!r} is unknown; use one of {', '.join(KINDS)}.")
+    out = Path(out) if out else default_out(corpus)
+    _check_out(out)
+    c = resolve_corpus(corpus, data_dir=data_dir, download=download, mirror=mirror)
+    kind = tokenizer or c.tokenizer
+    if (max_vocab or min_freq) and kind not in ("word", "char"):
+        raise UserError(f"--max_vocab/--min_freq apply to the word and char tokenizers, not {kind}.")
+    for split, src in c.sources.items():
+        if source_size(src) == 0:
+            raise UserError(f"{src.describe()} is empty: the {split} split has no tokens; "
+                            f"put the {split} text there.")
+
+    made_parent = not out.parent.exists()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        manifest = _build(c, kind, tmp, chunk_len, shard_tokens, max_vocab, min_freq, bpe_vocab)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made_parent:
+            try:
+                out.parent.rmdir()
+            except OSError:
+                pass
+        raise
+    if not quiet:
+        for split, s in manifest["splits"].items():
+            unk = f", {s['unk']:,} {UNK}" if s.get("unk") is not None else ""
+            print(f"{split}: {s['tokens']:,} tokens{unk}, {len(s['shards'])} shard(s)")
+        print(f"{out}: {manifest['corpus']}, {kind} tokenizer, vocab {manifest['vocab_size']:,}, "
+              f"{manifest['dtype']}")
+    return out
+
+
+def _build(c: Corpus, kind: str, tmp: Path, chunk_len: int, shard_tokens: int,
+           max_vocab: int, min_freq: int, bpe_vocab: int) -> dict:
+    chunks_per_shard = max(1, shard_tokens // chunk_len)
+    splits: dict[str, dict] = {}
+
+    def writer(split, dtype):
+        return SplitWriter(tmp, split, dtype, chunk_len, chunks_per_shard)
+
+    if kind in ("byte", "bpe"):
+        if kind == "byte":
+            tok = ByteTokenizer()
+        else:
+            tok = train_bpe(text_lines(c.sources["train"]), bpe_vocab)
+        dtype = dtype_for(tok.vocab_size)
+        for split in SPLITS:
+            blocks = (_byte_blocks(c.sources[split]) if kind == "byte"
+                      else _bpe_blocks(tok, c.sources[split]))
+            splits[split] = {**_write_split(writer(split, dtype), blocks), "unk": None}
+    else:
+        if kind == "word":
+            enc = WordEncoder()
+        else:
+            enc = WordEncoder() if c.char_split == "whitespace" else CharEncoder()
+        counts, sizes = {}, {}
+        for split in SPLITS:
+            if split == "valid":
+                enc.freeze()  # valid/test are encoded with the train vocabulary
+            sizes[split], counts[split] = _pass_a(enc, c.sources[split], split, tmp / f"{split}.ids")
+            if sizes[split] == 0:
+                raise UserError(f"{c.sources[split].describe()} has no tokens; the {split} split "
+                                f"must not be empty.")
+        prov = enc.itos()
+        v = len(prov)
+        oov = any(counts[s].upto(v + 1)[v] for s in ("valid", "test"))
+        itos, lut, unk = final_vocab(prov, counts["train"].upto(v), oov, max_vocab, min_freq)
+        if kind == "word":
+            tok = WordTokenizer(itos, unk=unk)
+        else:
+            tok = CharTokenizer(itos, unk=unk, split=c.char_split)
+        dtype = dtype_for(tok.vocab_size)
+        for split in SPLITS:
+            raw = tmp / f"{split}.ids"
+            entry = _write_split(writer(split, dtype), (lut[b] for b in _raw_blocks(raw)))
+            raw.unlink()
+            final_counts = np.bincount(lut, weights=counts[split].upto(v + 1), minlength=len(itos))
+            entry["unk"] = int(final_counts[tok.unk_id]) if tok.unk_id is not None else 0
+            splits[split] = entry
+    tok.save(tmp / "vocab.json")
+    return {"format": FORMAT, "corpus": c.name, "tokenizer": kind, "vocab_size": tok.vocab_size,
+            "dtype": dtype_for(tok.vocab_size), "chunk_len": chunk_len,
+            "sources": {s: _describe_source(src) for s, src in c.sources.items()},
+            "splits": splits}
+
+
+def _write_split(w: SplitWriter, blocks) -> dict:
+    try:
+        for ids in blocks:
+            w.write(ids)
+    except BaseException:
+        w.abort()
+        raise
+    return w.close()
+
+
+def _describe_source(src: Source) -> dict:
+    d = {"file": src.path.name}
+    if src.start or src.end is not None:
+        d["bytes"] = [src.start, src.end]
+    return d
+
+
+def _raw_blocks(path: Path):
+    with open(path, "rb") as f:
+        while True:
+            block = np.fromfile(f, np.uint32, BLOCK_IDS)
+            if not len(block):
+                return
+            yield block
+
+
+def _byte_blocks(src: Source):
+    with io.BufferedReader(_RangeRaw(src), 1 << 20) as f:
+        while block := f.read(BLOCK_CHARS):
+            yield np.frombuffer(block, np.uint8)
+
+
+def _bpe_blocks(tok, src: Source, lines_per_batch: int = 8192):
+    lines = text_lines(src)
+    while batch := list(itertools.islice(lines, lines_per_batch)):
+        yield np.fromiter(itertools.chain.from_iterable(tok.encode_lines(batch)), np.uint32)
