@@ -100,12 +100,13 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
 
 
 def assert_clean_failure(res: subprocess.CompletedProcess, *needles: str) -> str:
-    """Non-zero exit, one `dist-lm: error:` line naming the needles, no traceback."""
+    """Non-zero exit, one `dist-lm: error:` line (the last) naming the needles, no traceback."""
     err = res.stderr.strip()
     assert res.returncode != 0, (res.stdout, err)
     assert "Traceback" not in err and "Traceback" not in res.stdout, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("dist-lm: error: "), err
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    assert errors == lines[-1:] and lines[-1].startswith("dist-lm: error: "), err  # progress lines may precede
     for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+        assert n in lines[-1], (n, lines[-1])
+    return lines[-1]

@@ -174,7 +174,7 @@ def resolve_corpus(corpus: str, data_dir: str | os.PathLike | None = None, downl
                         f"or text:DIR (a directory with train.txt, valid.txt, test.txt).")
     root = Path(data_dir) if data_dir else default_data_dir()
     folder = root / preset.folder
-    needed = sorted(set(preset.files.values()))
+    needed = list(dict.fromkeys(preset.files.values()))  # split order
     missing = [n for n in needed if not (folder / n).is_file()]
     if missing:
         if not download:
@@ -207,7 +207,7 @@ def _text_dir_corpus(d: Path) -> Corpus:
         if not p.is_file():
             raise UserError(f"{p} not found; text:DIR needs train.txt, valid.txt and test.txt.")
         sources[s] = Source(p)
-    return Corpus(f"text:{d}", "word", sources)
+    return Corpus(f"text:{d}", "word", sources, char_split="chars")
 
 
 # ----------------------------------------------------------------------------- download
