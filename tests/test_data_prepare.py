@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from _data_helpers import assert_clean_failure, read_split, reference_ids, run_cli
+import dist_lm.data.prepare as prepare_mod
 from dist_lm.data.corpora import PRESETS, holdout_ranges
 from dist_lm.data.prepare import prepare_corpus
 from dist_lm.data.shards import verify_corpus
@@ -29,7 +30,7 @@ def test_ptb_counts_vocab_and_reference_ids(ptb, shared_data):
     m = json.loads((ptb / "manifest.json").read_text())
     assert m["vocab_size"] == 10_000 and m["dtype"] == "uint16" and m["tokenizer"] == "word"
     assert {s: m["splits"][s]["tokens"] for s in PTB_TOKENS} == PTB_TOKENS
-    assert len(m["splits"]["train"]["shards"]) == 4  # 300k tokens -> 73 chunks of 4096 per shard
+    assert len(m["splits"]["train"]["shards"]) == 4  # 300k tokens -> 4 chunks of 65536 per shard
     # ids are AWD-LSTM's Dictionary ids (first appearance), token for token
     w2i, ref = reference_ids([shared_data / "ptb" / f"ptb.{s}.txt" for s in PTB_TOKENS])
     tok = load_tokenizer(ptb)
@@ -63,6 +64,22 @@ def test_shards_are_byte_identical_and_verify(ptb, shared_data, tmp_path):
     # preparing again into an existing corpus directory replaces it in place
     prepare_corpus("ptb", out=again, data_dir=shared_data, shard_tokens=300_000, quiet=True)
     assert [p.name for p in tmp_path.iterdir()] == ["again"]
+
+
+def test_worker_processes_give_identical_shards(ptb, shared_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_mod, "BLOCK_BYTES", 100_000)  # ~50 blocks: the pool is used
+    out = prepare_corpus("ptb", out=tmp_path / "par", data_dir=shared_data, shard_tokens=300_000,
+                         workers=2, quiet=True)
+    for p in ptb.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "train.txt").write_bytes(b"fine words\n" * 50_000 + b"caf\xe9\n" + b"more\n" * 10)
+    (d / "valid.txt").write_text("a\n")
+    (d / "test.txt").write_text("a\n")
+    with pytest.raises(UserError, match=r"train.txt is not UTF-8 text .*at byte 550003"):
+        prepare_corpus(f"text:{d}", out=tmp_path / "o", workers=2, quiet=True)
+    assert not (tmp_path / "o").exists()
 
 
 def test_flipped_byte_truncation_and_manifest_mismatch_are_named(ptb, tmp_path):

@@ -39,6 +39,7 @@ from .tokenizers import EOS, KINDS, UNK, ByteTokenizer, CharTokenizer, WordToken
 
 BLOCK_CHARS = 1 << 22  # text read per step (pass A)
 BLOCK_IDS = 1 << 22  # ids remapped per step (pass B)
+BLOCK_BYTES = 1 << 22  # bytes of text per word-tokenizer block (pass A)
 
 
 # ----------------------------------------------------------------------------- reading text
@@ -96,21 +97,6 @@ def text_blocks(src: Source, block_chars: int = BLOCK_CHARS):
         yield "\n"
 
 
-def word_blocks(src: Source):
-    """Text blocks cut at a space or newline, so no token spans two blocks."""
-    carry = ""
-    for block in text_blocks(src):
-        data = carry + block
-        cut = max(data.rfind("\n"), data.rfind(" "))
-        if cut < 0:
-            carry = data  # one giant token so far; keep reading
-            continue
-        yield data[:cut + 1]
-        carry = data[cut + 1:]
-    if carry:
-        yield carry
-
-
 def text_lines(src: Source):
     carry = ""
     for block in text_blocks(src):
@@ -155,20 +141,134 @@ class _Counts:
         return np.pad(self.c, (0, max(0, n - len(self.c))))[:n]
 
 
-class WordEncoder:
-    """Whitespace tokens (word, and PTB-char's spaced symbols)."""
+class _BlockTokenizer:
+    """Splits byte ranges of a text file into words with ids local to this tokenizer (one per
+    worker process, kept across blocks); reports the words it had not seen before."""
 
     def __init__(self):
+        self.table = _Growing()
+        self.new: list[str] = []
+        self.table_missing = self.table.__missing__
+
+    def __call__(self, path: str, a: int, b: int, last: bool) -> tuple[list[str], np.ndarray]:
+        with open(path, "rb") as f:
+            f.seek(a)
+            data = f.read(b - a)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {a + exc.start}); "
+                            f"convert it to UTF-8, or use --tokenizer byte.") from None
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")  # as Python's line iteration
+        if last and text and text[-1] != "\n":
+            text += "\n"  # a last line without newline still ends with <eos>
+        words = text.replace("\n", " " + EOS + " ").split()
+        before = len(self.table)
+        ids = np.fromiter(map(self.table.__getitem__, words), np.uint32, count=len(words))
+        new = list(itertools.islice(self.table, before, None)) if len(self.table) > before else []
+        return new, ids
+
+
+_WORKER: _BlockTokenizer | None = None
+
+
+def _worker_init() -> None:
+    global _WORKER
+    _WORKER = _BlockTokenizer()
+
+
+def _worker_task(path: str, a: int, b: int, last: bool):
+    new, ids = _WORKER(path, a, b, last)
+    return os.getpid(), new, ids
+
+
+def block_ranges(src: Source, block_bytes: int) -> list[tuple[int, int]]:
+    """Cut [start, end) into ~block_bytes pieces, each ending just after a newline (or a
+    space, for a line longer than a block), so no token or line ending is split."""
+    end = src.end if src.end is not None else src.path.stat().st_size
+    cuts, a = [], src.start
+    with open(src.path, "rb") as f:
+        while a < end:
+            b = a + block_bytes
+            if b >= end:
+                cuts.append((a, end))
+                break
+            f.seek(b)
+            while True:
+                look = f.read(1 << 16)
+                if not look:
+                    b = end
+                    break
+                nl = look.find(b"\n")
+                cut = nl if nl >= 0 else look.rfind(b" ")
+                if cut >= 0:
+                    b = min(end, b + cut + 1)
+                    break
+                b += len(look)
+            cuts.append((a, b))
+            a = b
+    return cuts
+
+
+class WordEncoder:
+    """Whitespace tokens (word, and PTB-char's spaced symbols), optionally on worker processes.
+
+    Blocks are tokenized in any process, but merged here strictly in file order: a worker's
+    new words are looked up in (or appended to) the global table in the order the worker
+    first saw them, so ids are the order of first appearance whatever the parallelism."""
+
+    def __init__(self, workers: int = 1):
         self.table: dict = _Growing()
+        self.workers = workers
+        self.pool = None
+        self.inline = _BlockTokenizer()
+        self.luts: dict = {}  # tokenizer (worker pid) -> its local id -> provisional id
 
     def freeze(self) -> None:
         self.table = _Frozen(self.table)
 
+    @property
+    def oov(self) -> int | None:
+        return getattr(self.table, "oov", None)
+
     def blocks(self, src: Source):
+        ranges = block_ranges(src, BLOCK_BYTES)
+        jobs = [(str(src.path), a, b, k == len(ranges) - 1) for k, (a, b) in enumerate(ranges)]
         get = self.table.__getitem__
-        for piece in word_blocks(src):
-            words = piece.replace("\n", " " + EOS + " ").split()
-            yield np.fromiter(map(get, words), np.uint32, count=len(words)), len(piece)
+        for (_, a, b, _), (who, new, ids) in zip(jobs, self._run(jobs)):
+            lut = self.luts.get(who, np.zeros(0, np.uint32))
+            if new:
+                lut = np.concatenate([lut, np.fromiter(map(get, new), np.uint32, count=len(new))])
+                self.luts[who] = lut
+            yield lut[ids], b - a
+
+    def _run(self, jobs):
+        if self.workers <= 1 or len(jobs) < 4:
+            for job in jobs:
+                yield ("inline", *self.inline(*job))
+            return
+        if self.pool is None:
+            import concurrent.futures
+            import multiprocessing
+
+            # fork: workers need no re-import of __main__ and only run _worker_task (str and
+            # numpy); other platforms stay serial (see `workers` in prepare_corpus)
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("fork"),
+                initializer=_worker_init)
+        pending = []
+        for job in jobs:
+            pending.append(self.pool.submit(_worker_task, *job))
+            if len(pending) > 2 * self.workers:  # bounded: a few blocks in flight
+                yield pending.pop(0).result()
+        for fut in pending:
+            yield fut.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+        self.pool = None
 
     def itos(self) -> list[str]:
         return list(self.table)
@@ -183,10 +283,12 @@ class CharEncoder:
         self.lut = np.full(0x110000, self.UNSET, np.uint32)
         self.syms: list[str] = []
         self.frozen = False
+        self.oov = None
 
     def freeze(self) -> None:
         self.frozen = True
-        self.lut[self.lut == self.UNSET] = len(self.syms)  # the oov id
+        self.oov = len(self.syms)
+        self.lut[self.lut == self.UNSET] = self.oov
 
     def blocks(self, src: Source):
         for block in text_blocks(src):
@@ -205,6 +307,9 @@ class CharEncoder:
     def itos(self) -> list[str]:
         return list(self.syms)
 
+    def close(self) -> None:
+        pass
+
 
 def _progress(total: int, desc: str):
     from tqdm import tqdm
@@ -213,16 +318,20 @@ def _progress(total: int, desc: str):
                 disable=None, leave=False)
 
 
-def _pass_a(encoder, src: Source, split: str, raw_path: Path) -> tuple[int, _Counts]:
-    counts = _Counts()
-    n = 0
+def _pass_a(encoder, src: Source, split: str, raw_path: Path, count: bool):
+    """Provisional ids of one split into raw_path; (tokens, per-id counts if `count`, oov)."""
+    counts = _Counts() if count else None
+    n = oov = 0
     with open(raw_path, "wb") as f, _progress(source_size(src), f"tokenize {split}") as bar:
-        for ids, nchars in encoder.blocks(src):
-            f.write(ids.tobytes())
-            counts.add(ids)
+        for ids, nbytes in encoder.blocks(src):
+            ids.tofile(f)
+            if counts is not None:
+                counts.add(ids)
+            if encoder.oov is not None:
+                oov += int(np.count_nonzero(ids == encoder.oov))
             n += len(ids)
-            bar.update(nchars)
-    return n, counts
+            bar.update(nbytes)
+    return n, counts, oov
 
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -287,11 +396,14 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 
 def prepare_corpus(corpus: str, out: str | os.PathLike | None = None, data_dir=None,
-                   tokenizer: str | None = None, chunk_len: int = 4096,
+                   tokenizer: str | None = None, chunk_len: int = 65536,
                    shard_tokens: int = 16_777_216, max_vocab: int = 0, min_freq: int = 0,
                    bpe_vocab: int = 16384, download: bool = True, mirror: str | None = None,
-                   quiet: bool = False) -> Path:
-    """Prepare CORPUS into OUT (default shards/CORPUS); returns the output directory."""
+                   workers: int = 0, quiet: bool = False) -> Path:
+    """Prepare CORPUS into OUT (default shards/CORPUS); returns the output directory.
+
+    workers: processes that split text into words (0: one per CPU, at most 4); the output
+    is identical for any number."""
     corpus = str(corpus)
     for name, value, low in (("chunk_len", chunk_len, 1), ("shard_tokens", shard_tokens, 1),
                              ("max_vocab", max_vocab, 0), ("min_freq", min_freq, 0),
@@ -317,7 +429,12 @@ def prepare_corpus(corpus: str, out: str | os.PathLike | None = None, data_dir=N
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        manifest = _build(c, kind, tmp, chunk_len, shard_tokens, max_vocab, min_freq, bpe_vocab)
+        if workers <= 0:
+            workers = min(4, os.cpu_count() or 1)
+        if sys.platform != "linux":
+            workers = 1  # the worker pool uses fork
+        manifest = _build(c, kind, tmp, chunk_len, shard_tokens, max_vocab, min_freq, bpe_vocab,
+                          workers)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _swap_in(tmp, out)
     except BaseException:
@@ -338,7 +455,7 @@ def prepare_corpus(corpus: str, out: str | os.PathLike | None = None, data_dir=N
 
 
 def _build(c: Corpus, kind: str, tmp: Path, chunk_len: int, shard_tokens: int,
-           max_vocab: int, min_freq: int, bpe_vocab: int) -> dict:
+           max_vocab: int, min_freq: int, bpe_vocab: int, workers: int) -> dict:
     chunks_per_shard = max(1, shard_tokens // chunk_len)
     splits: dict[str, dict] = {}
 
@@ -356,22 +473,25 @@ def _build(c: Corpus, kind: str, tmp: Path, chunk_len: int, shard_tokens: int,
                       else _bpe_blocks(tok, c.sources[split]))
             splits[split] = {**_write_split(writer(split, dtype), blocks), "unk": None}
     else:
-        if kind == "word":
-            enc = WordEncoder()
-        else:
-            enc = WordEncoder() if c.char_split == "whitespace" else CharEncoder()
-        counts, sizes = {}, {}
-        for split in SPLITS:
-            if split == "valid":
-                enc.freeze()  # valid/test are encoded with the train vocabulary
-            sizes[split], counts[split] = _pass_a(enc, c.sources[split], split, tmp / f"{split}.ids")
-            if sizes[split] == 0:
-                raise UserError(f"{c.sources[split].describe()} has no tokens; the {split} split "
-                                f"must not be empty.")
+        spaced = kind == "word" or c.char_split == "whitespace"
+        enc = WordEncoder(workers) if spaced else CharEncoder()
+        filtering = bool(max_vocab or min_freq)
+        counts, sizes, oovs = {}, {}, {}
+        try:
+            for split in SPLITS:
+                if split == "valid":
+                    enc.freeze()  # valid/test are encoded with the train vocabulary
+                sizes[split], counts[split], oovs[split] = _pass_a(
+                    enc, c.sources[split], split, tmp / f"{split}.ids", filtering and split == "train")
+                if sizes[split] == 0:
+                    raise UserError(f"{c.sources[split].describe()} has no tokens; the {split} "
+                                    f"split must not be empty.")
+        finally:
+            enc.close()
         prov = enc.itos()
         v = len(prov)
-        oov = any(counts[s].upto(v + 1)[v] for s in ("valid", "test"))
-        itos, lut, unk = final_vocab(prov, counts["train"].upto(v), oov, max_vocab, min_freq)
+        train_counts = counts["train"].upto(v) if filtering else np.zeros(v, np.int64)
+        itos, lut, unk = final_vocab(prov, train_counts, any(oovs.values()), max_vocab, min_freq)
         if kind == "word":
             tok = WordTokenizer(itos, unk=unk)
         else:
@@ -379,11 +499,18 @@ def _build(c: Corpus, kind: str, tmp: Path, chunk_len: int, shard_tokens: int,
         dtype = dtype_for(tok.vocab_size)
         for split in SPLITS:
             raw = tmp / f"{split}.ids"
-            entry = _write_split(writer(split, dtype), (lut[b] for b in _raw_blocks(raw)))
+            unk_count = [0]
+
+            def remap(raw=raw, unk_count=unk_count):
+                for block in _raw_blocks(raw):
+                    ids = lut[block]
+                    if tok.unk_id is not None:
+                        unk_count[0] += int(np.count_nonzero(ids == tok.unk_id))
+                    yield ids
+
+            entry = _write_split(writer(split, dtype), remap())
             raw.unlink()
-            final_counts = np.bincount(lut, weights=counts[split].upto(v + 1), minlength=len(itos))
-            entry["unk"] = int(final_counts[tok.unk_id]) if tok.unk_id is not None else 0
-            splits[split] = entry
+            splits[split] = {**entry, "unk": unk_count[0]}
     tok.save(tmp / "vocab.json")
     return {"format": FORMAT, "corpus": c.name, "tokenizer": kind, "vocab_size": tok.vocab_size,
             "dtype": dtype_for(tok.vocab_size), "chunk_len": chunk_len,
