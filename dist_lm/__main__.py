@@ -22,7 +22,7 @@ from .errors import UserError
 
 
 def prepare(corpus: str, out: str | None = None, data_dir: str | None = None,
-            tokenizer: str | None = None, chunk_len: int = 4096,
+            tokenizer: str | None = None, chunk_len: int = 65536,
             shard_tokens: int = 16_777_216, max_vocab: int = 0, min_freq: int = 0,
             bpe_vocab: int = 16384, download: bool = True) -> None:
     """Turn a corpus into WebDataset shards, vocab.json and manifest.json.
@@ -32,10 +32,12 @@ def prepare(corpus: str, out: str | None = None, data_dir: str | None = None,
         (a directory with train.txt, valid.txt and test.txt).
       out: output directory (default shards/CORPUS). Written under a temporary name
         and renamed at the end, so an interrupted prepare leaves nothing half-written.
-      data_dir: directory holding the raw corpus files (default $DIST_LM_DATA_DIR);
-        files missing there are downloaded from the official source and checked by sha256.
+      data_dir: directory holding the raw corpus files as DIR/<corpus>/<file> (default
+        $DIST_LM_DATA_DIR, else ~/.cache/dist-lm/data); files missing there are downloaded
+        from the official source ($DIST_LM_MIRROR replaces it) and checked by checksum.
       tokenizer: word, char, byte or bpe (default: the preset's own).
-      chunk_len: tokens per WebDataset sample.
+      chunk_len: tokens per WebDataset sample (64Ki keeps tar overhead small; readers
+        take any size).
       shard_tokens: tokens per tar shard (rounded to whole chunks).
       max_vocab: keep the most frequent words only (word tokenizer; 0 keeps all).
       min_freq: drop words seen fewer times (word tokenizer; they become <unk>).
