@@ -122,3 +122,21 @@ def test_cpu_backward_is_the_reverse_recurrence_not_autograd():
     forget_mult_reference(*leaves).backward(grad)
     for a, b in zip((gf, gx, gh0), leaves):
         torch.testing.assert_close(a, b.grad)
+
+
+def test_torch_compile_captures_one_op_in_a_full_graph():
+    f, x, h0 = inputs(4, 2, 3, seed=5)
+
+    def fn(f, x, h0):
+        return forget_mult(torch.sigmoid(f), torch.tanh(x), h0)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    leaves = [f.clone().requires_grad_(), x.clone().requires_grad_()]
+    got = compiled(*leaves, h0)
+    got.sum().backward()
+    ref_leaves = [f.clone().requires_grad_(), x.clone().requires_grad_()]
+    ref = fn(*ref_leaves, h0)
+    ref.sum().backward()
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad)

@@ -6,8 +6,8 @@
 Three implementations, one op:
   forget_mult_reference  plain loop, autograd through it (tests and benchmarks only)
   CPU path               one fused `lerp` per step forward, and an analytic backward, the
-                         reverse recurrence g_t = dL/dh_t + (1 - f_{t+1}) g_{t+1}, one `addcmul`
-                         per step; everything else is vectorised over T
+                         reverse recurrence g_t = dL/dh_t + (1 - f_{t+1}) g_{t+1} with the input
+                         gradients of each step (five ops on a [b, H] slice, no autograd graph)
   Triton (CUDA)          forget_mult_triton.py: one program per block of b*H lanes walks T with
                          an fp32 carry, forward and backward
 `torch.ops.dist_lm.forget_mult` is a torch.library custom op (with a fake kernel and autograd
@@ -50,15 +50,20 @@ def forget_mult_cpu_forward(f: Tensor, x: Tensor, h0: Tensor) -> Tensor:
 
 def forget_mult_cpu_backward(grad: Tensor, f: Tensor, x: Tensor, h0: Tensor,
                              h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The reverse recurrence, one [b, H] slice at a time into preallocated outputs: slices stay
+    in cache, where whole-tensor passes would stream every [T, b, H] temporary through memory."""
     cdt = _compute_dtype(x.dtype)
-    grad, f, x, h = (v.to(cdt).contiguous() for v in (grad, f, x, h))
-    keep = 1 - f                                    # dh_t / dh_{t-1}
-    g = torch.empty_like(grad)                      # g_t = total dL/dh_t
-    g[-1] = grad[-1]
-    for t in range(x.size(0) - 2, -1, -1):
-        torch.addcmul(grad[t], keep[t + 1], g[t + 1], out=g[t])
-    h_prev = torch.cat([h0.to(cdt)[None], h[:-1]])
-    return g * (x - h_prev), g * f, g[0] * keep[0]
+    grad, f, x, h = (v.to(cdt) for v in (grad, f, x, h))
+    h0 = h0.to(cdt)
+    gf, gx = torch.empty_like(x), torch.empty_like(x)
+    g, carry, diff = torch.empty_like(h0), torch.zeros_like(h0), torch.empty_like(h0)
+    for t in range(x.size(0) - 1, -1, -1):
+        torch.add(grad[t], carry, out=g)                          # g_t = dL/dh_t, all paths
+        torch.mul(g, f[t], out=gx[t])                             # dL/dx_t = g_t f_t
+        torch.sub(g, gx[t], out=carry)                            # to h_{t-1}: g_t (1 - f_t)
+        torch.sub(x[t], h[t - 1] if t > 0 else h0, out=diff)
+        torch.mul(g, diff, out=gf[t])                             # dL/df_t = g_t (x_t - h_{t-1})
+    return gf, gx, carry
 
 
 @torch.library.custom_op("dist_lm::forget_mult", mutates_args=())
