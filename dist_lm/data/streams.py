@@ -200,6 +200,7 @@ class StreamLoader:
         self.rng = np.random.default_rng(seed)
         self._buf = None
         self._buf_start = 0
+        self._buf_rows = 0
         self._readers = None
 
     # ------------------------------------------------------------------ windows
@@ -214,17 +215,19 @@ class StreamLoader:
             seq_len = self.bptt
         return min(seq_len, self.stream_len - 1 - i)
 
-    def _more(self, i: int) -> bool:
-        # AWD-LSTM: train `while i < L - 1 - 1`; evaluate `for i in range(0, L - 1, bptt)`
-        return i < self.stream_len - 2 if self.variable_bptt else i < self.stream_len - 1
-
     def __iter__(self):
+        # AWD-LSTM: train `while i < L - 1 - 1`; evaluate `for i in range(0, L - 1, bptt)`
+        end = self.stream_len - 2 if self.variable_bptt else self.stream_len - 1
         i = self.position
-        while self._more(i):
+        while i < end:
             seq_len = self._draw(i)
-            x = self._rows(i, seq_len + 1)
+            a = i - self._buf_start
+            if self._buf is None or a < 0 or a + seq_len + 1 > self._buf_rows:
+                self._refill(i, max(self.block, seq_len + 1))
+                a = 0
+            buf = self._buf
             self.position = i + seq_len  # state_dict() now points at the next window
-            yield x[:-1], x[1:]
+            yield buf[a:a + seq_len], buf[a + 1:a + 1 + seq_len]  # views of a read-only block
             i += seq_len
         self.epoch += 1
         self.position = 0
@@ -234,12 +237,6 @@ class StreamLoader:
 
     def _stream_offset(self, j: int) -> int:
         return (self.rank * self.b + j) * self.stream_len  # global stream index times L
-
-    def _rows(self, i: int, n: int) -> torch.Tensor:
-        if self._buf is None or i < self._buf_start or i + n > self._buf_start + self._buf.shape[0]:
-            self._refill(i, max(self.block, n))
-        a = i - self._buf_start
-        return self._buf[a:a + n]
 
     def _refill(self, i: int, n: int) -> None:
         """Buffer rows [i, i + n): keep the overlap with the old buffer, read only new rows,
@@ -253,14 +250,17 @@ class StreamLoader:
         stage = np.empty((self.b, n - keep), self.layout.dtype)
         for j in range(self.b):
             self._reader(j).read(self._stream_offset(j) + i + keep, stage[j])
-        new = torch.from_numpy(stage).t().to(torch.int64)
-        if self.device.type != "cpu":
-            new = new.to(self.device)
+        part = torch.from_numpy(stage).t()  # [n - keep, b] view, uint16/uint32
+        buf = torch.empty((n, self.b), dtype=torch.int64, device=self.device)
+        if self.device.type != "cpu":  # transpose + widen on the host, one host->device copy
+            part = torch.empty((n - keep, self.b), dtype=torch.int64).copy_(part)
+        buf[keep:].copy_(part)  # on the CPU: transpose + widen in one pass
         if keep:
             a = i - self._buf_start
-            new = torch.cat([self._buf[a:a + keep], new])
-        self._buf = new.contiguous()
+            buf[:keep] = self._buf[a:a + keep]
+        self._buf = buf  # a new tensor each time: windows handed out earlier stay valid
         self._buf_start = i
+        self._buf_rows = n
 
     def _open_readers(self, i: int) -> None:
         if self.shard_url is None:
