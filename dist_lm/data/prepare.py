@@ -22,6 +22,7 @@ on any error it is removed, so there is never a half-written corpus.
 
 from __future__ import annotations
 
+import array
 import io
 import itertools
 import json
@@ -40,6 +41,7 @@ from .tokenizers import EOS, KINDS, UNK, ByteTokenizer, CharTokenizer, WordToken
 BLOCK_CHARS = 1 << 22  # text read per step (pass A)
 BLOCK_IDS = 1 << 22  # ids remapped per step (pass B)
 BLOCK_BYTES = 1 << 22  # bytes of text per word-tokenizer block (pass A)
+_U32 = next(t for t in "ILH" if array.array(t).itemsize == 4)  # array typecode of uint32
 
 
 # ----------------------------------------------------------------------------- reading text
@@ -165,7 +167,8 @@ class _BlockTokenizer:
             text += "\n"  # a last line without newline still ends with <eos>
         words = text.replace("\n", " " + EOS + " ").split()
         before = len(self.table)
-        ids = np.fromiter(map(self.table.__getitem__, words), np.uint32, count=len(words))
+        # array('I', map(...)) is the fastest C-level loop over the dict (~25% over np.fromiter)
+        ids = np.frombuffer(array.array(_U32, map(self.table.__getitem__, words)), np.uint32)
         new = list(itertools.islice(self.table, before, None)) if len(self.table) > before else []
         return new, ids
 
