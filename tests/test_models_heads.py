@@ -49,19 +49,23 @@ def test_adaptive_is_merity_split_cross_entropy():
     torch.testing.assert_close(head.log_prob(h, emb)[:, 4], head_lp[:, 4])
 
 
-def test_adaptive_gradients_equal_those_of_the_dense_log_prob():
-    torch.manual_seed(2)
-    head = AdaptiveHead(6, V, [10, 25], tied=True)
-    randomize(head)
-    emb = torch.randn(V, 6, requires_grad=True)
+def assert_loss_grads_match_dense(head, emb_size):
+    """Gradients of head.nll equal those of -log_prob at the targets (the dense path)."""
+    emb = torch.randn(V, emb_size, requires_grad=True)
     h = torch.randn(4, 3, 6, requires_grad=True)
     targets = torch.randint(0, V, (4, 3))
     params = [emb, h] + list(head.parameters())
     got = torch.autograd.grad(head.nll(h, targets, emb).sum(), params)
-    dense = -head.log_prob(h, emb).gather(-1, targets[..., None]).sum()
-    want = torch.autograd.grad(dense, params)
+    want = torch.autograd.grad(-head.log_prob(h, emb).gather(-1, targets[..., None]).sum(), params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_gradients_equal_those_of_the_dense_log_prob():
+    torch.manual_seed(2)
+    head = AdaptiveHead(6, V, [10, 25], tied=True)
+    randomize(head)
+    assert_loss_grads_match_dense(head, 6)
 
 
 def test_adaptive_model_with_prepared_plan_equals_direct_loss():
@@ -112,14 +116,7 @@ def test_mos_loss_gradients_equal_those_of_the_dense_log_prob():
     torch.manual_seed(4)
     head = MoSHead(6, V, n_experts=3, latent=5, tied=True).eval()
     randomize(head)
-    emb = torch.randn(V, 5, requires_grad=True)
-    h = torch.randn(3, 2, 6, requires_grad=True)
-    targets = torch.randint(0, V, (3, 2))
-    params = [emb, h] + list(head.parameters())
-    got = torch.autograd.grad(head.nll(h, targets, emb).sum(), params)
-    want = torch.autograd.grad(-head.log_prob(h, emb).gather(-1, targets[..., None]).sum(), params)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_loss_grads_match_dense(head, 5)
 
 
 def test_mos_latent_dropout_only_in_training():
