@@ -196,8 +196,12 @@ class Trainer:
         avg = self.averaging
         if avg:
             self.averager.swap()
+        # oneDNN's LSTM inference kernel is several times slower than ATen's on CPU (measured
+        # 0.19 s vs 0.02 s for a 64->128 LSTM on [35, 10] here); training keeps oneDNN (faster there)
+        fast = torch.backends.mkldnn.flags(enabled=self.device.type != "cpu")
         try:
-            total, count = evaluate_stream(self.module, loader, reduce=reduce)
+            with fast:
+                total, count = evaluate_stream(self.module, loader, reduce=reduce)
         finally:
             if avg:
                 self.averager.swap()
@@ -285,7 +289,7 @@ class Trainer:
         log_every = max(1, cfg.log.every_steps)
         run_tps: list[float] = []
         interval = {"loss": 0.0, "n": 0, "gnorm": 0.0}
-        started = time.perf_counter() - self.train_seconds
+        started = self.started = time.perf_counter() - self.train_seconds
         done = False
         B = t.global_batch
 
@@ -374,14 +378,17 @@ class Trainer:
 
     def _after_validation(self, sink) -> bool:
         """Validate, feed NT-ASGD and the plateau schedule, track the best; True = stop."""
+        t0 = time.perf_counter()
         val = self.evaluate(self.valid_loader, self.valid_reduce)
+        eval_s = time.perf_counter() - t0
         event = self.ntasgd.observe(val)
         self.schedule.observe(val)
         if val < self.best_val:
             self.best_val, self.best_step = val, self.step
         rec = {"step": self.step, "epoch": self.epoch, "valid_loss": val,
                **perplexity_fields(val, self.char_level, "valid_"),
-               "averaging": int(self.averaging)}
+               "averaging": int(self.averaging), "valid_seconds": eval_s,
+               "elapsed_s": time.perf_counter() - self.started, "tokens": self.tokens}
         if event:
             rec["event"] = event
         sink.log(rec)
