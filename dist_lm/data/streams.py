@@ -198,7 +198,7 @@ class StreamLoader:
         self.epoch = 0
         self.position = 0
         self.rng = np.random.default_rng(seed)
-        self._buf = None
+        self._buf = self._host = None
         self._buf_start = 0
         self._buf_rows = 0
         self._readers = None
@@ -250,15 +250,16 @@ class StreamLoader:
         stage = np.empty((self.b, n - keep), self.layout.dtype)
         for j in range(self.b):
             self._reader(j).read(self._stream_offset(j) + i + keep, stage[j])
-        part = torch.from_numpy(stage).t()  # [n - keep, b] view, uint16/uint32
-        buf = torch.empty((n, self.b), dtype=torch.int64, device=self.device)
-        if self.device.type != "cpu":  # transpose + widen on the host, one host->device copy
-            part = torch.empty((n - keep, self.b), dtype=torch.int64).copy_(part)
-        buf[keep:].copy_(part)  # on the CPU: transpose + widen in one pass
+        # numpy, not torch.empty, for the block: with torch's allocator RSS crept up by
+        # hundreds of MB over repeated 30 MB blocks (glibc); numpy's stays flat (measured)
+        host = np.empty((n, self.b), np.int64)
+        np.copyto(host[keep:], stage.T)  # transpose + widen in one pass
         if keep:
             a = i - self._buf_start
-            buf[:keep] = self._buf[a:a + keep]
-        self._buf = buf  # a new tensor each time: windows handed out earlier stay valid
+            host[:keep] = self._host[a:a + keep]
+        self._host = host  # a new block each time: windows handed out earlier stay valid
+        buf = torch.from_numpy(host)
+        self._buf = buf if self.device.type == "cpu" else buf.to(self.device)
         self._buf_start = i
         self._buf_rows = n
 
@@ -276,7 +277,7 @@ class StreamLoader:
         if isinstance(self._readers, _LocalReader):
             self._readers.close()
         self._readers = None
-        self._buf = None
+        self._buf = self._host = None
 
     # ------------------------------------------------------------------ state
 
