@@ -186,6 +186,29 @@ def test_enwik8_split_on_a_generated_byte_file(tmp_path):
         prepare_corpus("enwik8", out=tmp_path / "e8b", data_dir=tmp_path, download=False, quiet=True)
 
 
+def test_text8_char_split_on_a_generated_file(tmp_path):
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz ", np.uint8)
+    raw = letters[np.random.default_rng(1).integers(0, 27, 10_050_000)].tobytes()
+    (tmp_path / "text8").mkdir()
+    (tmp_path / "text8" / "text8").write_bytes(raw)
+    out = prepare_corpus("text8", out=tmp_path / "t8", data_dir=tmp_path, download=False, quiet=True)
+    tok = load_tokenizer(out)
+    assert tok.kind == "char" and tok.vocab_size == 28  # 27 characters + <eos>
+    test = read_split(out, "test")
+    assert len(test) == 5_000_001 and test[-1] == tok.eos_id  # one line without newline
+    assert tok.decode(test[:-1]) == raw[5_050_000:].decode()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["splits"]["train"]["tokens"] == 50_001
+
+
+def test_out_dir_that_is_not_a_corpus_is_refused(shared_data, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="exists and is not a prepared corpus"):
+        prepare_corpus("ptb", out=tmp_path / "mine", data_dir=shared_data)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
 def test_wikitext2_uses_local_valid_test_and_names_missing_train(shared_data, tmp_path):
     with pytest.raises(UserError, match=r"wiki\.train\.tokens not found.*download"):
         prepare_corpus("wikitext-2", out=tmp_path / "w", data_dir=shared_data, download=False)

@@ -32,6 +32,10 @@ def rss_mib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
+def cpu_seconds():
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
 def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -40,9 +44,10 @@ if args["what"] == "prepare":
     from dist_lm.data.prepare import prepare_corpus
     import webdataset  # imported by the shard writer; keep it out of the timing
     out["rss_start"] = rss_mib()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_seconds()
     d = prepare_corpus(args["corpus"], out=args["out"], data_dir=args.get("data_dir"), quiet=True)
     out["seconds"] = time.perf_counter() - t
+    out["cpu_seconds"] = cpu_seconds() - c  # this process and its tokenizer workers
     m = json.loads((d / "manifest.json").read_text())
     out["tokens"] = sum(s["tokens"] for s in m["splits"].values())
 elif args["what"] == "reference_tokenize":
@@ -117,7 +122,7 @@ def _row(name, value, unit, baseline=None):
 def run(quick: bool = False) -> list[dict]:
     data = shared_data()
     copies = 4 if quick else 108  # 108 x 929,589 = 100.4M train tokens
-    rows = []
+    rows = [_row("load average (1 min) at start, other processes", os.getloadavg()[0], "procs")]
     with tempfile.TemporaryDirectory(prefix="dist-lm-bench-data-") as tmp:
         tmp = Path(tmp)
         ptb_files = [str(data / "ptb" / f"ptb.{s}.txt") for s in ("train", "valid", "test")]
@@ -141,6 +146,9 @@ def run(quick: bool = False) -> list[dict]:
         label = f"{bp['tokens'] / 1e6:.0f}M tokens"
         rows.append(_row(f"prepare {label} ({copies} x ptb train)", bp["tokens"] / bp["seconds"],
                          "tok/s", ref_rate))
+        cpus = os.cpu_count() or 1
+        rows.append(_row(f"prepare {label}: tok per CPU-second x {cpus} CPUs",
+                         bp["tokens"] / bp["cpu_seconds"] * cpus, "tok/s"))
         rows.append(_row("prepare ptb: peak RSS", ptb["peak"], "MiB"))
         rows.append(_row(f"prepare {label}: peak RSS", bp["peak"], "MiB", ptb["peak"]))
 
