@@ -8,6 +8,7 @@ import http.server
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -59,6 +60,16 @@ def reference_windows(source: torch.Tensor, bptt: int, variable: bool, seed: int
             seq_len = min(seq_len, L - 1 - i)
             yield source[i:i + seq_len], source[i + 1:i + 1 + seq_len]
             i += seq_len
+
+
+def corrupt_copy(src: Path, dst: Path, shard: str, offset: int, mask: int = 0x01) -> Path:
+    """Copy a prepared corpus and flip bits of one byte of one shard; returns dst."""
+    shutil.copytree(src, dst)
+    p = dst / shard
+    data = bytearray(p.read_bytes())
+    data[offset] ^= mask
+    p.write_bytes(bytes(data))
+    return dst
 
 
 def read_split(corpus_dir: Path, split: str) -> np.ndarray:

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from _data_helpers import assert_clean_failure, read_split, reference_ids, run_cli
+from _data_helpers import assert_clean_failure, corrupt_copy, read_split, reference_ids, run_cli
 import dist_lm.data.prepare as prepare_mod
 from dist_lm.data.corpora import PRESETS, holdout_ranges
 from dist_lm.data.prepare import prepare_corpus
@@ -83,12 +83,7 @@ def test_worker_processes_give_identical_shards(ptb, shared_data, tmp_path, monk
 
 
 def test_flipped_byte_truncation_and_manifest_mismatch_are_named(ptb, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(ptb, bad)
-    shard = bad / "train-000002.tar"
-    data = bytearray(shard.read_bytes())
-    data[100_000] ^= 0x40
-    shard.write_bytes(bytes(data))
+    bad = corrupt_copy(ptb, tmp_path / "bad", "train-000002.tar", 100_000, 0x40)
     res = run_cli("verify", str(bad))
     assert_clean_failure(res, "train-000002.tar", "sha256", "dist-lm prepare")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _data_helpers import batchify, read_split, reference_ids, reference_windows
+from _data_helpers import batchify, corrupt_copy, read_split, reference_ids, reference_windows
 from dist_lm.data.prepare import prepare_corpus
 from dist_lm.data.streams import StreamLoader
 from dist_lm.errors import UserError
@@ -157,12 +157,7 @@ def test_bad_configurations_are_user_errors(ptb, small):
 
 
 def test_corrupt_shard_is_named_when_streaming(small, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(small, bad)
-    shard = bad / "train-000003.tar"
-    data = bytearray(shard.read_bytes())
-    data[2000] ^= 0x01
-    shard.write_bytes(bytes(data))
+    bad = corrupt_copy(small, tmp_path / "bad", "train-000003.tar", 2000)
     loader = StreamLoader(bad, "train", 2, bptt=30)
     with pytest.raises(UserError, match="train-000003.tar is corrupt: sha256"):
         _windows(loader)

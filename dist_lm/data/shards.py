@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import sys
 import tarfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .tokenizers import read_json
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -161,10 +161,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     if not p.is_file():
         raise UserError(f"{p} not found: {d} is not a prepared corpus; run "
                         f"`dist-lm prepare CORPUS --out {d}` first.")
-    try:
-        m = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{p} is not valid JSON ({exc}); {REFIX}.") from None
+    m = read_json(p, REFIX)
     try:
         if m["format"] != FORMAT:
             raise UserError(f"{p} has format {m['format']}; this dist-lm reads format {FORMAT}; "

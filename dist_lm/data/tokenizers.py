@@ -239,8 +239,12 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not p.is_file():
         raise UserError(f"{p} not found; run `dist-lm prepare CORPUS` first "
                         f"(it writes vocab.json next to the shards).")
+    return tokenizer_from_json(read_json(p, "re-run `dist-lm prepare`"), str(p))
+
+
+def read_json(p: Path, fix: str):
+    """A JSON file, or a UserError naming it and the fix."""
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
+        return json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{p} is not valid JSON ({exc}); re-run `dist-lm prepare`.") from None
-    return tokenizer_from_json(obj, str(p))
+        raise UserError(f"{p} is not valid JSON ({exc}); {fix}.") from None
