@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -269,3 +271,13 @@ def test_bad_input_cli_is_one_line_and_leaves_nothing(tmp_path, case):
     res = run_cli("prepare", *args, "--out", str(out), cwd=tmp_path)
     assert_clean_failure(res, *needles)
     assert not (tmp_path / "shards").exists()  # no output, not even the parent it would create
+
+
+def test_stale_partial_output_of_a_killed_prepare_is_removed(shared_data, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".ptb.partial-{dead}"
+    stale.mkdir()
+    (stale / "train-000000.tar").write_bytes(b"half")
+    prepare_corpus("ptb", out=tmp_path / "ptb", data_dir=shared_data, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ptb"]

@@ -319,6 +319,10 @@ def fetch_preset(preset: Preset, folder: Path, missing: list[str], mirror: str |
     except OSError as exc:
         raise UserError(f"cannot create {folder} for the {preset.name} download ({exc}); "
                         f"pass --data_dir with a writable directory.") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{folder / missing[0]} is missing and {folder} is read-only, so it "
+                        f"cannot be downloaded there; put the file there or pass --data_dir "
+                        f"with a writable directory.")
     for remote in preset.remotes:
         provides = list(remote.members.values()) or [remote.basename]
         if not set(provides) & set(missing):

@@ -385,6 +385,17 @@ def _check_out(out: Path) -> None:
                         f"directory or remove it.")
 
 
+def _remove_stale_partials(out: Path) -> None:
+    """Leftovers of a prepare that was killed (SIGKILL, power loss): their process is gone."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            os.kill(int(p.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass  # not ours, or another user's live process
+
+
 def _swap_in(tmp: Path, out: Path) -> None:
     old = None
     if out.exists():
@@ -428,6 +439,7 @@ def prepare_corpus(corpus: str, out: str | os.PathLike | None = None, data_dir=N
 
     made_parent = not out.parent.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
