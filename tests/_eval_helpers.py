@@ -46,7 +46,7 @@ def tiny_config(corpus_dir: Path, arch: str = "lstm", head: str = "softmax") -> 
     cfg = Config()
     cfg.data.shards = str(corpus_dir)
     cfg.model = ModelConfig(arch=arch, emb_size=16, hidden_size=24, n_layers=2, head=head,
-                            cutoffs=[8, 20] if head == "adaptive" else [], n_experts=3)
+                            cutoffs=[5, 12] if head == "adaptive" else [], n_experts=3)
     cfg.train.bptt = 12
     cfg.log.wandb_mode = "disabled"
     return cfg

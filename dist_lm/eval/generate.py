@@ -33,7 +33,13 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
 
 
 def start_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids to condition on: the prompt (no trailing <eos>), after an <eos> if any."""
+    """Token ids to condition on: the prompt (no trailing <eos>), after an <eos> if any.
+
+    PTB-char vocabularies (space-separated characters, `_` between words) take a prompt
+    written as plain text: "the cat" is read as "t h e _ c a t"."""
+    if (tokenizer.kind == "char" and getattr(tokenizer, "split", "") == "whitespace"
+            and any(len(w) > 1 for w in prompt.split())):
+        prompt = " ".join("_" if c == " " else c for c in " ".join(prompt.split()))
     ids = tokenizer.encode_line(prompt) if prompt else []
     eos = tokenizer.eos_id
     if ids and eos is not None and ids[-1] == eos:
