@@ -148,3 +148,17 @@ def test_unknown_option_suggests_the_closest(setup, capsys):
     _, _, run_dir = setup
     msg = _cli_error(["eval", str(run_dir), "--cache.windw=3"], capsys)
     assert "unknown eval option --cache.windw. Did you mean --cache.window?" in msg
+
+
+def test_result_goes_to_the_runs_wandb_when_it_used_it(setup, tmp_path, monkeypatch):
+    from dist_lm.metrics import _wandb_id
+
+    _, corpus, _ = setup
+    run_dir = make_run(tmp_path, corpus, train_steps=0, name="wb")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["log"]["wandb_mode"] = "offline"
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    main(["eval", str(run_dir), "--split", "valid"])
+    files = list((run_dir / "wandb").glob(f"offline-run-*-{_wandb_id(run_dir)}/run-*.wandb"))
+    assert len(files) == 1 and b"eval/valid/plain/ppl" in files[0].read_bytes()

@@ -365,22 +365,24 @@ def write_result(res: dict) -> Path:
 
 
 def _log_wandb(run, res: dict) -> None:
-    """Add the result to W&B when the run used it (its config's log.wandb_mode)."""
-    mode = os.environ.get("WANDB_MODE") or run.config.log.wandb_mode
+    """Add the result to the run's own W&B run (same id as training, resumed) when it used W&B."""
+    mode = os.environ.get("WANDB_MODE") or run.config.log.wandb_mode  # the environment wins
     if mode == "disabled":
         return
     try:
         import wandb
     except ImportError:
         return
+    from ..metrics import _wandb_id
+
     run_dir = run.checkpoint.parent.parent
-    name = run.config.log.name or run_dir.name
-    w = wandb.init(project=run.config.log.project, group=run.config.log.group or None,
-                   name=f"{name}-eval", job_type="eval", dir=str(run_dir), mode=mode,
-                   config={"checkpoint": res["checkpoint"]}, reinit=True)
-    key = f"{res['split']}/{res['method']}"
-    w.summary.update({f"{key}/{k}": v for k, v in res.items()
-                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    w = wandb.init(mode=mode, project=run.config.log.project, group=run.config.log.group or None,
+                   name=run.config.log.name or run_dir.name, dir=str(run_dir), resume="allow",
+                   id=_wandb_id(run_dir))
+    key = f"eval/{res['split']}/{res['method']}" + ("/fast" if res["protocol"] == "fast" else "")
+    for k, v in res.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            w.summary[f"{key}/{k}"] = v
     w.finish()
 
 
