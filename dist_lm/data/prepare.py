@@ -41,6 +41,7 @@ from .tokenizers import EOS, KINDS, UNK, ByteTokenizer, CharTokenizer, WordToken
 BLOCK_CHARS = 1 << 22  # text read per step (pass A)
 BLOCK_IDS = 1 << 22  # ids remapped per step (pass B)
 BLOCK_BYTES = 1 << 22  # bytes of text per word-tokenizer block (pass A)
+PIECE_CHARS = 1 << 15  # text split at once inside a block
 _U32 = next(t for t in "ILH" if array.array(t).itemsize == 4)  # array typecode of uint32
 
 
@@ -165,10 +166,20 @@ class _BlockTokenizer:
             text = text.replace("\r\n", "\n").replace("\r", "\n")  # as Python's line iteration
         if last and text and text[-1] != "\n":
             text += "\n"  # a last line without newline still ends with <eos>
-        words = text.replace("\n", " " + EOS + " ").split()
         before = len(self.table)
-        # array('I', map(...)) is the fastest C-level loop over the dict (~25% over np.fromiter)
-        ids = np.frombuffer(array.array(_U32, map(self.table.__getitem__, words)), np.uint32)
+        get, out, pos = self.table.__getitem__, [], 0
+        while pos < len(text):
+            # ~32 KB pieces: their word objects stay in cache between split and lookup
+            # (1.5x faster than splitting the whole block); cut after a newline or space
+            end = text.find("\n", pos + PIECE_CHARS)
+            if end < 0:
+                end = text.find(" ", pos + PIECE_CHARS)
+            end = len(text) if end < 0 else end + 1
+            words = text[pos:end].replace("\n", " " + EOS + " ").split()
+            # array(map(...)): the fastest C-level loop over the dict (~25% over np.fromiter)
+            out.append(array.array(_U32, map(get, words)))
+            pos = end
+        ids = np.frombuffer(b"".join(out), np.uint32)
         new = list(itertools.islice(self.table, before, None)) if len(self.table) > before else []
         return new, ids
 
