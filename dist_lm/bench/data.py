@@ -1,7 +1,7 @@
 """`dist-lm bench data`: prepare throughput and StreamLoader read throughput.
 
     dist-lm bench data --json bench-data.json      # PTB and a 100M-token corpus (108 x PTB train)
-    dist-lm bench data --quick                     # 4 x PTB train: a smoke run, not a measurement
+    dist-lm bench data --quick                     # 2 and 4 x PTB train: a smoke run only
 
 Every measurement runs in a fresh child process, so its peak RSS (ru_maxrss) is its own:
 prepare's peak memory must not grow with the corpus (only the vocabulary), and neither may
@@ -89,6 +89,7 @@ elif args["what"] == "webdataset":
     out["epoch_seconds"] = time.perf_counter() - t
     out["tokens"] = n
 out["peak"] = peak_mib()
+out["children_peak"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 print(json.dumps(out))
 """
 
@@ -121,7 +122,7 @@ def _row(name, value, unit, baseline=None):
 
 def run(quick: bool = False) -> list[dict]:
     data = shared_data()
-    copies = 4 if quick else 108  # 108 x 929,589 = 100.4M train tokens
+    copies = (2, 4) if quick else (10, 108)  # 108 x 929,589 = 100.4M train tokens
     rows = [_row("load average (1 min) at start, other processes", os.getloadavg()[0], "procs")]
     with tempfile.TemporaryDirectory(prefix="dist-lm-bench-data-") as tmp:
         tmp = Path(tmp)
@@ -132,27 +133,34 @@ def run(quick: bool = False) -> list[dict]:
         rows.append(_row("prepare ptb (word, end to end)", ptb["tokens"] / ptb["seconds"], "tok/s",
                          ref_rate))
 
+        train = (data / "ptb" / "ptb.train.txt").read_bytes()
         big = tmp / "big"
         big.mkdir()
-        train = (data / "ptb" / "ptb.train.txt").read_bytes()
-        with open(big / "train.txt", "wb") as f:
-            for _ in range(copies):
-                f.write(train)
         for s in ("valid", "test"):
             (big / f"{s}.txt").write_bytes((data / "ptb" / f"ptb.{s}.txt").read_bytes())
-        del train
-        bp = _child(what="prepare", corpus=f"text:{big}", out=str(tmp / "bigs"))
+        runs = {}
+        for n in copies:  # the last is the 100M-token corpus; its shards are kept for the loader
+            with open(big / "train.txt", "wb") as f:
+                for _ in range(n):
+                    f.write(train)
+            runs[n] = _child(what="prepare", corpus=f"text:{big}", out=str(tmp / f"shards{n}"))
         (big / "train.txt").unlink()
+        del train
+        mid, bp = runs[copies[0]], runs[copies[-1]]
         label = f"{bp['tokens'] / 1e6:.0f}M tokens"
-        rows.append(_row(f"prepare {label} ({copies} x ptb train)", bp["tokens"] / bp["seconds"],
+        mid_label = f"{mid['tokens'] / 1e6:.0f}M tokens"
+        rows.append(_row(f"prepare {label} ({copies[-1]} x ptb train)", bp["tokens"] / bp["seconds"],
                          "tok/s", ref_rate))
         cpus = os.cpu_count() or 1
         rows.append(_row(f"prepare {label}: tok per CPU-second x {cpus} CPUs",
                          bp["tokens"] / bp["cpu_seconds"] * cpus, "tok/s"))
         rows.append(_row("prepare ptb: peak RSS", ptb["peak"], "MiB"))
-        rows.append(_row(f"prepare {label}: peak RSS", bp["peak"], "MiB", ptb["peak"]))
+        rows.append(_row(f"prepare {mid_label}: peak RSS", mid["peak"], "MiB"))
+        rows.append(_row(f"prepare {label}: peak RSS", bp["peak"], "MiB", mid["peak"]))
+        rows.append(_row(f"prepare {label}: peak RSS of a tokenizer worker", bp["children_peak"],
+                         "MiB", mid["children_peak"]))
 
-        shards = str(tmp / "bigs")
+        shards = str(tmp / f"shards{copies[-1]}")
         wds_run = _child(what="webdataset", dir=shards)
         wds_rate = wds_run["tokens"] / wds_run["epoch_seconds"]
         small = _child(what="loader", dir=str(tmp / "ptb"), batch=80, world=1)
