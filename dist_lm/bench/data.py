@@ -163,7 +163,7 @@ def run(quick: bool = False) -> list[dict]:
         shards = str(tmp / f"shards{copies[-1]}")
         wds_run = _child(what="webdataset", dir=shards)
         wds_rate = wds_run["tokens"] / wds_run["epoch_seconds"]
-        small = _child(what="loader", dir=str(tmp / "ptb"), batch=80, world=1)
+        small = _child(what="loader", dir=str(tmp / f"shards{copies[0]}"), batch=80, world=1)
         for world in (1, 4):
             r = _child(what="loader", dir=shards, batch=80, world=world)
             rate = r["tokens"] / r["epoch_seconds"]
@@ -173,7 +173,7 @@ def run(quick: bool = False) -> list[dict]:
                 rows.append(_row(f"StreamLoader {label}, W=1, first epoch (sha256 + index)",
                                  r["tokens"] / r["first_epoch_seconds"], "tok/s", wds_rate))
                 rows.append(_row(f"StreamLoader {label}: peak RSS", r["peak"], "MiB", small["peak"]))
-        rows.append(_row("StreamLoader ptb: peak RSS", small["peak"], "MiB"))
+                rows.append(_row(f"StreamLoader {mid_label}: peak RSS", small["peak"], "MiB"))
         piped = _child(what="loader", dir=shards, batch=80, world=4, url=f"pipe:cat {shards}/{{name}}")
         rows.append(_row(f"StreamLoader {label}, W=4, pipe:cat URLs", piped["tokens"] / piped["epoch_seconds"],
                          "tok/s", wds_rate))
