@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Data-parallel training with torchrun (DDP; nccl on GPU, gloo on CPU), one or several nodes.
+#   launch/torchrun.sh configs/ptb_awd_lstm.toml [--dotted.overrides ...]
+# One node, 8 GPUs:       NPROC=8 launch/torchrun.sh configs/wt103_qrnn_12h.toml
+# Two nodes (run on each): NNODES=2 NODE_RANK=0|1 RDZV_ENDPOINT=node0.example:29500 NPROC=8 \
+#                          launch/torchrun.sh configs/wt103_qrnn_12h.toml
+# train.global_batch is the total number of streams over all ranks: keep it to reproduce a
+# single-GPU recipe exactly, or scale it with --schedule.base_batch (linear scaling rule) and
+# --schedule.warmup_steps. Resume is automatic (RESUME=auto) and needs the same world size.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${1:?usage: launch/torchrun.sh CONFIG [--overrides]}; shift
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+NPROC=${NPROC:-$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')}
+RDZV_ENDPOINT=${RDZV_ENDPOINT:-127.0.0.1:29500}
+RDZV_ID=${RDZV_ID:-dist-lm}
+RESUME=${RESUME:-auto}
+TORCHRUN=${TORCHRUN:-torchrun}
+
+if [ "$NNODES" = 1 ]; then
+  launch=($TORCHRUN --standalone --nnodes 1 --nproc_per_node "$NPROC")
+else
+  launch=($TORCHRUN --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC"
+          --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "$RDZV_ID")
+fi
+cmd=("${launch[@]}" -m dist_lm train "$CONFIG" --dist.engine=ddp)
+[ -n "$RESUME" ] && cmd+=(--resume="$RESUME")
+cmd+=("$@")
+echo "+ ${cmd[*]}"
+exec "${cmd[@]}"
