@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_cpu_smoke_end_to_end(tmp_path, shared_data):
+    # OMP_WAIT_POLICY=PASSIVE: on a shared 2-core machine spinning OpenMP threads cost 10x+
     env = dict(os.environ, DIST_LM_DATA_DIR=str(shared_data), WANDB_MODE="offline",
+               OMP_WAIT_POLICY="PASSIVE",
                WANDB_DIR=str(tmp_path), WANDB_SILENT="true",
                DIST_LM_BASELINES=str(tmp_path / "baselines.json"))
     shards = tmp_path / "shards" / "ptb"
