@@ -24,7 +24,8 @@ from ..errors import UserError
 from ..runs import MARKER, STEP_RE, list_checkpoints, load_tensor_file, step_dir_name
 
 
-def _save(obj, path: Path) -> None:
+def save_file(obj, path: Path) -> None:
+    """torch.save under a temporary name, then rename: a file is either whole or absent."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -45,12 +46,12 @@ def save_checkpoint(run_dir: Path, step: int, rank: int, *, model_state: dict | 
         step_dir.mkdir(parents=True)
     barrier()
     if rank == 0:
-        _save(model_state, step_dir / "model.pt")
+        save_file(model_state, step_dir / "model.pt")
         if averaged_state is not None:
-            _save(averaged_state, step_dir / "averaged.pt")
-        _save(trainer_state, step_dir / "trainer.pt")
+            save_file(averaged_state, step_dir / "averaged.pt")
+        save_file(trainer_state, step_dir / "trainer.pt")
     engine.save(step_dir, rank)
-    _save(rank_state, step_dir / rank_file(rank))
+    save_file(rank_state, step_dir / rank_file(rank))
     barrier()  # every rank has finished writing
     if rank == 0:
         (step_dir / MARKER).write_text(f"{step}\n")

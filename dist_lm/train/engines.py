@@ -26,13 +26,8 @@ import torch
 from ..config import Config
 from ..errors import UserError
 from ..runs import load_tensor_file
+from .checkpoint import save_file
 from .optim import build_optimizer
-
-
-def _save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class LocalEngine:
@@ -68,7 +63,7 @@ class LocalEngine:
 
     def save(self, step_dir: Path, rank: int) -> None:
         if rank == 0:
-            _save(self.optimizer.state_dict(), step_dir / self.optim_file)
+            save_file(self.optimizer.state_dict(), step_dir / self.optim_file)
 
     def load(self, step_dir: Path, rank: int) -> None:
         self.optimizer.load_state_dict(load_tensor_file(step_dir / self.optim_file))
@@ -84,7 +79,7 @@ class DDPEngine(LocalEngine):
 
         super().__init__(module, cfg, accum)
         ids = [device.index] if device.type == "cuda" else None
-        self.model = DDP(module, device_ids=ids, broadcast_buffers=False)
+        self.model = DDP(module, device_ids=ids)
 
     def _sync_context(self, last: bool):
         return contextlib.nullcontext() if last else self.model.no_sync()
