@@ -239,12 +239,34 @@ def compare_command(runs: list[str], out: str | None = None, metric: str = "vali
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
     table = "\n".join(lines)
+    for r in runs:
+        epochs = epoch_table(r)
+        if epochs:
+            table += f"\n\nPer validation of {r}:\n" + epochs
     print(table)
     if out:
         d = Path(out)
         d.mkdir(parents=True, exist_ok=True)
         (d / "compare.md").write_text(table + "\n")
         _plots(runs, d)
+
+
+def epoch_table(run_dir: str | Path) -> str:
+    """Markdown: per validation, the valid metric, training and validation seconds, train tokens/s."""
+    rows = [r for r in read_metrics(run_dir)
+            if "valid_loss" in r and not r.get("final") and "elapsed_s" in r]
+    if not rows:
+        return ""
+    unit = "bpc" if "valid_bpc" in rows[0] else "ppl"
+    out = [f"| epoch | step | valid {unit} | train s | valid s | train tokens/s |",
+           "|---|---|---|---|---|---|"]
+    prev_t, prev_tok = 0.0, 0
+    for r in rows:
+        train_s = max(1e-9, r["elapsed_s"] - prev_t - r["valid_seconds"])
+        out.append(f"| {r['epoch']} | {r['step']} | {r['valid_' + unit]:.2f} | {train_s:.0f} | "
+                   f"{r['valid_seconds']:.0f} | {(r['tokens'] - prev_tok) / train_s:.0f} |")
+        prev_t, prev_tok = r["elapsed_s"], r["tokens"]
+    return "\n".join(out)
 
 
 def _plots(runs: list[str], out: Path) -> None:
