@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Quickstart on a fresh CPU machine: set up, prepare PTB, train a small AWD-LSTM for a
+# bounded time, evaluate validation and test perplexity, print a sample.
+#   bash launch/quickstart.sh                 # MINUTES=5 of training by default
+#   MINUTES=30 bash launch/quickstart.sh      # longer; the 6-epoch quality bar is docs/results.md
+# Corpus files come from $DIST_LM_DATA_DIR, else ../shared/data when present, else they are
+# downloaded from the official source and checked by sha256.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MINUTES=${MINUTES:-5}
+RUN=${RUN:-runs/quickstart}
+
+run() { echo "+ $*"; "$@"; }
+
+if [ ! -x .venv/bin/dist-lm ]; then
+  run python3 -m venv .venv
+  run .venv/bin/python -m pip install -q --upgrade pip
+  # torch pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build)
+  run .venv/bin/python -m pip install -q -c .ci/constraints.txt -e .
+fi
+export PATH="$PWD/.venv/bin:$PATH"
+
+data_args=()
+if [ -n "${DIST_LM_DATA_DIR:-}" ]; then
+  data_args=(--data_dir "$DIST_LM_DATA_DIR")
+elif [ -f ../shared/data/ptb/ptb.train.txt ]; then
+  data_args=(--data_dir ../shared/data)
+fi
+if [ -f shards/ptb/manifest.json ]; then
+  run dist-lm verify shards/ptb
+else
+  run dist-lm prepare ptb "${data_args[@]}"
+fi
+
+# The small PTB recipe (configs/ptb_small_cpu.toml), stopped after $MINUTES minutes; a
+# validation pass and a checkpoint close the run. Starts afresh (no --resume).
+rm -rf "$RUN"
+run dist-lm train configs/ptb_small_cpu.toml --train.run_dir="$RUN" \
+  --train.max_seconds=$((MINUTES * 60)) --train.epochs=1000 --log.every_steps=50
+run dist-lm eval "$RUN" --split valid
+run dist-lm eval "$RUN" --split test
+run dist-lm generate "$RUN" --prompt "the company said" --length 40 --seed 1
+echo "run directory: $RUN (config.json, metrics.jsonl, checkpoints/, wandb/)"
