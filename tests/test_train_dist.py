@@ -127,6 +127,19 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, nproc):
     assert kept[-1] == "step-00000010" and len([k for k in kept]) <= 4  # keep_last 3 (+ best)
 
 
+def test_deepspeed_resume_is_bit_exact(tmp_path):
+    args = ("dist.engine=deepspeed", "dist.zero_stage=1", "train.max_steps=6",
+            "checkpoint.every_steps=2", "model.dropout=0.3", "train.variable_bptt=true")
+    run(tmp_path, "full", 2, f"train.run_dir={tmp_path/'full'}", *args)
+    rd = tmp_path / "part"
+    p = run(tmp_path, "part", 2, f"train.run_dir={rd}", *args, kill=3, check=False)
+    assert p.returncode != 0 and (rd / "checkpoints" / "step-00000002" / "deepspeed").is_dir()
+    run(tmp_path, "part", 2, f"train.run_dir={rd}", *args, "resume=auto")
+    full, part = result(tmp_path, "full"), result(tmp_path, "part")
+    for k, v in full["params"].items():
+        assert torch.equal(part["params"][k], v), k
+
+
 def test_resume_refuses_other_world_size(tmp_path):
     rd = tmp_path / "two"
     run(tmp_path, "two", 2, f"train.run_dir={rd}", "dist.engine=ddp", "train.max_steps=2")

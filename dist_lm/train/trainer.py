@@ -290,7 +290,6 @@ class Trainer:
         run_tps: list[float] = []
         interval = {"loss": 0.0, "n": 0, "gnorm": 0.0}
         started = self.started = time.perf_counter() - self.train_seconds
-        done = False
         B = t.global_batch
 
         def finished() -> bool:
@@ -300,6 +299,7 @@ class Trainer:
                 return True
             return False
 
+        done = finished() or self.ntasgd.stop  # e.g. resuming a run that already finished
         while not done and (t.max_steps or self.epoch < t.epochs):
             if self.epoch_step == 0 or self.hidden is None:
                 self.hidden = self.init_hidden()
