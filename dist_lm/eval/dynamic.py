@@ -98,7 +98,17 @@ class DynamicEvaluator:
         if self.ms is None:
             raise RuntimeError("collect_stats must run before evaluate")
         self.reset()
-        rate = {n: d.clamp(max=1.0 / decay) if decay > 0 else d for n, d in self.decrate.items()}
+        names = list(self.params)
+        params = [self.params[n] for n in names]
+        theta0 = [self.theta0[n] for n in names]
+        # per-parameter constants of the update, computed once: decay * rate and lr / (MS + eps)
+        pull = [decay * (self.decrate[n].clamp(max=1.0 / decay) if decay > 0 else self.decrate[n])
+                for n in names]
+        keep = [1.0 - a for a in pull]
+        step_size = [lr / (self.ms[n] + eps) for n in names]
+        # the state is delta = theta - theta0: delta <- (1 - pull) * delta - step_size * g and
+        # theta = theta0 + delta (three passes over the weights; delta stays 0 when lr = 0)
+        delta = [torch.zeros_like(p) for p in params]
         total = 0.0
         count = 0
         hidden = None
@@ -114,11 +124,14 @@ class DynamicEvaluator:
                 count += targets.numel()
                 out.nll.mean().backward()
                 with torch.no_grad():
-                    for n, p in self.params.items():
-                        step = decay * rate[n] * (self.theta0[n] - p)
-                        if p.grad is not None:
-                            step -= lr * p.grad / (self.ms[n] + eps)
-                        p.add_(step)
+                    if lr:
+                        torch._foreach_mul_(delta, keep)
+                        has = [i for i, p in enumerate(params) if p.grad is not None]
+                        torch._foreach_addcmul_([delta[i] for i in has],
+                                                [params[i].grad for i in has],
+                                                [step_size[i] for i in has], value=-1.0)
+                        for p, t0, d in zip(params, theta0, delta):
+                            torch.add(t0, d, out=p)
                 if max_tokens and count >= max_tokens:
                     break
         self.model.zero_grad(set_to_none=True)

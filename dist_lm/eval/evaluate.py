@@ -206,18 +206,19 @@ def evaluate_cache(model: torch.nn.Module, loader, cache: CacheOptions,
 
     model.eval()
     nc = NeuralCache(cache.window, cache.theta, cache.normalize)
-    total, count, hidden = 0.0, 0, None
-    dev = torch.device("cpu")
+    total, count, hidden = None, 0, None
     for inputs, targets in loader:
         if hidden is None:
             hidden = model.init_hidden(inputs.shape[1])
         out = model(inputs, hidden, targets)
         hidden = detach_hidden(out.hidden)
         p, seen = nc.step(out.output, targets)
-        total += float(mix_log_prob(-out.nll, p, cache.lambdah, seen).sum().neg())
+        s = -mix_log_prob(-out.nll, p, cache.lambdah, seen).sum()
+        total = s if total is None else total + s  # stays on the device: no sync per window
         count += targets.numel()
-        dev = targets.device
-    buf = torch.tensor([total, float(count)], dtype=torch.float64, device=dev)
+    dev = total.device if total is not None else torch.device("cpu")
+    buf = torch.tensor([0.0 if total is None else float(total), float(count)],
+                       dtype=torch.float64, device=dev)
     if reduce:
         all_reduce_sum(buf)
     return float(buf[0]), int(round(float(buf[1])))
