@@ -51,6 +51,25 @@ class DynamicEvaluator:
         self.ms: dict[str, torch.Tensor] | None = None
         self.decrate: dict[str, torch.Tensor] | None = None
 
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    def _windows(self, loader):
+        """Per window: forward (hidden carried), then backward of the mean loss; yields
+        (output, targets) with the gradients in place."""
+        from ..models import detach_hidden
+
+        hidden = None
+        for inputs, targets in loader:
+            if hidden is None:
+                hidden = self.model.init_hidden(inputs.shape[1])
+            self.model.zero_grad(set_to_none=True)
+            out = self.model(inputs, hidden, targets)
+            hidden = detach_hidden(out.hidden)
+            out.nll.mean().backward()
+            yield out, targets
+
     def reset(self) -> None:
         with torch.no_grad():
             for n, p in self.params.items():
@@ -58,21 +77,11 @@ class DynamicEvaluator:
 
     def collect_stats(self, loader, max_batches: int = 0) -> int:
         """RMS gradients over (at most `max_batches`, 0 = all) windows of `loader`."""
-        from ..models import detach_hidden
-
         self.reset()
         sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        hidden = None
         batches = 0
-        dev = next(iter(self.params.values())).device
-        with torch.enable_grad(), _backward_ok(dev):
-            for inputs, targets in loader:
-                if hidden is None:
-                    hidden = self.model.init_hidden(inputs.shape[1])
-                self.model.zero_grad(set_to_none=True)
-                out = self.model(inputs, hidden, targets)
-                hidden = detach_hidden(out.hidden)
-                out.nll.mean().backward()
+        with torch.enable_grad(), _backward_ok(self.device):
+            for out, _ in self._windows(loader):
                 for n, p in self.params.items():
                     if p.grad is not None:
                         sq[n] += p.grad.detach() ** 2
@@ -93,8 +102,6 @@ class DynamicEvaluator:
 
         Starts from theta0; stops after `max_tokens` predicted tokens when > 0.
         """
-        from ..models import detach_hidden
-
         if self.ms is None:
             raise RuntimeError("collect_stats must run before evaluate")
         self.reset()
@@ -111,18 +118,10 @@ class DynamicEvaluator:
         delta = [torch.zeros_like(p) for p in params]
         total = 0.0
         count = 0
-        hidden = None
-        dev = next(iter(self.params.values())).device
-        with torch.enable_grad(), _backward_ok(dev):
-            for inputs, targets in loader:
-                if hidden is None:
-                    hidden = self.model.init_hidden(inputs.shape[1])
-                self.model.zero_grad(set_to_none=True)
-                out = self.model(inputs, hidden, targets)
-                hidden = detach_hidden(out.hidden)
+        with torch.enable_grad(), _backward_ok(self.device):
+            for out, targets in self._windows(loader):
                 total += float(out.nll.detach().double().sum())  # scored before adapting
                 count += targets.numel()
-                out.nll.mean().backward()
                 with torch.no_grad():
                     if lr:
                         torch._foreach_mul_(delta, keep)

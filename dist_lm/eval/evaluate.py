@@ -31,30 +31,29 @@ from .cache import NeuralCache, mix_log_prob
 from .dynamic import SEARCH_DECAYS, SEARCH_LRS, DynamicEvaluator
 
 
-@torch.no_grad()
-def evaluate_stream(model: torch.nn.Module, loader, reduce: bool = True) -> tuple[float, int]:
-    """Sum of NLL and number of predicted tokens over one pass of `loader`.
-
-    The hidden state starts at zero and is carried across windows (AWD-LSTM's protocol).
-    The model is put in eval mode for the pass and restored to its previous mode after, so
-    the trainer can call this for validation. With `reduce` and an initialized process
-    group, both numbers are summed over ranks (each rank holds its own streams).
-    """
+def _outputs(model: torch.nn.Module, loader):
+    """(model output, targets) per window, the hidden state starting at zero and carried."""
     from ..models import detach_hidden
 
+    hidden = None
+    for inputs, targets in loader:
+        if hidden is None:
+            hidden = model.init_hidden(inputs.shape[1])
+        out = model(inputs, hidden, targets)
+        hidden = detach_hidden(out.hidden)
+        yield out, targets
+
+
+def _sum_over_windows(model, loader, window_nll, reduce: bool) -> tuple[float, int]:
+    """Sum window_nll(out, targets) over the loader in eval mode (the mode is restored after),
+    with the sums kept on the device; all-reduced over ranks with `reduce`."""
     was_training = model.training
     model.eval()
-    total = None
-    count = 0
-    hidden = None
+    total, count = None, 0
     try:
-        for inputs, targets in loader:
-            if hidden is None:
-                hidden = model.init_hidden(inputs.shape[1])
-            out = model(inputs, hidden, targets)
-            hidden = detach_hidden(out.hidden)
-            s = out.nll.double().sum()
-            total = s if total is None else total + s
+        for out, targets in _outputs(model, loader):
+            s = window_nll(out, targets)
+            total = s if total is None else total + s  # no host sync per window
             count += targets.numel()
     finally:
         model.train(was_training)
@@ -64,6 +63,18 @@ def evaluate_stream(model: torch.nn.Module, loader, reduce: bool = True) -> tupl
     if reduce:
         all_reduce_sum(buf)
     return float(buf[0]), int(round(float(buf[1])))
+
+
+@torch.no_grad()
+def evaluate_stream(model: torch.nn.Module, loader, reduce: bool = True) -> tuple[float, int]:
+    """Sum of NLL and number of predicted tokens over one pass of `loader`.
+
+    The hidden state starts at zero and is carried across windows (AWD-LSTM's protocol).
+    The model is put in eval mode for the pass and restored to its previous mode after, so
+    the trainer can call this for validation. With `reduce` and an initialized process
+    group, both numbers are summed over ranks (each rank holds its own streams).
+    """
+    return _sum_over_windows(model, loader, lambda out, t: out.nll.double().sum(), reduce)
 
 
 def ppl_or_bpc(mean_nll: float, kind: str) -> dict:
@@ -202,42 +213,21 @@ def default_batch(cfg, split: str, protocol: str) -> int:
 def evaluate_cache(model: torch.nn.Module, loader, cache: CacheOptions,
                    reduce: bool = True) -> tuple[float, int]:
     """evaluate_stream with the neural cache mixed in (one cache per stream column)."""
-    from ..models import detach_hidden
-
-    model.eval()
     nc = NeuralCache(cache.window, cache.theta, cache.normalize)
-    total, count, hidden = None, 0, None
-    for inputs, targets in loader:
-        if hidden is None:
-            hidden = model.init_hidden(inputs.shape[1])
-        out = model(inputs, hidden, targets)
-        hidden = detach_hidden(out.hidden)
+
+    def window_nll(out, targets):
         p, seen = nc.step(out.output, targets)
-        s = -mix_log_prob(-out.nll, p, cache.lambdah, seen).sum()
-        total = s if total is None else total + s  # stays on the device: no sync per window
-        count += targets.numel()
-    dev = total.device if total is not None else torch.device("cpu")
-    buf = torch.tensor([0.0 if total is None else float(total), float(count)],
-                       dtype=torch.float64, device=dev)
-    if reduce:
-        all_reduce_sum(buf)
-    return float(buf[0]), int(round(float(buf[1])))
+        return -mix_log_prob(-out.nll, p, cache.lambdah, seen).sum()
+
+    return _sum_over_windows(model, loader, window_nll, reduce)
 
 
 @torch.no_grad()
 def cache_search(model: torch.nn.Module, loader, window: int, normalize: bool = False,
                  thetas=CACHE_THETAS, lambdas=CACHE_LAMBDAS) -> list[dict]:
     """Mean NLL for every (theta, lambdah): the model runs once, the cache once per theta."""
-    from ..models import detach_hidden
-
     model.eval()
-    blocks, hidden = [], None
-    for inputs, targets in loader:
-        if hidden is None:
-            hidden = model.init_hidden(inputs.shape[1])
-        out = model(inputs, hidden, targets)
-        hidden = detach_hidden(out.hidden)
-        blocks.append((out.output.detach(), targets, -out.nll.detach()))
+    blocks = [(out.output, t, -out.nll) for out, t in _outputs(model, loader)]
     n = sum(t.numel() for _, t, _ in blocks)
     table = []
     for theta in thetas:
