@@ -89,7 +89,7 @@ def test_search_and_cli(tmp_path, capsys):
     run_dir = make_run(tmp_path, corpus, train_steps=10)
     run = load_run(run_dir)
     table = cache_search(run.model, make_loader(corpus, "valid", 10, 12), window=100)
-    assert len(table) == 42
+    assert len(table) == 77
     for row in table[:3]:  # each row equals a direct evaluation with its (theta, lambdah)
         s, n = evaluate_cache(run.model, make_loader(corpus, "valid", 10, 12),
                               CacheOptions(window=100, theta=row["theta"], lambdah=row["lambdah"]))

@@ -111,8 +111,8 @@ class DynamicOptions:
     search_tokens: int = 30000  # validation tokens per grid point (0 = all; Krause's gridfast)
 
 
-CACHE_THETAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-CACHE_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+CACHE_THETAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0)  # dot products: can be large
+CACHE_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 PROTOCOLS = ("reference", "fast")
 FAST_BATCH = 64  # streams of the fast protocol (drops < 64 tokens at the split's end)
 _GENERAL = {"bptt": int, "corpus": str, "device": str, "averaged": bool}
