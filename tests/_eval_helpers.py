@@ -13,6 +13,7 @@ import torch
 from dist_lm.config import Config, ModelConfig
 from dist_lm.data.prepare import prepare_corpus
 from dist_lm.data.streams import StreamLoader
+from dist_lm.data.tokenizers import load_tokenizer
 from dist_lm.models import build_model, detach_hidden
 from dist_lm.runs import step_dir_name, write_run_files
 
@@ -59,8 +60,7 @@ def make_run(root: Path, corpus_dir: Path, arch: str = "lstm", head: str = "soft
     run_dir = root / name
     write_run_files(run_dir, cfg, corpus_dir)
     torch.manual_seed(seed)
-    vocab = len(__import__("json").loads((corpus_dir / "vocab.json").read_text())["itos"])
-    model = build_model(cfg.model, vocab)
+    model = build_model(cfg.model, load_tokenizer(corpus_dir).vocab_size)
     if train_steps:
         opt = torch.optim.Adam(model.parameters(), lr=3e-2)
         model.train()
@@ -89,8 +89,6 @@ def sha256_dir(d: Path) -> dict[str, str]:
 
 
 def split_ids(corpus_dir: Path, split: str) -> list[int]:
-    from dist_lm.data.tokenizers import load_tokenizer
-
     tok = load_tokenizer(corpus_dir)
     text = (corpus_dir.parent / f"{corpus_dir.name}-text" / f"{split}.txt").read_text()
     return tok.encode(text)

@@ -129,3 +129,21 @@ def test_api_evaluate_matches_cli_result(word):
     assert cached["nll"] == pytest.approx(res["nll"], rel=1e-9)
     with pytest.raises(TypeError, match="unknown CacheOptions keys"):
         evaluate(str(run_dir), cache={"windw": 3})
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_byte_and_bpe_generate_and_score(tmp_path, kind):
+    text = sentences(80, 6)
+    corpus = make_corpus(tmp_path, text, text[:300], text[:300], tokenizer=kind)
+    run = load_run(make_run(tmp_path, corpus, train_steps=0))
+    out = generate(run, prompt="the cat", length=12, seed=5)
+    assert out == generate(run, prompt="the cat", length=12, seed=5)
+    assert out[0].startswith("the cat")
+    rec = score_text(run, "the red house\n")[0]
+    ids = run.tokenizer.encode_line("the red house")
+    assert rec["n_tokens"] == len(ids) and rec["n_unk"] == 0
+    with torch.no_grad():
+        m = run.model
+        o = m(torch.tensor([run.tokenizer.eos_id] + ids[:-1]).unsqueeze(1), m.init_hidden(1),
+              torch.tensor(ids).unsqueeze(1))
+    assert rec["total"] == pytest.approx(-float(o.nll.double().sum()), abs=1e-4)
