@@ -52,7 +52,11 @@ def prepare(corpus: str, out: str | None = None, data_dir: str | None = None,
 
 
 def verify(directory: str) -> None:
-    """Check every shard of a prepared corpus against manifest.json (sha256, counts)."""
+    """Check every shard of a prepared corpus against manifest.json (sha256, counts).
+
+    Args:
+      directory: a prepared corpus (holds manifest.json), e.g. shards/ptb.
+    """
     from .data.shards import verify_corpus
 
     verify_corpus(directory)
@@ -184,6 +188,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         fire.Fire(COMMANDS, command=argv, name="dist-lm")
+    except SystemExit as exc:
+        # fire exits 2 after printing the help of a command that takes **options; asking
+        # for help is not an error.
+        if "--help" in argv or "-h" in argv:
+            sys.exit(0)
+        raise
     except UserError as exc:
         rank = os.environ.get("RANK", "0")
         prefix = "dist-lm: error: " if rank == "0" else f"dist-lm [rank {rank}]: error: "
