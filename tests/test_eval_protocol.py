@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -161,4 +162,9 @@ def test_result_goes_to_the_runs_wandb_when_it_used_it(setup, tmp_path, monkeypa
     monkeypatch.delenv("WANDB_MODE", raising=False)
     main(["eval", str(run_dir), "--split", "valid"])
     files = list((run_dir / "wandb").glob(f"offline-run-*-{_wandb_id(run_dir)}/run-*.wandb"))
-    assert len(files) == 1 and b"eval/valid/plain/ppl" in files[0].read_bytes()
+    assert len(files) == 1
+    for _ in range(100):  # wandb's service process may still be flushing the file
+        if b"eval/valid/plain/ppl" in files[0].read_bytes():
+            break
+        time.sleep(0.2)
+    assert b"eval/valid/plain/ppl" in files[0].read_bytes()

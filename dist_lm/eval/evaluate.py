@@ -380,7 +380,7 @@ def _log_wandb(run, res: dict) -> None:
 def eval_command(path: str, split: str = "test", protocol: str = "reference",
                  batch_size: int = 0, options: dict | None = None) -> None:
     """`dist-lm eval`: load, evaluate (plain / cache / dynamic), print, write JSON (rank 0)."""
-    from ..distributed import init_distributed, is_main, pick_device
+    from ..distributed import init_distributed, is_initialized, is_main, pick_device
     from ..runs import find_checkpoint, load_run, read_run_config, run_dir_of
 
     general, cache, dyn = parse_options(dict(options or {}))
@@ -393,11 +393,15 @@ def eval_command(path: str, split: str = "test", protocol: str = "reference",
                         f"{cfg.data.test_split}.")
     device = pick_device(general.get("device", "cpu"))
     init_distributed(device, cfg.dist.backend)
-    run = load_run(ckpt, device=device, averaged=general.get("averaged", True))
-    say = print if is_main() else (lambda *a, **k: None)
-    res = evaluate_run(run, split=split, protocol=protocol, batch_size=batch_size,
-                       bptt=general.get("bptt", 0), corpus=general.get("corpus"),
-                       cache=cache, dynamic=dyn, log=say)
+    try:
+        run = load_run(ckpt, device=device, averaged=general.get("averaged", True))
+        say = print if is_main() else (lambda *a, **k: None)
+        res = evaluate_run(run, split=split, protocol=protocol, batch_size=batch_size,
+                           bptt=general.get("bptt", 0), corpus=general.get("corpus"),
+                           cache=cache, dynamic=dyn, log=say)
+    finally:
+        if is_initialized():
+            torch.distributed.destroy_process_group()
     if is_main():
         p = write_result(res)
         weights = "averaged" if run.averaged else "final"
