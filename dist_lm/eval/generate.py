@@ -11,6 +11,8 @@ happens on the CPU so the device does not change the draw).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..errors import UserError
@@ -114,7 +116,8 @@ def generate_text(run, prompt: str = "", length: int = 100, temperature: float =
     if prompt and tok.unk_id is not None:
         n_unk = sum(1 for i in ctx if i == tok.unk_id)
         if n_unk and "<unk>" not in prompt:
-            print(f"note: {n_unk} prompt token(s) are not in the vocabulary and became <unk>")
+            print(f"dist-lm: note: {n_unk} prompt token(s) are not in the vocabulary and "
+                  f"became <unk>", file=sys.stderr)
     conts = sample_ids(run.model, ctx, length, samples, temperature, top_k, top_p, seed)
     shown = ctx[1:] if tok.eos_id is not None else (ctx if prompt else [])
     return [detokenize(tok, shown + c) for c in conts]
