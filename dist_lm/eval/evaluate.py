@@ -239,10 +239,6 @@ def cache_search(model: torch.nn.Module, loader, window: int, normalize: bool = 
     return table
 
 
-def _metric(mean_nll: float, kind: str) -> dict:
-    return ppl_or_bpc(mean_nll, kind)
-
-
 def evaluate_run(run, split: str = "test", protocol: str = "reference", batch_size: int = 0,
                  bptt: int = 0, corpus: str | None = None, cache: CacheOptions | None = None,
                  dynamic: DynamicOptions | None = None, log=print) -> dict:
@@ -269,6 +265,10 @@ def evaluate_run(run, split: str = "test", protocol: str = "reference", batch_si
         return _evaluate_dynamic(run, d, split, batch_size or 1, dynamic, res, log)
     B = batch_size or default_batch(cfg, split, protocol)
     res["batch_size"] = B
+    if B % world:
+        raise UserError(f"{B} evaluation streams cannot be split over {world} ranks; pass "
+                        f"--batch_size with a multiple of {world} (the reference protocol for "
+                        f"{split} uses {B}: run it in one process to reproduce it exactly).")
 
     def loader_for(s: str, b: int):
         return make_loader(d, s, b, bptt, device=device, rank=rank, world_size=world)
@@ -286,9 +286,9 @@ def evaluate_run(run, split: str = "test", protocol: str = "reference", batch_si
                     r["nll"] = v / world
             best = min(table, key=lambda r: r["nll"])
             cache = dataclasses.replace(cache, theta=best["theta"], lambdah=best["lambdah"])
-            res["search"] = [{**r, **_metric(r["nll"], kind)} for r in table]
+            res["search"] = [{**r, **ppl_or_bpc(r["nll"], kind)} for r in table]
             log(f"cache search on {cfg.data.valid_split}: best theta {cache.theta} lambdah "
-                f"{cache.lambdah} ({_fmt(_metric(best['nll'], kind))})")
+                f"{cache.lambdah} ({_fmt(ppl_or_bpc(best['nll'], kind))})")
         res["cache"] = dataclasses.asdict(cache)
         total, n = evaluate_cache(run.model, loader_for(split, B), cache)
     else:
@@ -314,12 +314,12 @@ def _evaluate_dynamic(run, d: Path, split: str, B: int, opt: DynamicOptions, res
                 loader = make_loader(d, cfg.data.valid_split, B, opt.bptt, device)
                 s, n = dyn.evaluate(loader, lr * scale, decay * scale, opt.eps, opt.search_tokens)
                 table.append({"lr": lr * scale, "decay": decay * scale, "nll": s / n,
-                              "tokens": n, **_metric(s / n, kind)})
+                              "tokens": n, **ppl_or_bpc(s / n, kind)})
         best = min(table, key=lambda r: r["nll"])
         opt = dataclasses.replace(opt, lr=best["lr"], decay=best["decay"])
         res["search"] = table
         log(f"dynamic search on {cfg.data.valid_split}: best lr {opt.lr:g} decay {opt.decay:g} "
-            f"({_fmt(_metric(best['nll'], kind))} on {best['tokens']} tokens)")
+            f"({_fmt(ppl_or_bpc(best['nll'], kind))} on {best['tokens']} tokens)")
     res["dynamic"] = dataclasses.asdict(opt)
     total, n = dyn.evaluate(make_loader(d, split, B, opt.bptt, device), opt.lr, opt.decay, opt.eps)
     return _finish(res, total, n, kind)
@@ -329,7 +329,7 @@ def _finish(res: dict, total: float, n: int, kind: str) -> dict:
     if n == 0:
         raise UserError(f"split '{res['split']}' of {res['corpus']} has no tokens to evaluate "
                         f"with batch size {res['batch_size']}.")
-    res.update(tokens=n, nll=total / n, **_metric(total / n, kind))
+    res.update(tokens=n, nll=total / n, **ppl_or_bpc(total / n, kind))
     return res
 
 
@@ -405,7 +405,7 @@ def eval_command(path: str, split: str = "test", protocol: str = "reference",
     if is_main():
         p = write_result(res)
         weights = "averaged" if run.averaged else "final"
-        say(f"{split} {_fmt(_metric(res['nll'], run.tokenizer.kind))} | nll {res['nll']:.4f} | "
+        say(f"{split} {_fmt(ppl_or_bpc(res['nll'], run.tokenizer.kind))} | nll {res['nll']:.4f} | "
             f"{res['tokens']} tokens | {res['method']}, {protocol} protocol, batch {res['batch_size']}, "
             f"bptt {res['bptt']}, {weights} weights | {p}")
         _log_wandb(run, res)
