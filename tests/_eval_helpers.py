@@ -8,6 +8,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from dist_lm.config import Config, ModelConfig
@@ -16,6 +17,16 @@ from dist_lm.data.streams import StreamLoader
 from dist_lm.data.tokenizers import load_tokenizer
 from dist_lm.models import build_model, detach_hidden
 from dist_lm.runs import step_dir_name, write_run_files
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second torch thread only spins against the
+    other processes (10x slower under load). Restored after each module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 WORDS = ("the cat dog sat on a mat and ran to big red house when it rained over "
          "hills sun was warm light came down").split()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from _eval_helpers import make_corpus, make_run, sentences, sha256_dir
+from _eval_helpers import one_thread  # noqa: F401 (autouse fixture)
 from dist_lm.__main__ import main
 from dist_lm.eval.cache import (NeuralCache, full_cache_distribution, mix_log_prob,
                                 pointer_reference)

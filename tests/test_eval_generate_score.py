@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from _eval_helpers import make_corpus, make_run, sentences
+from _eval_helpers import one_thread  # noqa: F401 (autouse fixture)
 from dist_lm.__main__ import main
 from dist_lm.api import evaluate, generate, load_run, score_text
 from dist_lm.config import Config, ModelConfig

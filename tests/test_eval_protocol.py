@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from _eval_helpers import make_corpus, make_run, sentences, sha256_dir, split_ids
+from _eval_helpers import one_thread  # noqa: F401 (autouse fixture)
 from dist_lm.__main__ import main
 from dist_lm.eval.evaluate import evaluate_run
 from dist_lm.runs import load_run
