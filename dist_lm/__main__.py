@@ -81,18 +81,22 @@ def eval(path: str, split: str = "test", protocol: str = "reference", batch_size
          **options) -> None:
     """Evaluate a run or checkpoint: perplexity (words) or bits per character.
 
+    The result is printed and written to STEP_DIR/eval-SPLIT[-fast][-cache|-dynamic].json.
+    More options (docs/evaluation.md):
+      --cache, or --cache.window/--cache.theta/--cache.lambdah/--cache.normalize, and
+        --cache.search (grid search of theta and lambdah on valid first);
+      --dynamic, or --dynamic.lr/--dynamic.decay/--dynamic.eps/--dynamic.bptt/
+        --dynamic.stat_batch/--dynamic.stat_batches, and --dynamic.search
+        (+ --dynamic.search_tokens);
+      --bptt (default train.bptt), --corpus DIR (default data.shards), --device,
+      --averaged=false (final instead of averaged weights).
+
     Args:
       path: run directory (its latest complete checkpoint) or a step-XXXXXXXX directory.
       split: valid or test.
       protocol: reference (10 streams for valid, 1 for test, fixed bptt) or fast (batched).
       batch_size: streams; 0 uses the protocol's default.
-      options: --cache (defaults) or --cache.window/--cache.theta/--cache.lambdah/
-        --cache.normalize, --cache.search (grid search on valid first);
-        --dynamic (defaults) or --dynamic.lr/--dynamic.decay/--dynamic.eps/--dynamic.bptt/
-        --dynamic.stat_batch/--dynamic.stat_batches, --dynamic.search (+ --dynamic.search_tokens);
-        --bptt (default train.bptt), --corpus DIR (default data.shards), --device,
-        --averaged=false (final instead of averaged weights). See docs/evaluation.md.
-        The result is printed and written to STEP_DIR/eval-SPLIT[-fast][-cache|-dynamic].json.
+      options: the options above.
     """
     from .eval.evaluate import eval_command
 
