@@ -37,7 +37,7 @@ fi
 rm -rf "$RUN"
 run dist-lm train configs/ptb_small_cpu.toml --train.run_dir="$RUN" \
   --train.max_seconds=$((MINUTES * 60)) --train.epochs=1000 --log.every_steps=50
-run dist-lm eval "$RUN" --split valid
+# train ends with validation and test perplexity; `eval` is how a finished run is scored later
 run dist-lm eval "$RUN" --split test
 run dist-lm generate "$RUN" --prompt "the company said" --length 40 --seed 1
 echo "run directory: $RUN (config.json, metrics.jsonl, checkpoints/, wandb/)"
