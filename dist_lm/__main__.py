@@ -18,11 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Spinning OpenMP threads cost 2-3x per training step on a CPU shared with other processes
-# (the data-loader, a second rank, a test runner). It must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from .errors import UserError  # noqa: E402
+from .errors import UserError
 
 
 def prepare(corpus: str, out: str | None = None, data_dir: str | None = None,

@@ -196,12 +196,8 @@ class Trainer:
         avg = self.averaging
         if avg:
             self.averager.swap()
-        # oneDNN's LSTM inference kernel is several times slower than ATen's on CPU (measured
-        # 0.19 s vs 0.02 s for a 64->128 LSTM on [35, 10] here); training keeps oneDNN (faster there)
-        fast = torch.backends.mkldnn.flags(enabled=self.device.type != "cpu")
         try:
-            with fast:
-                total, count = evaluate_stream(self.module, loader, reduce=reduce)
+            total, count = evaluate_stream(self.module, loader, reduce=reduce)
         finally:
             if avg:
                 self.averager.swap()
