@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         fire.Fire(COMMANDS, command=argv, name="dist-lm")
-    except SystemExit as exc:
+    except SystemExit:
         # fire exits 2 after printing the help of a command that takes **options; asking
         # for help is not an error.
         if "--help" in argv or "-h" in argv:

@@ -14,13 +14,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def shared_data_dir() -> Path:
-    """The benchmark corpora: $DIST_LM_SHARED_DATA, else ../shared/data beside the repo."""
-    env = os.environ.get("DIST_LM_SHARED_DATA")
-    path = Path(env) if env else REPO.parent / "shared" / "data"
-    if not (path / "ptb" / "ptb.train.txt").is_file():
-        raise RuntimeError(f"benchmark corpora not found at {path}; set DIST_LM_SHARED_DATA "
-                           f"to the folder holding ptb/, ptb-char/, wikitext-2/")
-    return path
+    """The benchmark corpora: $DIST_LM_SHARED_DATA, else ../shared/data beside the repo.
+    A missing folder is an error, not a skip."""
+    from dist_lm.bench import benchmark_corpora
+
+    return benchmark_corpora()
 
 
 @pytest.fixture(scope="session")

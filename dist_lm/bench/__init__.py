@@ -17,6 +17,19 @@ from pathlib import Path
 from ..errors import UserError
 
 GROUPS = ("data", "kernels", "model", "train", "eval")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def benchmark_corpora() -> Path:
+    """The benchmark corpora (ptb/, ptb-char/, wikitext-2/): $DIST_LM_SHARED_DATA, else
+    ../shared/data beside the repository, else $DIST_LM_DATA_DIR. Tests use it too."""
+    cands = [os.environ.get("DIST_LM_SHARED_DATA"), REPO.parent / "shared" / "data",
+             os.environ.get("DIST_LM_DATA_DIR")]
+    for c in cands:
+        if c and (Path(c) / "ptb" / "ptb.train.txt").is_file():
+            return Path(c)
+    raise UserError("PTB (ptb/ptb.train.txt) not found; set DIST_LM_SHARED_DATA or "
+                    "DIST_LM_DATA_DIR to the folder that holds ptb/.")
 
 
 def machine_summary() -> dict:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import UserError
+from . import benchmark_corpora
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,15 +94,6 @@ print(json.dumps(out))
 """
 
 
-def shared_data() -> Path:
-    env = os.environ.get("DIST_LM_SHARED_DATA")
-    path = Path(env) if env else REPO.parent / "shared" / "data"
-    if not (path / "ptb" / "ptb.train.txt").is_file():
-        raise UserError(f"PTB not found under {path}; set DIST_LM_SHARED_DATA to the folder "
-                        f"holding ptb/ptb.train.txt.")
-    return path
-
-
 def _child(**args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     res = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True,
@@ -121,7 +112,7 @@ def _row(name, value, unit, baseline=None):
 
 
 def run(quick: bool = False) -> list[dict]:
-    data = shared_data()
+    data = benchmark_corpora()
     copies = (2, 4) if quick else (10, 108)  # 108 x 929,589 = 100.4M train tokens
     rows = [_row("load average (1 min) at start, other processes", os.getloadavg()[0], "procs")]
     with tempfile.TemporaryDirectory(prefix="dist-lm-bench-data-") as tmp:

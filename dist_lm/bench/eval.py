@@ -14,13 +14,12 @@ PTB is read from $DIST_LM_SHARED_DATA, else ../shared/data, else $DIST_LM_DATA_D
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from . import benchmark_corpora
 
 WINDOW = 500
 THETA, LAMBDAH = 1.0, 0.1
@@ -28,14 +27,7 @@ BPTT = 70
 
 
 def _ptb_dir() -> Path:
-    here = Path(__file__).resolve().parents[2]
-    cands = [os.environ.get("DIST_LM_SHARED_DATA"), here.parent / "shared" / "data",
-             os.environ.get("DIST_LM_DATA_DIR")]
-    for c in cands:
-        if c and (Path(c) / "ptb" / "ptb.test.txt").is_file():
-            return Path(c) / "ptb"
-    raise UserError("bench eval needs PTB (ptb/ptb.train.txt, ptb/ptb.test.txt); set "
-                    "DIST_LM_SHARED_DATA or DIST_LM_DATA_DIR to the folder that holds ptb/.")
+    return benchmark_corpora() / "ptb"
 
 
 def _ptb_test_ids() -> tuple[torch.Tensor, int]:
