@@ -192,6 +192,23 @@ def split_info(manifest: dict, split: str, where: str) -> dict:
 # ----------------------------------------------------------------------------- tar index
 
 
+def _check_shard_file(path: Path, entry: dict, check_sha256: bool = True) -> None:
+    """The shard exists and (unless told not to check) its sha256 is the manifest's."""
+    if not path.is_file():
+        raise UserError(f"shard {path} is missing; {REFIX}.")
+    if check_sha256:
+        got = sha256_file(path)
+        if got != entry["sha256"]:
+            raise UserError(f"shard {path} is corrupt: sha256 {got} does not match the manifest's "
+                            f"{entry['sha256']}; {REFIX}.")
+
+
+def _check_counts(path: Path, entry: dict, chunks: int, tokens: int) -> None:
+    if (chunks, tokens) != (entry["chunks"], entry["tokens"]):
+        raise UserError(f"shard {path} holds {chunks} chunks / {tokens} tokens, the manifest "
+                        f"says {entry['chunks']} / {entry['tokens']}; {REFIX}.")
+
+
 def _tar_members(f, path: Path):
     """(name, data_offset, size) of each member, from the 512-byte USTAR headers."""
     size_total = os.fstat(f.fileno()).st_size
@@ -235,13 +252,7 @@ def _npy_header(f, data_off: int, size: int, path: Path, name: str):
 
 def shard_index(path: Path, entry: dict, dtype: str, first_chunk: int, check_sha256: bool = True) -> np.ndarray:
     """Per chunk (file offset of its tokens, token count); checked against the manifest."""
-    if not path.is_file():
-        raise UserError(f"shard {path} is missing; {REFIX}.")
-    if check_sha256:
-        got = sha256_file(path)
-        if got != entry["sha256"]:
-            raise UserError(f"shard {path} is corrupt: sha256 {got} does not match the manifest's "
-                            f"{entry['sha256']}; {REFIX}.")
+    _check_shard_file(path, entry, check_sha256)
     rows = []
     with open(path, "rb") as f:
         for name, off, size in _tar_members(f, path):
@@ -257,9 +268,7 @@ def shard_index(path: Path, entry: dict, dtype: str, first_chunk: int, check_sha
                 raise UserError(f"shard {path}: {name} is {dt}, the manifest says {dtype}; {REFIX}.")
             rows.append((data_off, n))
     idx = np.array(rows, dtype=np.int64).reshape(-1, 2)
-    if len(idx) != entry["chunks"] or int(idx[:, 1].sum()) != entry["tokens"]:
-        raise UserError(f"shard {path} holds {len(idx)} chunks / {int(idx[:, 1].sum())} tokens, "
-                        f"the manifest says {entry['chunks']} / {entry['tokens']}; {REFIX}.")
+    _check_counts(path, entry, len(idx), int(idx[:, 1].sum()))
     return idx
 
 
@@ -282,12 +291,7 @@ def verify_corpus(directory: str | os.PathLike, quiet: bool = False) -> dict:
         for entry in s["shards"]:
             path = d / entry["name"]
             listed.add(entry["name"])
-            if not path.is_file():
-                raise UserError(f"shard {path} is missing; {REFIX}.")
-            got = sha256_file(path)
-            if got != entry["sha256"]:
-                raise UserError(f"shard {path} is corrupt: sha256 {got} does not match the "
-                                f"manifest's {entry['sha256']}; {REFIX}.")
+            _check_shard_file(path, entry)
             tokens = chunks = 0
             try:
                 with tarfile.open(path, "r:") as tf:
@@ -310,9 +314,7 @@ def verify_corpus(directory: str | os.PathLike, quiet: bool = False) -> dict:
                         chunk += 1
             except (tarfile.TarError, ValueError, OSError, EOFError) as exc:
                 raise UserError(f"shard {path} cannot be read ({exc}); {REFIX}.") from None
-            if (chunks, tokens) != (entry["chunks"], entry["tokens"]):
-                raise UserError(f"shard {path} holds {chunks} chunks / {tokens} tokens, the "
-                                f"manifest says {entry['chunks']} / {entry['tokens']}; {REFIX}.")
+            _check_counts(path, entry, chunks, tokens)
         if not quiet:
             print(f"{split}: {len(s['shards'])} shard(s), {s['chunks']} chunks, {s['tokens']} tokens: ok")
     extra = sorted(p.name for p in d.glob("*.tar") if p.name not in listed)
