@@ -23,6 +23,8 @@ import copy
 
 import torch
 
+from .windows import carried_outputs
+
 # Krause et al.'s search grid for segments of 5 tokens; scaled by bptt / 5 for other lengths
 SEARCH_LRS = (3e-5, 4e-5, 5e-5, 6e-5, 7e-5, 1e-4)
 SEARCH_DECAYS = (0.001, 0.002, 0.003, 0.005)
@@ -58,15 +60,8 @@ class DynamicEvaluator:
     def _windows(self, loader):
         """Per window: forward (hidden carried), then backward of the mean loss; yields
         (output, targets) with the gradients in place."""
-        from ..models import detach_hidden
-
-        hidden = None
-        for inputs, targets in loader:
-            if hidden is None:
-                hidden = self.model.init_hidden(inputs.shape[1])
+        for out, targets in carried_outputs(self.model, loader):
             self.model.zero_grad(set_to_none=True)
-            out = self.model(inputs, hidden, targets)
-            hidden = detach_hidden(out.hidden)
             out.nll.mean().backward()
             yield out, targets
 

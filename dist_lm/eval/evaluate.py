@@ -29,19 +29,7 @@ from ..distributed import all_reduce_sum
 from ..errors import UserError
 from .cache import NeuralCache, mix_log_prob
 from .dynamic import SEARCH_DECAYS, SEARCH_LRS, DynamicEvaluator
-
-
-def _outputs(model: torch.nn.Module, loader):
-    """(model output, targets) per window, the hidden state starting at zero and carried."""
-    from ..models import detach_hidden
-
-    hidden = None
-    for inputs, targets in loader:
-        if hidden is None:
-            hidden = model.init_hidden(inputs.shape[1])
-        out = model(inputs, hidden, targets)
-        hidden = detach_hidden(out.hidden)
-        yield out, targets
+from .windows import carried_outputs
 
 
 def _sum_over_windows(model, loader, window_nll, reduce: bool) -> tuple[float, int]:
@@ -51,7 +39,7 @@ def _sum_over_windows(model, loader, window_nll, reduce: bool) -> tuple[float, i
     model.eval()
     total, count = None, 0
     try:
-        for out, targets in _outputs(model, loader):
+        for out, targets in carried_outputs(model, loader):
             s = window_nll(out, targets)
             total = s if total is None else total + s  # no host sync per window
             count += targets.numel()
@@ -227,7 +215,7 @@ def cache_search(model: torch.nn.Module, loader, window: int, normalize: bool = 
                  thetas=CACHE_THETAS, lambdas=CACHE_LAMBDAS) -> list[dict]:
     """Mean NLL for every (theta, lambdah): the model runs once, the cache once per theta."""
     model.eval()
-    blocks = [(out.output, t, -out.nll) for out, t in _outputs(model, loader)]
+    blocks = [(out.output, t, -out.nll) for out, t in carried_outputs(model, loader)]
     n = sum(t.numel() for _, t, _ in blocks)
     table = []
     for theta in thetas:
