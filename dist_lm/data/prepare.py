@@ -80,6 +80,11 @@ def source_size(src: Source) -> int:
     return end - src.start
 
 
+def _not_utf8(what, detail: str) -> UserError:
+    return UserError(f"{what} is not UTF-8 text ({detail}); convert it to UTF-8, or use "
+                     f"--tokenizer byte.")
+
+
 def text_blocks(src: Source, block_chars: int = BLOCK_CHARS):
     """UTF-8 text in blocks, newlines translated like Python's line iteration. A last line
     without a newline still ends a line: a final "\\n" is yielded for it (AWD-LSTM adds
@@ -93,9 +98,8 @@ def text_blocks(src: Source, block_chars: int = BLOCK_CHARS):
                 yield block
                 last = block[-1]
         except UnicodeDecodeError as exc:
-            raise UserError(f"{src.describe()} is not UTF-8 text ({exc.reason} in "
-                            f"{exc.object[max(0, exc.start - 10):exc.end + 10]!r}); convert it to "
-                            f"UTF-8, or use --tokenizer byte.") from None
+            snippet = exc.object[max(0, exc.start - 10):exc.end + 10]
+            raise _not_utf8(src.describe(), f"{exc.reason} in {snippet!r}") from None
     if last and last != "\n":
         yield "\n"
 
@@ -160,8 +164,7 @@ class _BlockTokenizer:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {a + exc.start}); "
-                            f"convert it to UTF-8, or use --tokenizer byte.") from None
+            raise _not_utf8(path, f"{exc.reason} at byte {a + exc.start}") from None
         if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")  # as Python's line iteration
         if last and text and text[-1] != "\n":
@@ -200,7 +203,7 @@ def _worker_task(path: str, a: int, b: int, last: bool):
 def block_ranges(src: Source, block_bytes: int) -> list[tuple[int, int]]:
     """Cut [start, end) into ~block_bytes pieces, each ending just after a newline (or a
     space, for a line longer than a block), so no token or line ending is split."""
-    end = src.end if src.end is not None else src.path.stat().st_size
+    end = src.start + source_size(src)
     cuts, a = [], src.start
     with open(src.path, "rb") as f:
         while a < end:
@@ -539,7 +542,7 @@ def _build(c: Corpus, kind: str, tmp: Path, chunk_len: int, shard_tokens: int,
             splits[split] = {**entry, "unk": unk_count[0]}
     tok.save(tmp / "vocab.json")
     return {"format": FORMAT, "corpus": c.name, "tokenizer": kind, "vocab_size": tok.vocab_size,
-            "dtype": dtype_for(tok.vocab_size), "chunk_len": chunk_len,
+            "dtype": dtype, "chunk_len": chunk_len,
             "sources": {s: _describe_source(src) for s, src in c.sources.items()},
             "splits": splits}
 
