@@ -27,6 +27,7 @@ import torch
 
 from ..distributed import all_reduce_sum
 from ..errors import UserError
+from ..runs import run_dir_of
 from .cache import NeuralCache, mix_log_prob
 from .dynamic import SEARCH_DECAYS, SEARCH_LRS, DynamicEvaluator
 from .windows import carried_outputs
@@ -175,7 +176,7 @@ def corpus_dir_for(run, corpus: str | None = None) -> Path:
     if list(theirs.itos) != list(run.tokenizer.itos):
         raise UserError(f"vocabulary mismatch: {d}/vocab.json ({theirs.vocab_size} tokens) differs "
                         f"from the run's vocab.json ({run.tokenizer.vocab_size} tokens) in "
-                        f"{run.checkpoint.parent.parent}; pass --corpus with the corpus the run "
+                        f"{run_dir_of(run.checkpoint)}; pass --corpus with the corpus the run "
                         f"was trained on.")
     return d
 
@@ -189,9 +190,13 @@ def make_loader(corpus_dir: Path, split: str, batch_size: int, bptt: int,
                         bptt=bptt, variable_bptt=False, device=device)
 
 
-def default_batch(cfg, split: str, protocol: str) -> int:
+def check_protocol(protocol: str) -> None:
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol '{protocol}'; choose reference or fast.")
+
+
+def default_batch(cfg, split: str, protocol: str) -> int:
+    check_protocol(protocol)
     if protocol == "fast":
         return FAST_BATCH
     return cfg.data.test_batch_size if split == cfg.data.test_split else cfg.data.eval_batch_size
@@ -354,7 +359,7 @@ def _log_wandb(run, res: dict) -> None:
         return
     from ..metrics import _wandb_id
 
-    run_dir = run.checkpoint.parent.parent
+    run_dir = run_dir_of(run.checkpoint)
     w = wandb.init(mode=mode, project=run.config.log.project, group=run.config.log.group or None,
                    name=run.config.log.name or run_dir.name, dir=str(run_dir), resume="allow",
                    id=_wandb_id(run_dir))
@@ -369,11 +374,10 @@ def eval_command(path: str, split: str = "test", protocol: str = "reference",
                  batch_size: int = 0, options: dict | None = None) -> None:
     """`dist-lm eval`: load, evaluate (plain / cache / dynamic), print, write JSON (rank 0)."""
     from ..distributed import init_distributed, is_initialized, is_main, pick_device
-    from ..runs import find_checkpoint, load_run, read_run_config, run_dir_of
+    from ..runs import find_checkpoint, load_run, read_run_config
 
     general, cache, dyn = parse_options(dict(options or {}))
-    if protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol '{protocol}'; choose reference or fast.")
+    check_protocol(protocol)
     ckpt = find_checkpoint(path)
     cfg = read_run_config(run_dir_of(ckpt))
     if split not in (cfg.data.valid_split, cfg.data.test_split, cfg.data.train_split):
