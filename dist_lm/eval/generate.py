@@ -27,8 +27,8 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         srt, idx = torch.sort(logits, dim=-1, descending=True)
-        cum = torch.softmax(srt, -1).cumsum(-1)
-        drop = cum - torch.softmax(srt, -1) >= top_p  # mass before this token already >= p
+        probs = torch.softmax(srt, -1)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already >= p
         drop[:, 0] = False                             # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     return logits
