@@ -9,13 +9,11 @@ the same elementwise update for both). On a GPU the same figures are measured on
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 
 from ..config import ModelConfig
 from ..models import build_model, detach_hidden
-from .kernels import _timed
+from .kernels import _interleaved
 
 VOCAB = 10_000
 MODELS = {
@@ -46,13 +44,8 @@ def run(quick: bool = False) -> list[dict]:
             state["h"] = detach_hidden(out.hidden)
 
         steps[name] = step
-    for s in steps.values():  # warm-up
-        s()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(2 if quick else 6):
-        for k, s in steps.items():
-            times[k].append(_timed(s, sync))
-    tps = {k: T * b / statistics.median(v) for k, v in times.items()}
+    med = _interleaved(steps, reps=2 if quick else 6, sync=sync)
+    tps = {k: T * b / v for k, v in med.items()}
     lstm = next(iter(tps))
     rows = [{"name": f"train step {dev.type} {lstm} {params[lstm] / 1e6:.1f}M", "value": tps[lstm],
              "unit": "tokens/s"}]
