@@ -30,8 +30,21 @@ def auto_cutoffs(vocab_size: int) -> list[int]:
     return []
 
 
+def cutoffs_valid(cutoffs: list[int], vocab_size: int) -> bool:
+    """Whether adaptive-softmax cutoffs increase strictly within (0, vocab_size)."""
+    return all(a < b for a, b in zip([0] + cutoffs, cutoffs + [vocab_size]))
+
+
 class Head(nn.Module):
     vocab_size: int
+
+    def _output_layer(self, vocab_size: int, size: int, tied: bool) -> None:
+        """The output bias (zeros) and, untied, its own [V, size] matrix (uniform +-0.1, as the
+        reference inits its decoder); tied heads get the embedding at call time instead."""
+        self.vocab_size, self.tied = vocab_size, tied
+        if not tied:
+            self.weight = nn.Parameter(torch.empty(vocab_size, size).uniform_(-0.1, 0.1))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def _weight(self, weight: Tensor | None) -> Tensor:
         if self.tied:
@@ -46,15 +59,11 @@ class Head(nn.Module):
 
 
 class SoftmaxHead(Head):
-    """logits = h W^T + b; W is the embedding (tied) or its own matrix (uniform +-0.1, as the
-    reference inits its decoder); b starts at zero."""
+    """logits = h W^T + b; W is the embedding (tied) or its own matrix (see _output_layer)."""
 
     def __init__(self, in_size: int, vocab_size: int, tied: bool):
         super().__init__()
-        self.vocab_size, self.tied = vocab_size, tied
-        if not tied:
-            self.weight = nn.Parameter(torch.empty(vocab_size, in_size).uniform_(-0.1, 0.1))
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self._output_layer(vocab_size, in_size, tied)
 
     def nll(self, h: Tensor, targets: Tensor, weight: Tensor | None, plan=None) -> Tensor:
         logits = F.linear(h.reshape(-1, h.size(-1)), self._weight(weight), self.bias)
@@ -106,14 +115,11 @@ class AdaptiveHead(Head):
     def __init__(self, in_size: int, vocab_size: int, cutoffs: list[int], tied: bool):
         super().__init__()
         cutoffs = list(cutoffs)
-        if any(b <= a for a, b in zip([0] + cutoffs, cutoffs + [vocab_size])):
+        if not cutoffs_valid(cutoffs, vocab_size):
             raise ValueError(f"cutoffs {cutoffs} must increase strictly within (0, {vocab_size})")
-        self.vocab_size, self.tied = vocab_size, tied
         self.splits = [0] + cutoffs + [vocab_size]
         self.n_tail = len(cutoffs)
-        if not tied:
-            self.weight = nn.Parameter(torch.empty(vocab_size, in_size).uniform_(-0.1, 0.1))
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self._output_layer(vocab_size, in_size, tied)
         self.tail_vectors = nn.Parameter(torch.zeros(self.n_tail, in_size))
         self.tail_bias = nn.Parameter(torch.zeros(self.n_tail))
         self.register_buffer("cutoffs", torch.tensor(cutoffs, dtype=torch.long), persistent=False)
@@ -205,13 +211,10 @@ class MoSHead(Head):
     def __init__(self, in_size: int, vocab_size: int, n_experts: int, latent: int, tied: bool,
                  dropoutl: float = 0.0):
         super().__init__()
-        self.vocab_size, self.tied = vocab_size, tied
         self.n_experts, self.latent_size, self.dropoutl = n_experts, latent, dropoutl
         self.prior = nn.Linear(in_size, n_experts, bias=False)
         self.latent = nn.Linear(in_size, n_experts * latent)
-        if not tied:
-            self.weight = nn.Parameter(torch.empty(vocab_size, latent).uniform_(-0.1, 0.1))
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self._output_layer(vocab_size, latent, tied)
 
     def _experts(self, h: Tensor) -> tuple[Tensor, Tensor]:
         lat = torch.tanh(self.latent(h))

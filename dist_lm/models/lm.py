@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .dropout import embedded_dropout, locked_dropout
-from .heads import AdaptiveHead, MoSHead, SoftmaxHead, auto_cutoffs
+from .heads import AdaptiveHead, MoSHead, SoftmaxHead, auto_cutoffs, cutoffs_valid
 from .lstm import WeightDropRNN
 from .qrnn import QRNNLayer
 
@@ -130,7 +130,7 @@ def build_model(cfg, vocab_size: int) -> RNNLanguageModel:
                         f"{cfg.emb_size} (or be 0) when model.tie_weights is true.")
     if cfg.head == "adaptive" and cfg.cutoffs:
         cuts = list(cfg.cutoffs)
-        if any(b <= a for a, b in zip([0] + cuts, cuts + [vocab_size])):
+        if not cutoffs_valid(cuts, vocab_size):
             raise UserError(f"model.cutoffs={cuts} must increase strictly and stay inside "
                             f"(0, {vocab_size}) (the vocabulary size); or leave it empty.")
     return RNNLanguageModel(
