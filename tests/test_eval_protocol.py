@@ -67,6 +67,16 @@ def test_fast_protocol_uses_more_streams(setup):
     assert res["tokens"] == n and res["nll"] == pytest.approx(total / n, rel=1e-5)
 
 
+def test_unknown_protocol_is_refused_on_every_path(setup):
+    from dist_lm.errors import UserError
+    from dist_lm.eval.evaluate import DynamicOptions
+
+    run = load_run(setup[2])
+    for extra in ({}, {"dynamic": DynamicOptions()}):
+        with pytest.raises(UserError, match="bogus"):
+            evaluate_run(run, split="valid", protocol="bogus", log=lambda *a: None, **extra)
+
+
 def test_cli_writes_json_beside_checkpoint_and_leaves_it_unchanged(setup, capsys):
     _, _, run_dir = setup
     step = run_dir / "checkpoints" / "step-00000001"

@@ -242,6 +242,7 @@ def evaluate_run(run, split: str = "test", protocol: str = "reference", batch_si
     """
     from ..distributed import get_rank, get_world_size
 
+    check_protocol(protocol)  # every path, the dynamic one included, records it in the result
     cfg = run.config
     d = corpus_dir_for(run, corpus)
     device = next(run.model.parameters()).device
