@@ -49,10 +49,12 @@ class ThroughputMeter:
 
 
 def perplexity_fields(mean_nll: float, char_level: bool, prefix: str = "") -> dict:
-    """{'ppl'} for word vocabularies, {'bpc'} for character/byte corpora (nll / ln 2)."""
-    if char_level:
-        return {f"{prefix}bpc": mean_nll / math.log(2)}
-    return {f"{prefix}ppl": math.exp(min(mean_nll, 700.0))}
+    """{'ppl'} for word vocabularies, {'bpc'} for character/byte corpora (nll / ln 2), keys
+    prefixed: dist_lm.eval.evaluate.ppl_or_bpc with a prefix."""
+    from .eval.evaluate import ppl_or_bpc
+
+    fields = ppl_or_bpc(mean_nll, "char" if char_level else "word")
+    return {prefix + k: v for k, v in fields.items()}
 
 
 # ---- single-device baselines (scaling efficiency) -------------------------------------------
@@ -144,10 +146,13 @@ class MetricsSink:
                                 id=_wandb_id(self.run_dir))
 
     def progress(self, n: int = 1, **postfix) -> None:
+        """Advance the bar; a postfix value may be a callable, called only when a bar is shown
+        (so the trainer reads its device-side loss only then)."""
         if self.bar is not None:
             self.bar.update(n)
             if postfix:
-                self.bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
+                self.bar.set_postfix({k: _fmt(v() if callable(v) else v)
+                                      for k, v in postfix.items()}, refresh=False)
 
     def log(self, record: dict) -> None:
         if not self.enabled:

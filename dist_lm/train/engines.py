@@ -6,7 +6,8 @@ The Trainer only ever calls:
     engine.module                 # the unwrapped RNNLanguageModel (state_dict, eval, init_hidden)
     engine.set_lr(lr)             # this step's learning rate into every param group
     engine.backward(loss, last)   # one micro-batch; `loss` is the mean over this rank's micro-batch
-    engine.step(clip) -> norm     # all-reduce (DDP/DS), clip over all parameters, optimizer step
+    engine.step(clip) -> norm     # all-reduce (DDP/DS), clip over all parameters, optimizer step;
+                                  # the norm may be a 0-dim device tensor (no host sync per step)
     engine.save(step_dir) / engine.load(step_dir)   # optimizer state (the model is saved by the trainer)
 
 Loss normalisation: each rank's micro-batch loss is its mean over m streams; local and DDP
@@ -51,7 +52,7 @@ class LocalEngine:
         with self._sync_context(last):
             (loss / self.accum).backward()
 
-    def step(self, clip: float) -> float:
+    def step(self, clip: float) -> torch.Tensor:
         params = [p for p in self.module.parameters() if p.grad is not None]
         if clip > 0:  # the norm is over every parameter, the softmax head's included
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -59,7 +60,7 @@ class LocalEngine:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def save(self, step_dir: Path, rank: int) -> None:
         if rank == 0:

@@ -168,7 +168,7 @@ class Trainer:
     def _load_finetune_weights(self, module, path: str) -> None:
         ckpt = find_checkpoint(path)
         name = "averaged.pt" if (ckpt / "averaged.pt").is_file() else "model.pt"
-        module.load_state_dict(load_tensor_file(ckpt / name))
+        _load_weights(module, ckpt, name)
 
     def steps_per_epoch_estimate(self) -> float:
         L = getattr(self.train_loader, "stream_len", 0) or 1
@@ -242,11 +242,7 @@ class Trainer:
                 "deepspeed" in (st.get("engine"), self.cfg.dist.engine):
             raise UserError(f"cannot resume from {step_dir}: it was written by dist.engine="
                             f"{st['engine']}; set --dist.engine={st['engine']}.")
-        try:
-            self.module.load_state_dict(load_tensor_file(step_dir / "model.pt"))
-        except RuntimeError as exc:
-            raise UserError(f"checkpoint {step_dir} does not fit this model config: "
-                            f"{str(exc).splitlines()[0]}") from None
+        _load_weights(self.module, step_dir, "model.pt")
         self.engine.load(step_dir, self.rank)
         for k in ("step", "epoch", "epoch_step", "tokens", "best_step"):
             setattr(self, k, int(st[k]))
@@ -284,7 +280,7 @@ class Trainer:
         kill_at = int(os.environ.get(KILL_ENV, "0"))
         log_every = max(1, cfg.log.every_steps)
         run_tps: list[float] = []
-        interval = {"loss": 0.0, "n": 0, "gnorm": 0.0}
+        interval = self._new_interval()
         started = self.started = time.perf_counter() - self.train_seconds
         B = t.global_batch
 
@@ -314,7 +310,7 @@ class Trainer:
                         loss = nll + out.ar + out.tar
                     self.engine.backward(loss, last=j == self.accum - 1)
                     self.hidden[j] = detach_hidden(out.hidden)
-                    interval["loss"] += float(nll.detach()) / self.accum
+                    interval["loss"] = interval["loss"] + nll.detach().double() / self.accum
                 gnorm = self.engine.step(cfg.optim.clip)
                 if self.ntasgd.averaging:
                     self.averager.update()
@@ -322,14 +318,14 @@ class Trainer:
                 self.epoch_step += 1
                 self.tokens += seq_len * B
                 interval["n"] += 1
-                interval["gnorm"] += gnorm
+                interval["gnorm"] = interval["gnorm"] + gnorm
                 meter.add(seq_len * B, wait)
-                sink.progress(1, loss=interval["loss"] / interval["n"])
+                sink.progress(1, loss=lambda: float(interval["loss"]) / interval["n"])
                 if self.step % log_every == 0:
                     rec = self._interval_record(interval, meter, lr, seq_len, baseline)
                     run_tps.append(rec["tokens_per_s"])
                     sink.log(rec)
-                    interval = {"loss": 0.0, "n": 0, "gnorm": 0.0}
+                    interval = self._new_interval()
                 if t.eval_every_steps and self.step % t.eval_every_steps == 0:
                     done = self._after_validation(sink) or done
                     self.module.train()
@@ -359,14 +355,22 @@ class Trainer:
         sink.close()
         return result
 
+    def _new_interval(self) -> dict:
+        """Sums over one log interval; loss and grad norm stay on the device (no host sync per
+        step) until the interval is logged."""
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        return {"loss": zero, "n": 0, "gnorm": zero}
+
     def _interval_record(self, interval, meter, lr, seq_len, baseline) -> dict:
-        buf = torch.tensor([interval["loss"], float(interval["n"])], dtype=torch.float64)
+        # on the device: NCCL reduces CUDA tensors only
+        buf = torch.stack([interval["loss"], torch.tensor(float(interval["n"]), dtype=torch.float64,
+                                                          device=self.device)])
         D.all_reduce_sum(buf)  # the mean loss over every rank's streams
         loss = float(buf[0] / buf[1])
         rec = {"step": self.step, "epoch": self.epoch + self.epoch_step /
                self.steps_per_epoch_estimate(), "loss": loss,
                **perplexity_fields(loss, self.char_level), "lr": lr, "seq_len": seq_len,
-               "grad_norm": interval["gnorm"] / max(1, interval["n"]),
+               "grad_norm": float(interval["gnorm"]) / max(1, interval["n"]),
                "averaging": int(self.averaging), "tokens": self.tokens, **meter.snapshot()}
         if baseline > 0:
             rec["scaling_efficiency"] = rec["tokens_per_s"] / (baseline * self.world)
@@ -408,6 +412,15 @@ class Trainer:
         if self.world == 1 and run_tps and self.rank == 0 and cfg.dist.engine == "local":
             record_baseline(key, sorted(run_tps)[len(run_tps) // 2], str(cfg.train.run_dir))
         return rec
+
+
+def _load_weights(module, step_dir: Path, name: str) -> None:
+    """Load step_dir/name into module; a config mismatch is a UserError (resume and finetune)."""
+    try:
+        module.load_state_dict(load_tensor_file(step_dir / name))
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {step_dir} does not fit this model config: "
+                        f"{str(exc).splitlines()[0]}") from None
 
 
 def _to(h, device):
