@@ -124,12 +124,6 @@ def model_fn(mcfg, vocab_size):
     return TinyLM(mcfg, vocab_size)
 
 
-def detach_hidden(h):
-    if isinstance(h, torch.Tensor):
-        return h.detach()
-    return type(h)(detach_hidden(x) for x in h)
-
-
 def tiny_config(run_dir, **over):
     from dist_lm.config import load_config
 
@@ -145,10 +139,6 @@ def tiny_config(run_dir, **over):
 
 
 def make_trainer(cfg):
-    import dist_lm.models as models
-
-    if not hasattr(models, "detach_hidden"):  # before the models package lands
-        models.detach_hidden = detach_hidden
     from dist_lm.train.trainer import Trainer
 
     return Trainer(cfg, model_fn=model_fn, loader_fn=loader_fn, vocab_size=VOCAB,

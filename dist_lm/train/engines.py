@@ -160,9 +160,7 @@ class DeepSpeedEngine:
             model=module, model_parameters=[p for p in module.parameters()],
             optimizer=client_opt, config=self.ds_config, dist_init_required=False)
 
-    def set_lr(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+    set_lr = LocalEngine.set_lr  # DeepSpeed's optimizer exposes the same param_groups
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
