@@ -68,3 +68,10 @@ def test_batch_geometry_errors(tmp_path):
         make_trainer(tiny_config(tmp_path, **{"train.global_batch": 4, "train.micro_batch": 3}))
     tr = make_trainer(tiny_config(tmp_path, **{"train.global_batch": 4, "train.micro_batch": 2}))
     assert tr.accum == 2 and tr.micro == 2
+
+
+def test_finetune_from_other_model_is_a_user_error(tmp_path):
+    make_trainer(tiny_config(tmp_path / "a", **{"train.max_steps": 2})).fit()
+    with pytest.raises(UserError, match="does not fit this model config"):
+        make_trainer(tiny_config(tmp_path / "b", **{"model.emb_size": 8,
+                                                    "train.finetune_from": str(tmp_path / "a")}))
