@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .fileio import write_text_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -433,11 +434,7 @@ def from_dict(table: dict[str, Any]) -> Config:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as JSON (temporary name, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, p)
+    write_text_atomic(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
 
 
 def help_text() -> str:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from .fileio import write_text_atomic
 from .errors import UserError
 
 
@@ -87,10 +88,7 @@ def record_baseline(key: str, tokens_per_s: float, source: str) -> None:
     except ValueError:
         table = {}
     table[key] = {"tokens_per_s": tokens_per_s, "source": source, "time": time.time()}
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(table, indent=2) + "\n")
-    os.replace(tmp, p)
+    write_text_atomic(p, json.dumps(table, indent=2) + "\n")
 
 
 # ---- sinks (rank 0 only) -------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from .config import Config, from_dict, save_config
 from .errors import UserError
+from .fileio import write_text_atomic
 
 MARKER = "DONE"
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -83,9 +83,7 @@ def write_run_files(run_dir: Path, cfg: Config, corpus_dir: Path) -> None:
     save_config(cfg, run_dir / "config.json")
     src = corpus_dir / "vocab.json"
     if src.is_file():
-        tmp = run_dir / "vocab.json.tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, run_dir / "vocab.json")
+        write_text_atomic(run_dir / "vocab.json", src.read_text())
 
 
 def read_run_config(run_dir: Path) -> Config:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import write_text_atomic
 
 GROUPS = ("data", "kernels", "model", "train", "eval")
 REPO = Path(__file__).resolve().parents[2]
@@ -70,8 +71,4 @@ def bench_command(group: str = "all", json_path: str | None = None, quick: bool 
     if json_path:
         out = {"machine": machine_summary(), "quick": quick, "seconds": time.time() - started,
                "results": rows}
-        p = Path(json_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(out, indent=2) + "\n")
-        os.replace(tmp, p)
+        write_text_atomic(json_path, json.dumps(out, indent=2) + "\n")

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..fileio import write_text_atomic
 from ..distributed import all_reduce_sum
 from ..errors import UserError
 from ..runs import run_dir_of
@@ -342,11 +343,7 @@ def result_path(res: dict) -> Path:
 
 
 def write_result(res: dict) -> Path:
-    p = result_path(res)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    os.replace(tmp, p)
-    return p
+    return write_text_atomic(result_path(res), json.dumps(res, indent=2) + "\n")
 
 
 def _log_wandb(run, res: dict) -> None:

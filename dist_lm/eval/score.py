@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from ..fileio import write_text_atomic
 from ..errors import UserError
 
 LINE_BATCH = 32  # lines scored side by side (padded at the end: the model is causal)
@@ -131,8 +131,4 @@ def score_command(path: str, file: str, per: str = "line", out: str | None = Non
     if out is None:
         sys.stdout.write(lines)
         return
-    o = Path(out)
-    o.parent.mkdir(parents=True, exist_ok=True)
-    tmp = o.with_name(o.name + ".tmp")
-    tmp.write_text(lines)
-    os.replace(tmp, o)
+    write_text_atomic(out, lines)
