@@ -5,6 +5,11 @@ tied, vocab 10k) against the QRNN PTB model of awd-lstm-lm (emb 400, hidden 1550
 window 2 on the first layer) and a QRNN with the LSTM's sizes. Batch 20 streams x 70 steps,
 training mode with the default dropouts and weight drop. The optimizer step is left out (it is
 the same elementwise update for both). On a GPU the same figures are measured on the device.
+
+A last row times the matrix multiplies of the awd-lstm-lm QRNN's step alone (forward, input
+gradient and weight gradient of every gate matrix and of the tied softmax, same shapes, nothing
+else): no implementation of that model's step can be faster, so LSTM step time / that time is
+the ceiling on the QRNN/LSTM ratio on the machine at hand.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from ..models import build_model, detach_hidden
 from .kernels import _interleaved
 
 VOCAB = 10_000
+FLOOR = "qrnn (400/1550x4, window 2)"  # the model whose GEMM floor is timed
 MODELS = {
     "lstm (400/1150x3)": ModelConfig(arch="lstm"),
     "qrnn (400/1550x4, window 2)": ModelConfig(arch="qrnn", hidden_size=1550, n_layers=4,
@@ -44,13 +50,39 @@ def run(quick: bool = False) -> list[dict]:
             state["h"] = detach_hidden(out.hidden)
 
         steps[name] = step
+        if name == FLOOR:
+            gemms = _gemm_step(model, T * b, dev)
+    steps[FLOOR + " GEMMs alone"] = gemms
     med = _interleaved(steps, reps=2 if quick else 6, sync=sync)
     tps = {k: T * b / v for k, v in med.items()}
     lstm = next(iter(tps))
     rows = [{"name": f"train step {dev.type} {lstm} {params[lstm] / 1e6:.1f}M", "value": tps[lstm],
              "unit": "tokens/s"}]
     for k in list(tps)[1:]:
+        if k not in params:  # the GEMM floor
+            rows.append({"name": f"train step {dev.type} {k}: ceiling on the ratio to lstm",
+                         "value": tps[k], "unit": "tokens/s", "baseline": tps[lstm],
+                         "ratio": tps[k] / tps[lstm]})
+            continue
         rows.append({"name": f"train step {dev.type} {k} {params[k] / 1e6:.1f}M vs lstm",
                      "value": tps[k], "unit": "tokens/s", "baseline": tps[lstm],
                      "ratio": tps[k] / tps[lstm]})
     return rows
+
+
+def _gemm_step(model, n: int, dev: torch.device):
+    """The matrix multiplies of one training step of a QRNN `model` over n = T*b tokens, alone:
+    for each gate matrix W [out, in] (and the tied softmax [V, emb]) the forward X W^T, the input
+    gradient G W and the weight gradient G^T X, on random matrices of the step's shapes."""
+    shapes = [tuple(rnn.weight_raw.shape) for rnn in model.rnns] + [tuple(model.encoder.weight.shape)]
+    g = torch.Generator().manual_seed(1)
+    mats = [(torch.randn(n, k, generator=g).to(dev), torch.randn(m, k, generator=g).to(dev),
+             torch.randn(n, m, generator=g).to(dev)) for m, k in shapes]
+
+    def step():
+        for x, w, grad in mats:
+            x @ w.t()
+            grad @ w
+            grad.t() @ x
+
+    return step
