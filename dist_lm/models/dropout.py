@@ -62,8 +62,10 @@ def weight_drop(weight: Tensor, p: float, training: bool) -> Tensor:
         return weight
     if weight.device.type != "cpu":
         return F.dropout(weight, p=p, training=True)
-    # (w * bool_mask) * scale: autograd keeps the 1-byte mask, the gradient is grad * mask * scale
-    return weight * keep_mask(weight.shape, 1 - p) * (1 / (1 - p))
+    # one float mask holding 0 or 1/(1-p): the forward and the gradient are one multiply each
+    # (a bool mask would be converted to float in both, and the scale be a pass of its own)
+    mask = keep_mask(weight.shape, 1 - p).to(weight.dtype).mul_(1 / (1 - p))
+    return weight * mask
 
 
 def zoneout_mask(f: Tensor, p: float, training: bool) -> Tensor:
@@ -75,4 +77,4 @@ def zoneout_mask(f: Tensor, p: float, training: bool) -> Tensor:
         return f * (1 - p)
     if f.device.type != "cpu":
         return f * torch.empty_like(f).bernoulli_(1 - p)
-    return f * keep_mask(f.shape, 1 - p)
+    return f * keep_mask(f.shape, 1 - p).to(f.dtype)
