@@ -89,7 +89,10 @@ def test_search_and_cli(tmp_path, capsys):
     corpus = make_corpus(tmp_path, sentences(200, 1), text, text)
     run_dir = make_run(tmp_path, corpus, train_steps=10)
     run = load_run(run_dir)
+    run.model.train()
     table = cache_search(run.model, make_loader(corpus, "valid", 10, 12), window=100)
+    assert run.model.training  # the caller's mode comes back
+    run.model.eval()
     assert len(table) == 77
     for row in table[:3]:  # each row equals a direct evaluation with its (theta, lambdah)
         s, n = evaluate_cache(run.model, make_loader(corpus, "valid", 10, 12),

@@ -31,22 +31,18 @@ from ..errors import UserError
 from ..runs import run_dir_of
 from .cache import NeuralCache, mix_log_prob
 from .dynamic import SEARCH_DECAYS, SEARCH_LRS, DynamicEvaluator
-from .windows import carried_outputs
+from .windows import carried_outputs, eval_mode
 
 
 def _sum_over_windows(model, loader, window_nll, reduce: bool) -> tuple[float, int]:
     """Sum window_nll(out, targets) over the loader in eval mode (the mode is restored after),
     with the sums kept on the device; all-reduced over ranks with `reduce`."""
-    was_training = model.training
-    model.eval()
     total, count = None, 0
-    try:
+    with eval_mode(model):
         for out, targets in carried_outputs(model, loader):
             s = window_nll(out, targets)
             total = s if total is None else total + s  # no host sync per window
             count += targets.numel()
-    finally:
-        model.train(was_training)
     device = total.device if total is not None else torch.device("cpu")
     buf = torch.tensor([0.0 if total is None else float(total), float(count)],
                        dtype=torch.float64, device=device)
@@ -219,9 +215,10 @@ def evaluate_cache(model: torch.nn.Module, loader, cache: CacheOptions,
 @torch.no_grad()
 def cache_search(model: torch.nn.Module, loader, window: int, normalize: bool = False,
                  thetas=CACHE_THETAS, lambdas=CACHE_LAMBDAS) -> list[dict]:
-    """Mean NLL for every (theta, lambdah): the model runs once, the cache once per theta."""
-    model.eval()
-    blocks = [(out.output, t, -out.nll) for out, t in carried_outputs(model, loader)]
+    """Mean NLL for every (theta, lambdah): the model runs once (in eval mode, the caller's
+    mode restored after), the cache once per theta."""
+    with eval_mode(model):
+        blocks = [(out.output, t, -out.nll) for out, t in carried_outputs(model, loader)]
     n = sum(t.numel() for _, t, _ in blocks)
     table = []
     for theta in thetas:

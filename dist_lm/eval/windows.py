@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode for the block; its previous train/eval mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def carried_outputs(model: torch.nn.Module, loader):
