@@ -240,3 +240,16 @@ def test_build_model_rejects_bad_config():
         build_model(small(head="adaptive", cutoffs=[30, 20]), V)
     with pytest.raises(UserError, match="model.mos_latent"):
         build_model(small(head="mos", mos_latent=5), V)
+
+
+def test_cudnn_layout_probe_leaves_the_default_generator_alone():
+    # the probe runs at the first forward on CUDA; drawing from the default generator there would
+    # shift every later dropout mask of a resumed run against the uninterrupted one
+    from dist_lm.models.lstm import _LAYOUTS, _cudnn_layout
+
+    _LAYOUTS.clear()
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    _cudnn_layout("LSTM", 6, 9, torch.device("cpu"), torch.float32)
+    assert ("LSTM", 6, 9, "cpu", torch.float32) in _LAYOUTS  # the probe did run
+    assert torch.equal(torch.get_rng_state(), before)

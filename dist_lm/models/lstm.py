@@ -34,7 +34,10 @@ def _cudnn_layout(mode: str, input_size: int, hidden_size: int, device: torch.de
     if key not in _LAYOUTS:
         layout = None
         try:
-            probe = getattr(nn, mode)(input_size, hidden_size).to(device=device, dtype=dtype)
+            # the probe's init must not draw from the default generator: it runs at the first
+            # forward of each process, so a resumed run would get other dropout masks afterwards
+            with torch.random.fork_rng(devices=[]):
+                probe = getattr(nn, mode)(input_size, hidden_size).to(device=device, dtype=dtype)
             probe.flatten_parameters()
             ws = probe._flat_weights
             base = ws[0].untyped_storage().data_ptr()
