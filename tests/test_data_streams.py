@@ -144,6 +144,20 @@ def test_small_chunks_small_buffer_and_pipe_urls(small):
     _assert_same(_windows(again), [(x[:, 3:], y[:, 3:]) for x, y in ref[5:]])
 
 
+def test_pipe_readers_end_their_commands_when_the_loader_stops_mid_epoch(small):
+    loader = StreamLoader(small, "train", 6, bptt=30, seed=2, shard_url=f"pipe:cat {small}/{{name}}",
+                          buffer_tokens=60)
+    it = iter(loader)
+    first = tuple(t.clone() for t in next(it))
+    pipes = [r.open_stream for r in loader._readers]
+    assert all(p is not None and hasattr(p, "proc") for p in pipes)
+    loader.close()  # mid-epoch: what the trainer does when it stops at max_steps
+    assert all(p.stream.closed and p.proc.returncode is not None for p in pipes)
+    # the loader reopens at its position on the next iteration
+    ref = _windows(StreamLoader(small, "train", 6, bptt=30, seed=2))
+    _assert_same([first] + _windows(loader), ref)
+
+
 def test_bad_configurations_are_user_errors(ptb, small):
     with pytest.raises(UserError, match="not divisible by world size 3"):
         StreamLoader(ptb, "train", 8, world_size=3)

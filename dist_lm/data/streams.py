@@ -106,11 +106,25 @@ class _LocalReader:
         self.files.clear()
 
 
+def _close_early(stream) -> None:
+    """Close a gopen stream that may not be at its end. A pipe: command is terminated (its
+    output is no longer wanted); its exit status then is not an error, so it is not checked."""
+    proc = getattr(stream, "proc", None)
+    if proc is None:
+        stream.close()
+        return
+    if proc.poll() is None:
+        proc.terminate()
+    stream.stream.close()
+    proc.wait()
+
+
 class _UrlStream:
     """Sequential reader of a split from WebDataset URLs, starting at a token offset."""
 
     def __init__(self, layout: _Layout, url_template: str, offset: int):
         self.lay, self.tpl = layout, url_template
+        self.open_stream = None  # the shard being read (a file, or a pipe: URL's process)
         self.chunks = self._chunks(offset // layout.chunk_len)
         self.cur = np.zeros(0, layout.dtype)
         self.cur_start = offset // layout.chunk_len * layout.chunk_len
@@ -123,8 +137,9 @@ class _UrlStream:
         want = first
         for entry in self.lay.shards[s:]:
             url = self.tpl.format(name=entry["name"])
+            stream = None
             try:
-                stream = gopen(url, "rb")
+                stream = self.open_stream = gopen(url, "rb")
                 for member in tar_file_iterator(stream):
                     name = member["fname"]
                     if not name.endswith(NPY):
@@ -136,11 +151,19 @@ class _UrlStream:
                         raise UserError(f"{url}: sample {k} found where {want} was expected; {REFIX}.")
                     want += 1
                     yield np.lib.format.read_array(io.BytesIO(member["data"]), allow_pickle=False)
-                stream.close()
+                stream.close()  # a pipe: command that failed says so here
             except UserError:
                 raise
             except Exception as exc:  # tar errors, a failing pipe: command, ...
                 raise UserError(f"cannot read shard {url} ({exc}); check the URL or {REFIX}.") from None
+            finally:  # also when the reader is closed mid-shard (GeneratorExit at the yield)
+                self.open_stream = None
+                if stream is not None:
+                    _close_early(stream)
+
+    def close(self) -> None:
+        """Stop reading: the open shard is closed and a pipe: command ended now, not at GC."""
+        self.chunks.close()
 
     def read(self, offset: int, out: np.ndarray) -> None:
         done, n = 0, len(out)
@@ -276,6 +299,9 @@ class StreamLoader:
     def _drop_readers(self) -> None:
         if isinstance(self._readers, _LocalReader):
             self._readers.close()
+        elif self._readers is not None:
+            for reader in self._readers:
+                reader.close()
         self._readers = None
         self._buf = self._host = None
 

@@ -349,6 +349,9 @@ class Trainer:
                 if not cfg.checkpoint.every_steps and not done:
                     self.save()
         self.train_seconds = time.perf_counter() - started
+        close = getattr(self.train_loader, "close", None)
+        if close is not None:  # a stop mid-epoch would leave shard readers (pipe: commands) open
+            close()
         if self.last_saved != self.step:
             self.save()
         result = self._final(sink, run_tps, key)
