@@ -9,7 +9,8 @@ the same elementwise update for both). On a GPU the same figures are measured on
 A last row times the matrix multiplies of the awd-lstm-lm QRNN's step alone (forward, input
 gradient and weight gradient of every gate matrix and of the tied softmax, same shapes, nothing
 else): no implementation of that model's step can be faster, so LSTM step time / that time is
-the ceiling on the QRNN/LSTM ratio on the machine at hand.
+the ceiling on the QRNN/LSTM ratio on the machine at hand. On CPU a final row times weight
+drop alone on that model's largest gate matrix: the models' keep_mask against torch's dropout.
 """
 
 from __future__ import annotations
@@ -67,7 +68,33 @@ def run(quick: bool = False) -> list[dict]:
         rows.append({"name": f"train step {dev.type} {k} {params[k] / 1e6:.1f}M vs lstm",
                      "value": tps[k], "unit": "tokens/s", "baseline": tps[lstm],
                      "ratio": tps[k] / tps[lstm]})
+    if dev.type == "cpu":
+        rows += _mask_rows(quick)
     return rows
+
+
+def _mask_rows(quick: bool) -> list[dict]:
+    """Weight drop forward + backward on the QRNN's largest gate matrix: keep_mask (what the
+    models use on CPU) against torch's dropout (`bernoulli_`), interleaved."""
+    import torch.nn.functional as F
+
+    from ..models.dropout import weight_drop
+
+    w = torch.randn(4650, 1550, requires_grad=True)
+    grad = torch.randn(4650, 1550)
+
+    def run_with(drop):
+        def step():
+            w.grad = None
+            drop(w).backward(grad)
+        return step
+
+    med = _interleaved({"keep_mask": run_with(lambda v: weight_drop(v, 0.5, True)),
+                        "bernoulli": run_with(lambda v: F.dropout(v, 0.5, True))},
+                       reps=3 if quick else 10)
+    return [{"name": "weight drop fwd+bwd cpu [4650, 1550] p=0.5: keep_mask vs F.dropout",
+             "value": med["keep_mask"] * 1e3, "unit": "ms", "baseline": med["bernoulli"] * 1e3,
+             "ratio": med["bernoulli"] / med["keep_mask"]}]
 
 
 def _gemm_step(model, n: int, dev: torch.device):
