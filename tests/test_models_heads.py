@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dist_lm.config import ModelConfig
 from dist_lm.models import build_model
-from dist_lm.models.heads import AdaptiveHead, MoSHead, auto_cutoffs
+from dist_lm.models.heads import AdaptiveHead, MoSHead, auto_cutoffs, softmax_nll
 
 V = 40
 
@@ -127,3 +127,29 @@ def test_mos_latent_dropout_only_in_training():
     assert not torch.allclose(head.nll(h, t, None), head.nll(h, t, None))
     head.eval()
     torch.testing.assert_close(head.nll(h, t, None), head.nll(h, t, None))
+
+
+def test_softmax_nll_equals_cross_entropy_in_value_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 50, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    targets = torch.randint(0, 50, (37,), generator=g)
+    targets[:5] = 7  # repeated targets
+    upstream = torch.rand(37, generator=g, dtype=torch.float64)
+    got = softmax_nll(logits, targets)
+    want = F.cross_entropy(logits, targets, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (ga,) = torch.autograd.grad(got, logits, upstream)
+    (gb,) = torch.autograd.grad(want, logits, upstream)
+    torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: softmax_nll(x, targets), (logits,))
+
+
+def test_softmax_head_loss_is_the_log_prob_at_the_targets():
+    torch.manual_seed(0)
+    cfg = ModelConfig(emb_size=8, hidden_size=12, n_layers=2, dropout=0, dropouth=0, dropouti=0,
+                      dropoute=0, wdrop=0)
+    model = build_model(cfg, 30).eval()
+    x = torch.randint(0, 30, (6, 3))
+    out = model(x, None, x)
+    lp = model.log_prob(out.output)
+    torch.testing.assert_close(out.nll, -lp.gather(2, x.unsqueeze(2)).squeeze(2))

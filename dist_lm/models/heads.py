@@ -35,6 +35,35 @@ def cutoffs_valid(cutoffs: list[int], vocab_size: int) -> bool:
     return all(a < b for a, b in zip([0] + cutoffs, cutoffs + [vocab_size]))
 
 
+class _SoftmaxNLL(torch.autograd.Function):
+    """-log_softmax(logits)[i, targets[i]] per row, with the gradient written in one buffer.
+
+    F.cross_entropy's backward fills a [N, V] zero tensor for nll_loss, scatters into it, then
+    runs log_softmax's backward over it; here the gradient is exp(logp) * g with -g added at
+    the targets: two passes over [N, V] instead of four (~10% of the softmax's time in a PTB
+    step on CPU). Values and gradients equal F.cross_entropy's (tested).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        logp = torch.log_softmax(logits, 1)
+        ctx.save_for_backward(logp, targets)
+        return -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        logp, targets = ctx.saved_tensors
+        g = g.unsqueeze(1)
+        grad = torch.exp(logp).mul_(g)
+        grad.scatter_add_(1, targets.unsqueeze(1), -g)
+        return grad, None
+
+
+def softmax_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """F.cross_entropy(logits [N, V], targets [N], reduction="none"), with a cheaper backward."""
+    return _SoftmaxNLL.apply(logits, targets)
+
+
 class Head(nn.Module):
     vocab_size: int
 
@@ -67,7 +96,7 @@ class SoftmaxHead(Head):
 
     def nll(self, h: Tensor, targets: Tensor, weight: Tensor | None, plan=None) -> Tensor:
         logits = F.linear(h.reshape(-1, h.size(-1)), self._weight(weight), self.bias)
-        nll = F.cross_entropy(logits.float(), targets.reshape(-1), reduction="none")
+        nll = softmax_nll(logits.float(), targets.reshape(-1))
         return nll.view(targets.shape)
 
     def log_prob(self, h: Tensor, weight: Tensor | None) -> Tensor:
