@@ -19,6 +19,7 @@ rank with B streams matches W ranks with B / W streams each.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from pathlib import Path
 
@@ -80,7 +81,12 @@ class DDPEngine(LocalEngine):
 
         super().__init__(module, cfg, accum)
         ids = [device.index] if device.type == "cuda" else None
-        self.model = DDP(module, device_ids=ids)
+        # no per-forward buffer broadcast: the only buffer (the adaptive head's cutoffs) is built
+        # from the config, equal on every rank; torch >= 2.13 names the flag forward_sync_buffers
+        # (broadcast_buffers is deprecated there), older torch only knows broadcast_buffers
+        flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                else "broadcast_buffers")
+        self.model = DDP(module, device_ids=ids, **{flag: False})
 
     def _sync_context(self, last: bool):
         return contextlib.nullcontext() if last else self.model.no_sync()
@@ -167,10 +173,10 @@ class DeepSpeedEngine:
         if not last:
             self.model.step()  # no-op apart from DeepSpeed's micro-step bookkeeping
 
-    def step(self, clip: float) -> float:
+    def step(self, clip: float) -> torch.Tensor | float:
         self.model.step()  # reduce, clip (gradient_clipping), optimizer step, zero grads
-        norm = self.model.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = self.model.get_global_grad_norm()  # a tensor or a float; no host sync here
+        return norm if norm is not None else float("nan")
 
     def save(self, step_dir: Path, rank: int) -> None:
         # collective: every rank writes its ZeRO partition under step_dir/deepspeed/
