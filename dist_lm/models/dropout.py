@@ -32,15 +32,14 @@ def embedded_dropout(weight: Tensor, words: Tensor, p: float, training: bool) ->
     return emb * mask[words].unsqueeze(-1)
 
 
-def keep_mask(shape: tuple[int, ...] | torch.Size, keep: float,
-              device: torch.device | str = "cpu") -> Tensor:
-    """A bool mask, each element independently True with probability `keep` (up to 2**-31).
+def keep_mask(shape: tuple[int, ...] | torch.Size, keep: float) -> Tensor:
+    """A bool CPU mask, each element independently True with probability `keep` (up to 2**-31).
 
     torch's int32 `random_()` is uniform on [0, 2**31) (a 32-bit draw reduced mod 2**31), so
     `bits < round(keep * 2**31)` is a Bernoulli(keep) draw with a probability exact to 2**-31.
     """
     threshold = min(round(keep * 2**31), 2**31 - 1)
-    return torch.empty(shape, dtype=torch.int32, device=device).random_() < threshold
+    return torch.empty(shape, dtype=torch.int32).random_() < threshold
 
 
 def locked_dropout(x: Tensor, p: float, training: bool) -> Tensor:

@@ -281,13 +281,13 @@ class Trainer:
         log_every = max(1, cfg.log.every_steps)
         run_tps: list[float] = []
         interval = self._new_interval()
-        started = self.started = time.perf_counter() - self.train_seconds
+        self.started = time.perf_counter() - self.train_seconds
         B = t.global_batch
 
         def finished() -> bool:
             if t.max_steps and self.step >= t.max_steps:
                 return True
-            if t.max_seconds and time.perf_counter() - started >= t.max_seconds:
+            if t.max_seconds and time.perf_counter() - self.started >= t.max_seconds:
                 return True
             return False
 
@@ -348,7 +348,7 @@ class Trainer:
                 done = done or finished()
                 if not cfg.checkpoint.every_steps and not done:
                     self.save()
-        self.train_seconds = time.perf_counter() - started
+        self.train_seconds = time.perf_counter() - self.started
         close = getattr(self.train_loader, "close", None)
         if close is not None:  # a stop mid-epoch would leave shard readers (pipe: commands) open
             close()
