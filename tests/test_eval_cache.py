@@ -15,7 +15,6 @@ from dist_lm.eval.cache import (NeuralCache, full_cache_distribution, mix_log_pr
                                 pointer_reference)
 from dist_lm.eval.evaluate import (CacheOptions, cache_search, evaluate_cache, evaluate_stream,
                                    make_loader)
-from dist_lm.models import detach_hidden
 from dist_lm.runs import load_run
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from _eval_helpers import one_thread  # noqa: F401 (autouse fixture)
 from dist_lm.__main__ import main
 from dist_lm.eval.evaluate import evaluate_run
 from dist_lm.runs import load_run
+from dist_lm.train.trainer import _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,12 +87,6 @@ def test_cli_writes_json_beside_checkpoint_and_leaves_it_unchanged(setup, capsys
     assert "test ppl" in printed and res["split"] == "test" and res["tokens"] > 0
     assert sha256_dir(step) == before  # model.pt and DONE untouched
     assert not any(p.name.endswith(".tmp") for p in step.iterdir())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

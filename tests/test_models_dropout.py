@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dist_lm.models.dropout import keep_mask, weight_drop, zoneout_mask
 
@@ -57,16 +56,14 @@ def test_weight_drop_zeroes_about_p_scales_survivors_and_routes_the_gradient(p):
     torch.testing.assert_close(w.grad, g * kept / (1 - p), rtol=1e-6, atol=0)
 
 
-def test_weight_drop_matches_torch_dropout_in_expectation_and_is_identity_in_eval():
+def test_weight_drop_is_unbiased_and_identity_in_eval():
     torch.manual_seed(0)
     w = torch.randn(64, 32)
     assert weight_drop(w, 0.5, training=False) is w
     assert weight_drop(w, 0.0, training=True) is w
     mean = torch.stack([weight_drop(w, 0.3, True) for _ in range(3000)]).mean(0)
-    ref = torch.stack([F.dropout(w, 0.3, True) for _ in range(3000)]).mean(0)
-    # both are unbiased: E[drop(w)] = w (standard error per element ~ |w| * 0.012)
-    for m in (mean, ref):
-        torch.testing.assert_close(m, w, rtol=0.08, atol=0.02)
+    # unbiased, as F.dropout: E[drop(w)] = w (standard error per element ~ |w| * 0.012)
+    torch.testing.assert_close(mean, w, rtol=0.08, atol=0.02)
 
 
 def test_zoneout_mask_keeps_the_forget_gate_with_probability_one_minus_p():

@@ -11,19 +11,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _eval_helpers import one_thread  # noqa: E402,F401  (autouse: tiny models, one thread)
 from train_helpers import make_trainer, tiny_config  # noqa: E402
 
 from dist_lm.errors import UserError  # noqa: E402
 from dist_lm.eval.evaluate import evaluate_stream  # noqa: E402
 from dist_lm.runs import list_checkpoints  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rows(run_dir):

@@ -20,9 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import benchmark_corpora
-
-REPO = Path(__file__).resolve().parents[2]
+from . import REPO, benchmark_corpora
 
 _CHILD = r"""
 import json, os, resource, sys, time
