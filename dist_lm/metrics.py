@@ -49,11 +49,15 @@ class ThroughputMeter:
         return out
 
 
-def perplexity_fields(mean_nll: float, char_level: bool, prefix: str = "") -> dict:
-    """{'ppl'} for word vocabularies, {'bpc'} for character/byte corpora (nll / ln 2), keys
-    prefixed: dist_lm.eval.evaluate.ppl_or_bpc with a prefix."""
-    from .eval.evaluate import ppl_or_bpc
+def ppl_or_bpc(mean_nll: float, kind: str) -> dict:
+    """{'ppl': ...} for word/bpe vocabularies, {'bpc': ...} for char/byte (mean NLL / ln 2)."""
+    if kind in ("char", "byte"):
+        return {"bpc": mean_nll / math.log(2)}
+    return {"ppl": math.exp(min(mean_nll, 700.0))}
 
+
+def perplexity_fields(mean_nll: float, char_level: bool, prefix: str = "") -> dict:
+    """ppl_or_bpc for a word (ppl) or character/byte (bpc) corpus, keys prefixed."""
     fields = ppl_or_bpc(mean_nll, "char" if char_level else "word")
     return {prefix + k: v for k, v in fields.items()}
 
@@ -126,7 +130,7 @@ class MetricsSink:
         self._init_wandb(cfg)
 
     def _init_wandb(self, cfg) -> None:
-        mode = os.environ.get("WANDB_MODE") or cfg.log.wandb_mode  # the environment wins
+        mode = wandb_mode(cfg)
         if mode == "disabled":
             return
         try:
@@ -141,7 +145,7 @@ class MetricsSink:
                                 tags=list(cfg.log.tags) or None,
                                 name=cfg.log.name or self.run_dir.name, config=to_dict(cfg),
                                 dir=os.environ["WANDB_DIR"], resume="allow",
-                                id=_wandb_id(self.run_dir))
+                                id=wandb_id(self.run_dir))
 
     def progress(self, n: int = 1, **postfix) -> None:
         """Advance the bar; a postfix value may be a callable, called only when a bar is shown
@@ -185,7 +189,12 @@ class MetricsSink:
             self.wandb = None
 
 
-def _wandb_id(run_dir: Path) -> str:
+def wandb_mode(cfg) -> str:
+    """The W&B mode of a run: $WANDB_MODE wins over the config's log.wandb_mode."""
+    return os.environ.get("WANDB_MODE") or cfg.log.wandb_mode
+
+
+def wandb_id(run_dir: Path) -> str:
     """A stable W&B run id per run directory, so a resumed run continues the same W&B run."""
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
 
@@ -208,8 +217,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return rows
 
 
-def summarize(run_dir: str | Path) -> dict:
-    rows = read_metrics(run_dir)
+def summarize(run_dir: str | Path, rows: list[dict]) -> dict:
+    """One run's row of the compare table from its metrics records (read_metrics)."""
     evals = [r for r in rows if "valid_loss" in r]
     train = [r for r in rows if "tokens_per_s" in r]
     out: dict = {"run": str(run_dir), "steps": max((r.get("step", 0) for r in rows), default=0)}
@@ -232,7 +241,8 @@ def compare_command(runs: list[str], out: str | None = None, metric: str = "vali
     """Print one markdown table of several runs; with `out`, also write it and PNG plots."""
     if not runs:
         raise UserError("compare needs at least one run directory.")
-    rows = [summarize(r) for r in runs]
+    records = {r: read_metrics(r) for r in runs}  # each metrics.jsonl read once
+    rows = [summarize(r, records[r]) for r in runs]
     rows.sort(key=lambda r: r.get(metric, math.inf))
     cols = ["run", "steps"] + [c for c in ("valid_ppl", "final_valid_ppl", "test_ppl", "valid_bpc",
                                            "final_valid_bpc", "test_bpc", "tokens_per_s",
@@ -243,20 +253,21 @@ def compare_command(runs: list[str], out: str | None = None, metric: str = "vali
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
     table = "\n".join(lines)
     for r in runs:
-        epochs = epoch_table(r)
+        epochs = epoch_table(records[r])
         if epochs:
             table += f"\n\nPer validation of {r}:\n" + epochs
     print(table)
     if out:
         d = Path(out)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "compare.md").write_text(table + "\n")
-        _plots(runs, d)
+        write_text_atomic(d / "compare.md", table + "\n")
+        _plots(records, d)
 
 
-def epoch_table(run_dir: str | Path) -> str:
-    """Markdown: per validation, the valid metric, training and validation seconds, train tokens/s."""
-    rows = [r for r in read_metrics(run_dir)
+def epoch_table(records: list[dict]) -> str:
+    """Markdown: per validation, the valid metric, training and validation seconds, train tokens/s
+    (from one run's metrics records, read_metrics)."""
+    rows = [r for r in records
             if "valid_loss" in r and not r.get("final") and "elapsed_s" in r]
     if not rows:
         return ""
@@ -272,7 +283,8 @@ def epoch_table(run_dir: str | Path) -> str:
     return "\n".join(out)
 
 
-def _plots(runs: list[str], out: Path) -> None:
+def _plots(records: dict[str, list[dict]], out: Path) -> None:
+    """train_loss.png and valid_loss.png over steps, one line per run (run dir -> records)."""
     try:
         import matplotlib
 
@@ -283,8 +295,8 @@ def _plots(runs: list[str], out: Path) -> None:
         return
     for key, fname in (("loss", "train_loss.png"), ("valid_loss", "valid_loss.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for r in runs:
-            pts = [(m["step"], m[key]) for m in read_metrics(r) if key in m and "step" in m]
+        for r, rows in records.items():
+            pts = [(m["step"], m[key]) for m in rows if key in m and "step" in m]
             if pts:
                 ax.plot(*zip(*pts), label=Path(r).name)
         ax.set_xlabel("step")

@@ -17,7 +17,7 @@ import torch
 from _eval_helpers import make_corpus, make_run, sentences, sha256_dir, split_ids
 from _eval_helpers import one_thread  # noqa: F401 (autouse fixture)
 from dist_lm.__main__ import main
-from dist_lm.eval.evaluate import evaluate_run
+from dist_lm.eval.evaluate import FAST_BATCH, evaluate_run
 from dist_lm.runs import load_run
 from dist_lm.train.trainer import _free_port
 
@@ -64,6 +64,12 @@ def test_fast_protocol_uses_more_streams(setup):
     run = load_run(run_dir)
     res = evaluate_run(run, split="valid", protocol="fast", batch_size=4, log=lambda *a: None)
     total, n = naive_nll(run.model, split_ids(corpus, "valid"), 4)
+    assert res["tokens"] == n and res["nll"] == pytest.approx(total / n, rel=1e-5)
+    # without a batch size the fast protocol takes FAST_BATCH streams (short windows: the
+    # valid split has 408 tokens, 6 per stream)
+    res = evaluate_run(run, split="valid", protocol="fast", bptt=4, log=lambda *a: None)
+    total, n = naive_nll(run.model, split_ids(corpus, "valid"), FAST_BATCH)
+    assert res["batch_size"] == FAST_BATCH and res["protocol"] == "fast"
     assert res["tokens"] == n and res["nll"] == pytest.approx(total / n, rel=1e-5)
 
 
@@ -157,7 +163,7 @@ def test_unknown_option_suggests_the_closest(setup, capsys):
 
 
 def test_result_goes_to_the_runs_wandb_when_it_used_it(setup, tmp_path, monkeypatch):
-    from dist_lm.metrics import _wandb_id
+    from dist_lm.metrics import wandb_id
 
     _, corpus, _ = setup
     run_dir = make_run(tmp_path, corpus, train_steps=0, name="wb")
@@ -166,7 +172,7 @@ def test_result_goes_to_the_runs_wandb_when_it_used_it(setup, tmp_path, monkeypa
     (run_dir / "config.json").write_text(json.dumps(cfg))
     monkeypatch.delenv("WANDB_MODE", raising=False)
     main(["eval", str(run_dir), "--split", "valid"])
-    files = list((run_dir / "wandb").glob(f"offline-run-*-{_wandb_id(run_dir)}/run-*.wandb"))
+    files = list((run_dir / "wandb").glob(f"offline-run-*-{wandb_id(run_dir)}/run-*.wandb"))
     assert len(files) == 1
     for _ in range(100):  # wandb's service process may still be flushing the file
         if b"eval/valid/plain/ppl" in files[0].read_bytes():

@@ -34,7 +34,9 @@ def test_sink_and_compare(tmp_path, capsys, monkeypatch):
     for name, best in (("a", 5.0), ("b", 4.0)):
         sink = MetricsSink(tmp_path / name, cfg, enabled=True, total_steps=10)
         sink.log({"step": 1, "loss": 6.0, "tokens_per_s": 100.0, "tokens_per_s_per_device": 100.0})
-        sink.log({"step": 2, "valid_loss": best, **perplexity_fields(best, False, "valid_")})
+        sink.log({"step": 2, "epoch": 1, "valid_loss": best, "elapsed_s": 30.0,
+                  "valid_seconds": 10.0, "tokens": 4000,
+                  **perplexity_fields(best, False, "valid_")})
         sink.close()
     assert "loss 6" in capsys.readouterr().out
     MetricsSink(tmp_path / "off", cfg, enabled=False).log({"step": 1})
@@ -42,6 +44,9 @@ def test_sink_and_compare(tmp_path, capsys, monkeypatch):
     compare_command([str(tmp_path / "a"), str(tmp_path / "b")], out=str(tmp_path / "cmp"))
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert table.index("/b") < table.index("/a")  # sorted by best valid ppl
+    # per validation: epoch, step, valid ppl, train s = 30 - 10, valid s, 4000 tokens / 20 s
+    assert f"Per validation of {tmp_path / 'b'}:" in table
+    assert f"| 1 | 2 | {math.exp(4.0):.2f} | 20 | 10 | 200 |" in table
     with pytest.raises(UserError):
         compare_command([str(tmp_path / "nothing")])
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 
 from ..fileio import write_text_atomic
+from ..metrics import ppl_or_bpc, wandb_id, wandb_mode
 from ..distributed import all_reduce_sum
 from ..errors import UserError
 from ..runs import run_dir_of
@@ -61,13 +60,6 @@ def evaluate_stream(model: torch.nn.Module, loader, reduce: bool = True) -> tupl
     group, both numbers are summed over ranks (each rank holds its own streams).
     """
     return _sum_over_windows(model, loader, lambda out, t: out.nll.double().sum(), reduce)
-
-
-def ppl_or_bpc(mean_nll: float, kind: str) -> dict:
-    """{'ppl': ...} for word/bpe vocabularies, {'bpc': ...} for char/byte (mean NLL / ln 2)."""
-    if kind in ("char", "byte"):
-        return {"bpc": mean_nll / math.log(2)}
-    return {"ppl": math.exp(min(mean_nll, 700.0))}
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,7 +185,8 @@ def check_protocol(protocol: str) -> None:
 
 
 def default_batch(cfg, split: str, protocol: str) -> int:
-    check_protocol(protocol)
+    """The reference protocol's batch for the split (test_batch_size / eval_batch_size), or
+    FAST_BATCH; `protocol` was checked by the caller (evaluate_run)."""
     if protocol == "fast":
         return FAST_BATCH
     return cfg.data.test_batch_size if split == cfg.data.test_split else cfg.data.eval_batch_size
@@ -345,19 +338,17 @@ def write_result(res: dict) -> Path:
 
 def _log_wandb(run, res: dict) -> None:
     """Add the result to the run's own W&B run (same id as training, resumed) when it used W&B."""
-    mode = os.environ.get("WANDB_MODE") or run.config.log.wandb_mode  # the environment wins
+    mode = wandb_mode(run.config)
     if mode == "disabled":
         return
     try:
         import wandb
     except ImportError:
         return
-    from ..metrics import _wandb_id
-
     run_dir = run_dir_of(run.checkpoint)
     w = wandb.init(mode=mode, project=run.config.log.project, group=run.config.log.group or None,
                    name=run.config.log.name or run_dir.name, dir=str(run_dir), resume="allow",
-                   id=_wandb_id(run_dir))
+                   id=wandb_id(run_dir))
     key = f"eval/{res['split']}/{res['method']}" + ("/fast" if res["protocol"] == "fast" else "")
     for k, v in res.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -392,7 +383,7 @@ def eval_command(path: str, split: str = "test", protocol: str = "reference",
     if is_main():
         p = write_result(res)
         weights = "averaged" if run.averaged else "final"
-        say(f"{split} {_fmt(ppl_or_bpc(res['nll'], run.tokenizer.kind))} | nll {res['nll']:.4f} | "
+        say(f"{split} {_fmt({k: res[k] for k in ('ppl', 'bpc') if k in res})} | nll {res['nll']:.4f} | "
             f"{res['tokens']} tokens | {res['method']}, {protocol} protocol, batch {res['batch_size']}, "
             f"bptt {res['bptt']}, {weights} weights | {p}")
         _log_wandb(run, res)
