@@ -83,7 +83,7 @@ def write_run_files(run_dir: Path, cfg: Config, corpus_dir: Path) -> None:
     save_config(cfg, run_dir / "config.json")
     src = corpus_dir / "vocab.json"
     if src.is_file():
-        write_text_atomic(run_dir / "vocab.json", src.read_text())
+        write_text_atomic(run_dir / "vocab.json", src.read_text(encoding="utf-8"))
 
 
 def read_run_config(run_dir: Path) -> Config:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .tokenizers import read_json
+from ..fileio import read_json
 
 MANIFEST = "manifest.json"
 FORMAT = 1

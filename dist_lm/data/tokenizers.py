@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import read_json, write_text_atomic
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -97,11 +98,7 @@ class Tokenizer:
                 "eos": None if self.eos_id is None else self.itos[self.eos_id]}
 
     def save(self, path: str | os.PathLike) -> None:
-        p = Path(path)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=0) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, p)
+        write_text_atomic(path, json.dumps(self.to_json(), ensure_ascii=False, indent=0) + "\n")
 
 
 class WordTokenizer(Tokenizer):
@@ -242,9 +239,3 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return tokenizer_from_json(read_json(p, "re-run `dist-lm prepare`"), str(p))
 
 
-def read_json(p: Path, fix: str):
-    """A JSON file, or a UserError naming it and the fix."""
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{p} is not valid JSON ({exc}); {fix}.") from None
