@@ -152,6 +152,7 @@ class _UrlStream:
                     want += 1
                     yield np.lib.format.read_array(io.BytesIO(member["data"]), allow_pickle=False)
                 stream.close()  # a pipe: command that failed says so here
+                stream = None  # closed and waited for: nothing left for `finally`
             except UserError:
                 raise
             except Exception as exc:  # tar errors, a failing pipe: command, ...
