@@ -9,8 +9,9 @@ the same elementwise update for both). On a GPU the same figures are measured on
 A last row times the matrix multiplies of the awd-lstm-lm QRNN's step alone (forward, input
 gradient and weight gradient of every gate matrix and of the tied softmax, same shapes, nothing
 else): no implementation of that model's step can be faster, so LSTM step time / that time is
-the ceiling on the QRNN/LSTM ratio on the machine at hand. On CPU a final row times weight
-drop alone on that model's largest gate matrix: the models' keep_mask against torch's dropout.
+the ceiling on the QRNN/LSTM ratio on the machine at hand. On CPU two final rows time the
+models' replacements of torch ops alone: keep_mask weight drop against F.dropout, softmax_nll
+against F.cross_entropy.
 """
 
 from __future__ import annotations
@@ -69,32 +70,42 @@ def run(quick: bool = False) -> list[dict]:
                      "value": tps[k], "unit": "tokens/s", "baseline": tps[lstm],
                      "ratio": tps[k] / tps[lstm]})
     if dev.type == "cpu":
-        rows += _mask_rows(quick)
+        rows += _replacement_rows(quick)
     return rows
 
 
-def _mask_rows(quick: bool) -> list[dict]:
-    """Weight drop forward + backward on the QRNN's largest gate matrix: keep_mask (what the
-    models use on CPU) against torch's dropout (`bernoulli_`), interleaved."""
+def _replacement_rows(quick: bool) -> list[dict]:
+    """Two CPU replacements against the torch op they replace, forward + backward, interleaved:
+    weight drop (keep_mask) on the QRNN's largest gate matrix against F.dropout (`bernoulli_`),
+    and the softmax loss (softmax_nll) at the PTB step's [1400, 10000] logits against
+    F.cross_entropy."""
     import torch.nn.functional as F
 
     from ..models.dropout import weight_drop
+    from ..models.heads import softmax_nll
 
     w = torch.randn(4650, 1550, requires_grad=True)
-    grad = torch.randn(4650, 1550)
+    logits = torch.randn(1400, VOCAB, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (1400,))
 
-    def run_with(drop):
+    def timed(f, x):
         def step():
-            w.grad = None
-            drop(w).backward(grad)
+            x.grad = None
+            f(x).sum().backward()
         return step
 
-    med = _interleaved({"keep_mask": run_with(lambda v: weight_drop(v, 0.5, True)),
-                        "bernoulli": run_with(lambda v: F.dropout(v, 0.5, True))},
-                       reps=3 if quick else 10)
-    return [{"name": "weight drop fwd+bwd cpu [4650, 1550] p=0.5: keep_mask vs F.dropout",
-             "value": med["keep_mask"] * 1e3, "unit": "ms", "baseline": med["bernoulli"] * 1e3,
-             "ratio": med["bernoulli"] / med["keep_mask"]}]
+    reps = 3 if quick else 10
+    rows = []
+    for name, unit, x, new, old in (
+            ("weight drop fwd+bwd cpu [4650, 1550] p=0.5: keep_mask vs F.dropout", "ms", w,
+             lambda v: weight_drop(v, 0.5, True), lambda v: F.dropout(v, 0.5, True)),
+            ("softmax loss fwd+bwd cpu [1400, 10000]: softmax_nll vs F.cross_entropy", "ms", logits,
+             lambda v: softmax_nll(v, targets),
+             lambda v: F.cross_entropy(v, targets, reduction="none"))):
+        med = _interleaved({"new": timed(new, x), "old": timed(old, x)}, reps=reps)
+        rows.append({"name": name, "value": med["new"] * 1e3, "unit": unit,
+                     "baseline": med["old"] * 1e3, "ratio": med["old"] / med["new"]})
+    return rows
 
 
 def _gemm_step(model, n: int, dev: torch.device):
