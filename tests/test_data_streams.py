@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from _data_helpers import batchify, corrupt_copy, read_split, reference_ids, reference_windows
 from dist_lm.data.prepare import prepare_corpus
-from dist_lm.data.streams import StreamLoader
+from dist_lm.data.streams import StreamLoader, _Layout, _LocalReader
 from dist_lm.errors import UserError
 
 
@@ -175,3 +176,53 @@ def test_corrupt_shard_is_named_when_streaming(small, tmp_path):
     loader = StreamLoader(bad, "train", 2, bptt=30)
     with pytest.raises(UserError, match="train-000003.tar is corrupt: sha256"):
         _windows(loader)
+
+
+def test_local_reader_closes_the_least_recently_used_shard(small):
+    m = json.loads((small / "manifest.json").read_text())
+    lay = _Layout(small, m, m["splits"]["train"])
+    assert len(lay.shards) > 9
+    reader = _LocalReader(lay, check_sha256=True, max_open=8)
+    per_shard = 10 * 100  # chunks per shard x chunk_len of the `small` fixture
+    want = read_split(small, "train")
+    out = np.empty(3, lay.dtype)
+
+    def read(s):
+        reader.read(s * per_shard + 7, out)
+        assert np.array_equal(out, want[s * per_shard + 7:s * per_shard + 10])
+
+    for s in range(8):
+        read(s)
+    first, second = reader.files[0][0], reader.files[1][0]
+    read(0)  # shard 0 is used again: shard 1 is now the least recently used
+    read(8)
+    assert list(reader.files) == [2, 3, 4, 5, 6, 7, 0, 8]
+    assert second.closed and not first.closed
+    read(0)
+    read(7)
+    assert reader.opens == 9  # nothing still open was opened twice
+    reader.close()
+    assert first.closed and not reader.files
+
+
+@pytest.mark.parametrize("b, buffer_tokens", [(6, 48), (6, 1 << 22), (12, 120)])
+def test_each_stream_opens_each_of_its_shards_once_per_epoch(small, b, buffer_tokens):
+    """With more streams than 8 files the reader keeps 2 per stream open (b=12)."""
+    loader = StreamLoader(small, "train", b, bptt=30, variable_bptt=True, seed=2,
+                          buffer_tokens=buffer_tokens)
+    it = iter(loader)
+    next(it)
+    reader = loader._readers
+    for _ in it:
+        pass
+    shards = json.loads((small / "manifest.json").read_text())["splits"]["train"]["shards"]
+    first_token = np.cumsum([0] + [s["tokens"] for s in shards])
+    L = loader.stream_len
+
+    def shard_of(t):
+        return int(np.searchsorted(first_token, t, side="right")) - 1
+
+    # stream j reads tokens j*L .. j*L+L-1; a shard two streams share may be opened by each
+    needed = sum(shard_of(j * L + L - 1) - shard_of(j * L) + 1 for j in range(b))
+    assert needed > 2 * b  # more shards than open files: eviction happens
+    assert reader.opens <= needed

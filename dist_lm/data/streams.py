@@ -23,6 +23,7 @@ each stream opens its own reader at its first shard and skips to its start.
 from __future__ import annotations
 
 import io
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +56,24 @@ class _Layout:
 
 
 class _LocalReader:
-    """Random access to a split stored as local tar files."""
+    """Random access to a split stored as local tar files.
 
-    def __init__(self, layout: _Layout, check_sha256: bool):
+    At most `max_open` shard files stay open; the least recently used one is closed first.
+    A refill reads the b streams in turn, each from one shard or two (a boundary), so
+    StreamLoader keeps room for 2 * b: every shard is then opened once per epoch."""
+
+    def __init__(self, layout: _Layout, check_sha256: bool, max_open: int = 8):
         self.lay = layout
         self.check = check_sha256
-        self.files: dict[int, tuple] = {}
+        self.max_open = max(1, max_open)
+        self.files: OrderedDict[int, tuple] = OrderedDict()  # oldest use first
+        self.opens = 0  # files opened so far (tests, benchmarks)
 
     def _shard(self, s: int):
         got = self.files.get(s)
-        if got is None:
+        if got is not None:
+            self.files.move_to_end(s)
+        else:
             entry = self.lay.shards[s]
             path = self.lay.dir / entry["name"]
             try:
@@ -77,10 +86,11 @@ class _LocalReader:
                 idx = shard_index(path, entry, str(self.lay.dtype), int(self.lay.first_chunk[s]),
                                   self.check)
                 _INDEX_CACHE[key] = idx
-            if len(self.files) >= 8:  # a few open files are plenty: streams move forward
-                _, old = self.files.popitem()
+            while len(self.files) >= self.max_open:
+                _, old = self.files.popitem(last=False)  # the least recently used
                 old[0].close()
             got = self.files[s] = (open(path, "rb"), idx)
+            self.opens += 1
         return got
 
     def read(self, offset: int, out: np.ndarray) -> None:
@@ -214,7 +224,6 @@ class StreamLoader:
             raise UserError(f"the {split} split of {self.corpus_dir} has {self.n_tokens} tokens: "
                             f"{batch_size} streams of {self.stream_len} tokens are shorter than one "
                             f"window of bptt={self.bptt} (+1 target); lower the batch size or bptt.")
-        self.tokens_per_epoch = self.b * (self.stream_len - 1)
         self.layout = _Layout(self.corpus_dir, manifest, info)
         self.shard_url = shard_url
         self.check_sha256 = check_sha256
@@ -289,7 +298,9 @@ class StreamLoader:
 
     def _open_readers(self, i: int) -> None:
         if self.shard_url is None:
-            self._readers = _LocalReader(self.layout, self.check_sha256)
+            # 2 per stream (one at a shard boundary), within a modest file descriptor budget
+            self._readers = _LocalReader(self.layout, self.check_sha256,
+                                         max_open=min(256, max(8, 2 * self.b)))
         else:
             self._readers = [_UrlStream(self.layout, self.shard_url, self._stream_offset(j) + i)
                              for j in range(self.b)]
