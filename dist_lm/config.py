@@ -75,7 +75,8 @@ class ModelConfig:
     tar: float = 1.0
     """Temporal activation regularization weight (beta) on the raw last-layer output."""
     head: str = "softmax"
-    """Output head: softmax, adaptive (tied adaptive softmax) or mos (mixture of softmaxes)."""
+    """Output head: softmax, adaptive (tied adaptive softmax), mos (mixture of softmaxes) or
+    hierarchical (class-based two-level softmax)."""
     cutoffs: list[int] = field(default_factory=list)
     """Adaptive softmax cluster cutoffs; empty chooses them from the vocabulary size."""
     n_experts: int = 15
@@ -84,6 +85,8 @@ class ModelConfig:
     """Mixture of softmaxes: latent size; 0 means emb_size."""
     dropoutl: float = 0.29
     """Mixture of softmaxes: locked dropout on the latent projection."""
+    hsm_classes: int = 0
+    """Hierarchical softmax: number of word classes (blocks of consecutive ids); 0: about sqrt(V)."""
     qrnn_window: int = 2
     """QRNN convolution window (1 or 2) for the first layer; later layers use 1."""
     zoneout: float = 0.0
@@ -227,7 +230,7 @@ class Config:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("lstm", "qrnn", "gru"),
-    "model.head": ("softmax", "adaptive", "mos"),
+    "model.head": ("softmax", "adaptive", "mos", "hierarchical"),
     "optim.name": ("sgd", "asgd", "adam", "adamw", "amsgrad", "rmsprop", "adagrad",
                    "adadelta", "momentum"),
     "schedule.kind": ("constant", "step", "plateau", "cosine", "cyclic"),

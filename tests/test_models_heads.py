@@ -1,4 +1,4 @@
-"""Heads: tied adaptive softmax (split cross-entropy) and mixture of softmaxes."""
+"""Heads: tied adaptive softmax (split cross-entropy), mixture of softmaxes, hierarchical softmax."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from dist_lm.config import ModelConfig
 from dist_lm.models import build_model
-from dist_lm.models.heads import AdaptiveHead, MoSHead, auto_cutoffs, softmax_nll
+from dist_lm.models.heads import (AdaptiveHead, HierarchicalHead, MoSHead, auto_cutoffs,
+                                  default_classes, softmax_nll)
 
 V = 40
 
@@ -153,3 +154,110 @@ def test_softmax_head_loss_is_the_log_prob_at_the_targets():
     out = model(x, None, x)
     lp = model.log_prob(out.output)
     torch.testing.assert_close(out.nll, -lp.gather(2, x.unsqueeze(2)).squeeze(2))
+
+
+def two_level_reference(head, h, emb, targets):
+    """-log p(target) for a HierarchicalHead written out plainly: per token, a softmax over the
+    classes, then a softmax over the ids of the target's class (a Python loop, no padding)."""
+    w = emb if head.tied else head.weight
+    S = head.class_size
+    out = []
+    for hn, t in zip(h.reshape(-1, h.size(-1)), targets.reshape(-1).tolist()):
+        c = t // S
+        class_lp = torch.log_softmax(head.class_weight @ hn + head.class_bias, 0)[c]
+        ids = list(range(c * S, min(c * S + S, head.vocab_size)))
+        word_lp = torch.log_softmax(w[ids] @ hn + head.bias[ids], 0)[ids.index(t)]
+        out.append(-(class_lp + word_lp))
+    return torch.stack(out).view(targets.shape)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_hierarchical_log_prob_is_a_distribution_and_loss_matches_it(tied):
+    torch.manual_seed(0)
+    head = HierarchicalHead(6, V, 7, tied=tied)  # S = 6: classes of 6 ids, the last holds 4
+    assert (head.n_classes, head.class_size) == (7, 6)
+    randomize(head)
+    emb = torch.randn(V, 6) if tied else None
+    h = torch.randn(5, 4, 6)
+    targets = torch.randint(0, V, (5, 4))
+    targets[0, :3] = torch.tensor([0, 36, V - 1])  # first class, the short last class, last id
+    lp = head.log_prob(h, emb)
+    assert lp.shape == (5, 4, V) and torch.isfinite(lp).all()
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(5, 4))
+    nll = head.nll(h, targets, emb)
+    torch.testing.assert_close(nll, -lp.gather(-1, targets[..., None]).squeeze(-1))
+
+
+@pytest.mark.parametrize("n_classes", [1, 6, 7, V])
+def test_hierarchical_equals_a_plain_two_level_softmax_in_value_and_gradient(n_classes):
+    torch.manual_seed(5)
+    head = HierarchicalHead(6, V, n_classes, tied=True)
+    randomize(head)
+    emb = torch.randn(V, 6, requires_grad=True)
+    h = torch.randn(4, 3, 6, requires_grad=True)
+    targets = torch.randint(0, V, (4, 3))
+    targets[0, 0], targets[0, 1] = V - 1, targets[1, 1]  # the last id; a repeated target
+    params = [emb, h] + list(head.parameters())
+    got, want = head.nll(h, targets, emb), two_level_reference(head, h, emb, targets)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    upstream = torch.rand(4, 3)
+    for a, b in zip(torch.autograd.grad(got, params, upstream),
+                    torch.autograd.grad(want, params, upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    lp = head.log_prob(h, emb)
+    torch.testing.assert_close(lp.gather(-1, targets[..., None]).squeeze(-1), -want,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens_per_chunk", [1, 2, 100])
+def test_hierarchical_within_class_op_gradcheck_in_chunks(monkeypatch, tokens_per_chunk):
+    """float64 gradcheck of the within-class op, with its chunk loop cut to 1, 2 or all tokens
+    (5 tokens, d=3, classes of 4 ids; the last class, ids 8..9, is padded)."""
+    from dist_lm.models.heads import _WithinClassNLL
+    n, d, S = 5, 3, 4
+    monkeypatch.setattr(_WithinClassNLL, "chunk_elements", tokens_per_chunk * S * d)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, d, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(10, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 9, 5, 9, 8])
+    cls, pos = t // S, t % S
+    got = _WithinClassNLL.apply(h, w, b, cls, pos, S)
+    logits = F.pad(h @ w.t() + b, (0, 2), value=float("-inf")).view(n, 3, S)  # [n, class, S]
+    want = -logits[torch.arange(n), cls].log_softmax(-1)[torch.arange(n), pos]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *a: _WithinClassNLL.apply(*a, cls, pos, S), (h, w, b))
+
+
+def test_hierarchical_head_in_the_model_and_state_dict_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(emb_size=6, hidden_size=8, n_layers=2, head="hierarchical")
+    model = build_model(cfg, V)
+    assert isinstance(model.head, HierarchicalHead)
+    assert model.head.n_classes == default_classes(V) == 6  # round(sqrt(40))
+    assert build_model(ModelConfig(emb_size=6, hidden_size=8, n_layers=1, head="hierarchical",
+                                   hsm_classes=4), V).head.n_classes == 4
+    randomize(model.head)
+    x, y = torch.randint(0, V, (5, 3)), torch.randint(0, V, (5, 3))
+    out = model.train()(x, None, y)  # training mode: dropout, AR/TAR, backward through the head
+    (out.nll.mean() + out.ar + out.tar).backward()
+    assert model.encoder.weight.grad is not None and model.head.class_weight.grad.abs().sum() > 0
+    model.eval()
+    out = model(x, None, y)
+    lp = model.log_prob(out.output)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(5, 3))
+    torch.testing.assert_close(out.nll, -lp.gather(-1, y[..., None]).squeeze(-1))
+    sd = model.state_dict()
+    assert {"head.class_weight", "head.class_bias", "head.bias"} <= set(sd)
+    assert "head.weight" not in sd  # tied: the embedding is the only word matrix
+    torch.save(sd, tmp_path / "model.pt")
+    other = build_model(cfg, V).eval()
+    other.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    torch.testing.assert_close(other(x, None, y).nll, out.nll)
+
+
+def test_hierarchical_classes_out_of_range_is_a_user_error():
+    from dist_lm.errors import UserError
+    with pytest.raises(UserError, match="hsm_classes"):
+        build_model(ModelConfig(emb_size=4, hidden_size=4, n_layers=1, head="hierarchical",
+                                hsm_classes=V + 1), V)

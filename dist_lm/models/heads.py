@@ -1,4 +1,5 @@
-"""Output heads: tied/untied softmax, tied adaptive softmax (split cross-entropy), mixture of softmaxes.
+"""Output heads: tied/untied softmax, tied adaptive softmax (split cross-entropy), mixture of
+softmaxes, class-based hierarchical softmax.
 
 Every head has
     nll(h [T, b, d], targets [T, b], weight) -> [T, b] float32 negative log-likelihood
@@ -271,3 +272,128 @@ class MoSHead(Head):
             lp = prior_lp[:, k:k + 1] + F.linear(lat[:, k], w, self.bias).float().log_softmax(-1)
             acc = lp if acc is None else torch.logaddexp(acc, lp)
         return acc.view(*h.shape[:-1], self.vocab_size)
+
+
+def default_classes(vocab_size: int) -> int:
+    """About sqrt(V) classes: the per-token cost C + V/C of a two-level softmax is least there."""
+    return max(1, round(vocab_size ** 0.5))
+
+
+class _WithinClassNLL(torch.autograd.Function):
+    """-log_softmax within the target's class, per token, with static shapes and bounded memory.
+
+    Class c holds the ids [c*S, c*S + S) (the last class may be shorter; its missing slots are
+    clamped to id V-1 and masked with -inf, so their probability and gradient are exactly 0).
+    For each token the S rows of its class are gathered ([M, S, d], M tokens at a time so the
+    gather stays near 64 MB) and multiplied with its h; the logits are recomputed in backward
+    rather than kept. No host synchronisation: the chunk loop depends only on N = h.size(0),
+    and every index is a device tensor (index_select/gather/index_add_, no boolean masks).
+    """
+
+    chunk_elements = 1 << 24  # gathered [M, S, d] elements per chunk (64 MB in fp32)
+
+    @staticmethod
+    def _chunk(h, w, b, cls, size, lo, hi):
+        idx = cls[lo:hi, None] * size + torch.arange(size, device=cls.device)  # [M, S]
+        valid = idx < w.size(0)
+        idx = idx.clamp_max(w.size(0) - 1)
+        flat = idx.view(-1)
+        wg = w.index_select(0, flat).view(hi - lo, size, -1).to(h.dtype)       # [M, S, d]
+        acc = torch.promote_types(h.dtype, torch.float32)  # fp32 for 16-bit inputs
+        logits = torch.bmm(wg, h[lo:hi, :, None]).squeeze(2).to(acc)
+        logits = (logits + b.index_select(0, flat).view(hi - lo, size).to(acc)).masked_fill(
+            ~valid, float("-inf"))
+        return flat, wg, logits
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, h, w, b, cls, pos, size: int):
+        n, d = h.shape
+        step = max(1, _WithinClassNLL.chunk_elements // max(1, size * d))
+        ctx.size, ctx.step = size, step
+        acc = torch.promote_types(h.dtype, torch.float32)
+        nll, lse = h.new_empty(n, dtype=acc), h.new_empty(n, dtype=acc)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            _, _, logits = _WithinClassNLL._chunk(h, w, b, cls, size, lo, hi)
+            lse[lo:hi] = torch.logsumexp(logits, 1)
+            nll[lo:hi] = lse[lo:hi] - logits.gather(1, pos[lo:hi, None]).squeeze(1)
+        ctx.save_for_backward(h, w, b, cls, pos, lse)
+        return nll
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")  # recompute under the forward's autocast state
+    def backward(ctx, g):
+        h, w, b, cls, pos, lse = ctx.saved_tensors
+        size, step, n = ctx.size, ctx.step, h.size(0)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(w) if need_w else None
+        grad_b = torch.zeros_like(b) if need_b else None
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            flat, wg, logits = _WithinClassNLL._chunk(h, w, b, cls, size, lo, hi)
+            gc = g[lo:hi, None].to(lse.dtype)
+            grad = torch.exp(logits - lse[lo:hi, None]).mul_(gc)   # 0 at the padded slots
+            grad.scatter_add_(1, pos[lo:hi, None], -gc)
+            gl = grad.to(h.dtype)
+            if need_h:
+                grad_h[lo:hi] = torch.bmm(gl[:, None, :], wg).squeeze(1)
+            if need_w:
+                outer = gl[:, :, None] * h[lo:hi, None, :]           # [M, S, d]
+                grad_w.index_add_(0, flat, outer.view(-1, h.size(1)).to(w.dtype))
+            if need_b:
+                grad_b.index_add_(0, flat, grad.view(-1).to(b.dtype))
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+class HierarchicalHead(Head):
+    """Class-based two-level softmax (Goodman 2001; Mikolov et al. 2011):
+    p(w | h) = p(class(w) | h) * p(w | class(w), h), with
+    p(c | h) = softmax_c(h U^T + a) over C classes (`class_weight` [C, d], `class_bias` [C],
+    zero-initialised, so the model starts uniform) and p(w | c, h) = softmax over the words of c
+    of h W^T + b, where W and b are the tied embedding rows and the word bias, as in the other
+    heads (see _output_layer). Loss cost per token: C + S dot products instead of V.
+
+    Classes are blocks of S = ceil(V / n_classes) consecutive ids (the last block may be shorter;
+    the class count is ceil(V / S), at most the requested one). Why id blocks and not Mikolov's
+    frequency bins: the model is built from the vocabulary size alone and dist-lm's vocabularies
+    carry no counts; word ids follow the order of first appearance in the training text
+    (AWD-LSTM's order, dist_lm/data/tokenizers.py), which is correlated with frequency (frequent
+    words appear early), so the blocks are roughly frequency-ordered. Equal sizes also keep the
+    padded within-class softmax (static shapes, see _WithinClassNLL) at its minimum cost;
+    equal-mass bins would make tail classes far larger than S, and every class would be padded
+    to the largest.
+    """
+
+    def __init__(self, in_size: int, vocab_size: int, n_classes: int, tied: bool):
+        super().__init__()
+        if not 1 <= n_classes <= vocab_size:
+            raise ValueError(f"n_classes={n_classes} must lie in [1, {vocab_size}]")
+        self.class_size = -(-vocab_size // n_classes)
+        self.n_classes = -(-vocab_size // self.class_size)
+        self._output_layer(vocab_size, in_size, tied)
+        self.class_weight = nn.Parameter(torch.zeros(self.n_classes, in_size))
+        self.class_bias = nn.Parameter(torch.zeros(self.n_classes))
+
+    def extra_repr(self) -> str:
+        return f"classes={self.n_classes}, class_size={self.class_size}, tied={self.tied}"
+
+    def _class_logits(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.class_weight.to(h.dtype), self.class_bias.to(h.dtype)).float()
+
+    def nll(self, h: Tensor, targets: Tensor, weight: Tensor | None, plan=None) -> Tensor:
+        w = self._weight(weight)
+        h2, t = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+        cls, pos = torch.div(t, self.class_size, rounding_mode="floor"), t % self.class_size
+        nll = softmax_nll(self._class_logits(h2), cls)
+        nll = nll + _WithinClassNLL.apply(h2, w, self.bias, cls, pos, self.class_size)
+        return nll.view(targets.shape)
+
+    def log_prob(self, h: Tensor, weight: Tensor | None) -> Tensor:
+        logits = F.linear(h, self._weight(weight), self.bias).float()
+        pad = self.n_classes * self.class_size - self.vocab_size
+        logits = F.pad(logits, (0, pad), value=float("-inf"))
+        within = logits.view(*h.shape[:-1], self.n_classes, self.class_size).log_softmax(-1)
+        lp = self._class_logits(h).log_softmax(-1)[..., None] + within
+        return lp.reshape(*h.shape[:-1], -1)[..., :self.vocab_size]

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .dropout import embedded_dropout, locked_dropout
-from .heads import AdaptiveHead, MoSHead, SoftmaxHead, auto_cutoffs, cutoffs_valid
+from .heads import (AdaptiveHead, HierarchicalHead, MoSHead, SoftmaxHead, auto_cutoffs,
+                    cutoffs_valid, default_classes)
 from .lstm import WeightDropRNN
 from .qrnn import QRNNLayer
 
@@ -133,10 +134,19 @@ def build_model(cfg, vocab_size: int) -> RNNLanguageModel:
         if not cutoffs_valid(cuts, vocab_size):
             raise UserError(f"model.cutoffs={cuts} must increase strictly and stay inside "
                             f"(0, {vocab_size}) (the vocabulary size); or leave it empty.")
-    return RNNLanguageModel(
+    if cfg.head == "hierarchical" and not 0 <= cfg.hsm_classes <= vocab_size:
+        raise UserError(f"model.hsm_classes={cfg.hsm_classes} must lie in [1, {vocab_size}] "
+                        f"(the vocabulary size), or be 0 for about sqrt({vocab_size}).")
+    hierarchical = cfg.head == "hierarchical"
+    model = RNNLanguageModel(
         vocab_size, arch=cfg.arch, emb_size=cfg.emb_size, hidden_size=cfg.hidden_size,
         n_layers=cfg.n_layers, tie_weights=cfg.tie_weights, dropout=cfg.dropout,
         dropouth=cfg.dropouth, dropouti=cfg.dropouti, dropoute=cfg.dropoute, wdrop=cfg.wdrop,
-        ar=cfg.ar, tar=cfg.tar, head=cfg.head, cutoffs=list(cfg.cutoffs),
-        n_experts=cfg.n_experts, mos_latent=cfg.mos_latent, dropoutl=cfg.dropoutl,
-        qrnn_window=cfg.qrnn_window, zoneout=cfg.zoneout)
+        ar=cfg.ar, tar=cfg.tar, head="softmax" if hierarchical else cfg.head,
+        cutoffs=list(cfg.cutoffs), n_experts=cfg.n_experts, mos_latent=cfg.mos_latent,
+        dropoutl=cfg.dropoutl, qrnn_window=cfg.qrnn_window, zoneout=cfg.zoneout)
+    if hierarchical:  # built here, in place of the softmax head (same input size and tying)
+        n_classes = cfg.hsm_classes or default_classes(vocab_size)
+        model.head = HierarchicalHead(model.layer_sizes[-1], vocab_size, n_classes,
+                                      cfg.tie_weights)
+    return model
