@@ -42,6 +42,7 @@ def test_ptb_counts_vocab_and_reference_ids(ptb, shared_data):
         assert np.array_equal(read_split(ptb, split), np.array(ids))
     # <unk> is PTB's own token; counted per split
     assert m["splits"]["train"]["unk"] == int((np.array(ref[0]) == w2i["<unk>"]).sum()) == 45_020
+    assert [m["splits"][s]["oov"] for s in PTB_TOKENS] == [0, 0, 0]  # its own <unk> is in train
 
 
 def test_tokenizer_api_round_trip(ptb, shared_data):
@@ -105,6 +106,36 @@ def test_flipped_byte_truncation_and_manifest_mismatch_are_named(ptb, tmp_path):
 
     res = run_cli("verify", str(ptb))
     assert res.returncode == 0 and "all shards verified" in res.stdout
+
+
+def test_oov_rate_is_printed_recorded_and_warned_when_train_has_no_unk(tmp_path, capsys):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "train.txt").write_text("the cat sat on the mat\n" * 20)
+    (d / "valid.txt").write_text("the cat sat on the mat\n" * 28 + "the cat sat on a mat\n")
+    (d / "test.txt").write_text("the dog sat on the rug\n" * 10)
+    out = prepare_corpus(f"text:{d}", out=tmp_path / "o")
+    got = capsys.readouterr()
+    m = json.loads((out / "manifest.json").read_text())
+    assert [m["splits"][s]["oov"] for s in ("train", "valid", "test")] == [0, 1, 20]
+    assert "valid: 203 tokens, 1 <unk>, 0.49% not in the train vocabulary" in got.out
+    assert "test: 70 tokens, 20 <unk>, 28.57% not in the train vocabulary" in got.out
+    (line,) = [ln for ln in got.err.splitlines() if "warning" in ln]  # one line, test only
+    assert line.startswith("dist-lm: warning: 28.6% of the test tokens are not in the train vocabulary")
+    assert "valid" not in line and "--max_vocab N" in line and "--min_freq" in line
+    # capped: rare train words are <unk> too, so the model learns it: no warning
+    out2 = prepare_corpus(f"text:{d}", out=tmp_path / "o2", max_vocab=5)
+    m2 = json.loads((out2 / "manifest.json").read_text())
+    assert m2["splits"]["train"]["unk"] == 40 and m2["splits"]["test"]["oov"] == 20
+    assert "warning" not in capsys.readouterr().err
+    # no word of valid/test is new: nothing to warn about
+    for split in ("valid", "test"):
+        shutil.copy(d / "train.txt", d / f"{split}.txt")
+    out3 = prepare_corpus(f"text:{d}", out=tmp_path / "o3")
+    got3 = capsys.readouterr()
+    assert "test: 140 tokens, 0 <unk>, 0.00% not in the train vocabulary" in got3.out
+    assert "warning" not in got3.err
+    assert json.loads((out3 / "manifest.json").read_text())["splits"]["test"]["oov"] == 0
 
 
 def test_ptb_char_has_50_symbols(shared_data, tmp_path):

@@ -477,10 +477,36 @@ def prepare_corpus(corpus: str, out: str | os.PathLike | None = None, data_dir=N
     if not quiet:
         for split, s in manifest["splits"].items():
             unk = f", {s['unk']:,} {UNK}" if s.get("unk") is not None else ""
-            print(f"{split}: {s['tokens']:,} tokens{unk}, {len(s['shards'])} shard(s)")
+            oov = ""
+            if split != "train" and s.get("oov") is not None:
+                oov = f", {s['oov'] / s['tokens']:.2%} not in the train vocabulary"
+            print(f"{split}: {s['tokens']:,} tokens{unk}{oov}, {len(s['shards'])} shard(s)")
         print(f"{out}: {manifest['corpus']}, {kind} tokenizer, vocab {manifest['vocab_size']:,}, "
               f"{manifest['dtype']}")
+    warning = oov_warning(manifest)
+    if warning:
+        print(f"dist-lm: warning: {warning}", file=sys.stderr)
     return out
+
+
+OOV_WARN = 0.01  # share of valid/test tokens outside the train vocabulary that is worth a word
+
+
+def oov_warning(manifest: dict) -> str | None:
+    """One line when valid/test have many words train lacks while train has no <unk>: those
+    words all become an <unk> the model never saw in training (word tokenizer only)."""
+    splits = manifest["splits"]
+    if manifest["tokenizer"] != "word" or splits["train"].get("unk"):
+        return None
+    high = [(s, splits[s]["oov"] / splits[s]["tokens"]) for s in ("valid", "test")
+            if splits[s].get("oov") and splits[s]["oov"] / splits[s]["tokens"] > OOV_WARN]
+    if not high:
+        return None
+    rates = " and ".join(f"{rate:.1%} of the {s}" for s, rate in high)
+    return (f"{rates} tokens are not in the train vocabulary ({manifest['vocab_size']:,} symbols); "
+            f"they become {UNK}, which train never has, so the model cannot learn to predict it "
+            f"and perplexities are not comparable. Prepare again with --max_vocab N (below "
+            f"{manifest['vocab_size']:,}) or --min_freq 2 so that rare train words become {UNK} too.")
 
 
 def _build(c: Corpus, kind: str, tmp: Path, chunk_len: int, shard_tokens: int,
@@ -500,7 +526,7 @@ def _build(c: Corpus, kind: str, tmp: Path, chunk_len: int, shard_tokens: int,
         for split in SPLITS:
             blocks = (_byte_blocks(c.sources[split]) if kind == "byte"
                       else _bpe_blocks(tok, c.sources[split]))
-            splits[split] = {**_write_split(writer(split, dtype), blocks), "unk": None}
+            splits[split] = {**_write_split(writer(split, dtype), blocks), "unk": None, "oov": None}
     else:
         spaced = kind == "word" or c.char_split == "whitespace"
         enc = WordEncoder(workers) if spaced else CharEncoder()
@@ -539,7 +565,8 @@ def _build(c: Corpus, kind: str, tmp: Path, chunk_len: int, shard_tokens: int,
 
             entry = _write_split(writer(split, dtype), remap())
             raw.unlink()
-            splits[split] = {**entry, "unk": unk_count[0]}
+            # oov: tokens outside the train vocabulary (before max_vocab/min_freq); train: 0
+            splits[split] = {**entry, "unk": unk_count[0], "oov": oovs[split]}
     tok.save(tmp / "vocab.json")
     return {"format": FORMAT, "corpus": c.name, "tokenizer": kind, "vocab_size": tok.vocab_size,
             "dtype": dtype, "chunk_len": chunk_len,
