@@ -312,3 +312,13 @@ def test_stale_partial_output_of_a_killed_prepare_is_removed(shared_data, tmp_pa
     (stale / "train-000000.tar").write_bytes(b"half")
     prepare_corpus("ptb", out=tmp_path / "ptb", data_dir=shared_data, quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ptb"]
+
+
+def test_text_dir_under_home_is_found(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for split in ("train", "valid", "test"):
+        (d / f"{split}.txt").write_text("a b\n")
+    out = prepare_corpus("text:~/corpus", out=tmp_path / "o", quiet=True)  # as the shell passes it
+    assert json.loads((out / "manifest.json").read_text())["splits"]["test"]["tokens"] == 3

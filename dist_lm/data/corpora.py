@@ -199,7 +199,7 @@ def resolve_corpus(corpus: str, data_dir: str | os.PathLike | None = None, downl
                    mirror: str | None = None) -> Corpus:
     """Find (or download and verify) a corpus's files; return one Source per split."""
     if corpus.startswith("text:"):
-        return _text_dir_corpus(Path(corpus[len("text:"):]))
+        return _text_dir_corpus(Path(corpus[len("text:"):]).expanduser())  # the shell leaves text:~/x
     preset = PRESETS.get(corpus)
     if preset is None:
         raise UserError(f"unknown corpus '{corpus}'; use one of {', '.join(PRESETS)} "
