@@ -8,9 +8,12 @@ process and the helpers answer rank 0 of 1.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.distributed as dist
+
+from .errors import UserError
 
 
 def env_world_size() -> int:
@@ -66,7 +69,29 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto' is the local rank's GPU when CUDA is available, else the CPU."""
+    """'auto' is the local rank's GPU when CUDA is available, else the CPU; 'cuda' is the local
+    rank's GPU; 'cuda:N' is GPU N. A device this machine lacks is a UserError naming the fix."""
+    name = str(name).strip().lower()
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    return torch.device("cuda", get_local_rank() % max(1, torch.cuda.device_count()))
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if name != "auto" and m is None:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N "
+                        f"(--train.device for train, --device for eval).")
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            why = f"this torch ({torch.__version__}) has no CUDA (a CPU build)"
+            fix = "or install a CUDA build of torch"
+        else:
+            why = f"this torch has CUDA {torch.version.cuda} but sees no GPU"
+            fix = "or check the NVIDIA driver and CUDA_VISIBLE_DEVICES"
+        raise UserError(f"device '{name}' requested but {why}; use the CPU "
+                        f"(--train.device=cpu for train, --device cpu for eval) {fix}.")
+    count = torch.cuda.device_count()
+    if m is not None and m.group(1) is not None:
+        index = int(m.group(1))
+        if index >= count:
+            raise UserError(f"device '{name}' does not exist: this machine has {count} CUDA "
+                            f"device(s) (cuda:0..cuda:{count - 1}); pick one of them, or cpu.")
+        return torch.device("cuda", index)
+    return torch.device("cuda", get_local_rank() % max(1, count))

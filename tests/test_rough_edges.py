@@ -1,0 +1,88 @@
+"""Rough edges at the boundary with the user: a device this machine lacks, a checkpoint that
+would run code when unpickled, the launch scripts' printed commands, the package metadata."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _data_helpers import REPO, assert_clean_failure, run_cli
+from _eval_helpers import make_corpus, make_run, sentences
+from _eval_helpers import one_thread  # noqa: F401 (autouse fixture)
+from dist_lm.distributed import pick_device
+from dist_lm.errors import UserError
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edges")
+    return make_corpus(root, sentences(60, 1), sentences(10, 2), sentences(10, 3))
+
+
+@pytest.fixture(scope="module")
+def run_dir(corpus):
+    return make_run(corpus.parent, corpus, train_steps=0)
+
+
+def _step(run: Path) -> Path:
+    return run / "checkpoints" / "step-00000001"
+
+
+# --- devices --------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not NO_CUDA, reason="needs a torch without a usable GPU")
+def test_train_on_cuda_without_cuda_is_one_line(corpus, tmp_path):
+    out = tmp_path / "run"
+    res = run_cli("train", str(REPO / "configs" / "cpu_smoke.toml"), "--train.device=cuda",
+                  f"--data.shards={corpus}", f"--train.run_dir={out}", "--train.max_steps=1",
+                  cwd=tmp_path)
+    line = assert_clean_failure(res, "'cuda'", "--train.device=cpu")
+    assert "CUDA build" in line or "NVIDIA driver" in line
+    assert res.returncode == 2 and not out.exists()  # refused before anything was written
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="needs a torch without a usable GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_eval_on_cuda_without_cuda_is_one_line(run_dir, device):
+    res = run_cli("eval", str(run_dir), "--split", "valid", "--device", device)
+    assert_clean_failure(res, f"'{device}'", "--device cpu")
+    assert not list(_step(run_dir).glob("eval-*.json"))
+
+
+def test_unknown_device_name_is_one_line(run_dir):
+    res = run_cli("eval", str(run_dir), "--split", "valid", "--device", "gpu")
+    assert_clean_failure(res, "unknown device 'gpu'", "cuda:N")
+    assert pick_device("cpu") == torch.device("cpu") and pick_device("CPU").type == "cpu"
+    if NO_CUDA:
+        assert pick_device("auto") == torch.device("cpu")
+
+
+def test_cuda_index_beyond_the_device_count_is_refused(monkeypatch):
+    """The GPU branch on a machine without one: torch.cuda answers as a 2-GPU machine would."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    assert pick_device("cuda") == torch.device("cuda", 0)
+    with pytest.raises(UserError, match=r"'cuda:2' does not exist: this machine has 2 CUDA "
+                                        r"device\(s\) \(cuda:0\.\.cuda:1\)"):
+        pick_device("cuda:2")
+
+
+@pytest.mark.skipif(NO_CUDA, reason="needs a GPU")
+def test_eval_on_a_missing_gpu_index_is_one_line(run_dir):
+    n = torch.cuda.device_count()
+    res = run_cli("eval", str(run_dir), "--split", "valid", "--device", f"cuda:{n}")
+    assert_clean_failure(res, f"'cuda:{n}' does not exist", f"cuda:{n - 1}")
