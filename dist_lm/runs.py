@@ -66,15 +66,37 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_tensor_file(path: Path) -> Any:
-    """torch.load with weights_only=True: loading a checkpoint never runs pickled code."""
+    """torch.load with weights_only=True: loading a checkpoint never runs pickled code.
+
+    A file holding any other pickled object is refused with dist-lm's own message (never
+    torch's, which suggests turning the check off); an unreadable file is reported as damaged."""
+    import pickle
+    import warnings
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it may not read
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint file {path} is missing; the checkpoint is damaged, "
                         f"use another step.") from None
-    except Exception as exc:  # corrupt zip, unpickling refused, ...
-        raise UserError(f"cannot read checkpoint file {path}: {exc}. The file is damaged or "
-                        f"not a dist-lm checkpoint; use another step.") from None
+    except pickle.UnpicklingError as exc:
+        if str(exc).startswith("Weights only load failed"):
+            found = re.search(r"GLOBAL (\S+)", str(exc))
+            what = f" (it names {found.group(1)})" if found else ""
+            raise UserError(
+                f"refused to load checkpoint file {path}: it holds pickled objects that are not "
+                f"plain tensors and containers{what}, and loading them could run code. dist-lm "
+                f"never loads such files; use another checkpoint, or re-create this one by "
+                f"training.") from None
+        failure = exc
+    except Exception as exc:  # corrupt zip, truncated or foreign file, ...
+        failure = exc
+    text = str(failure).strip()
+    first = text.splitlines()[0].split(". ")[0][:160] if text else ""  # torch's are paragraphs
+    reason = f"{type(failure).__name__}: {first}" if first else type(failure).__name__
+    raise UserError(f"cannot read checkpoint file {path}: it is damaged or not a torch "
+                    f"checkpoint ({reason}); use another step.")
 
 
 def write_run_files(run_dir: Path, cfg: Config, corpus_dir: Path) -> None:

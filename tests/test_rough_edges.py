@@ -86,3 +86,50 @@ def test_eval_on_a_missing_gpu_index_is_one_line(run_dir):
     n = torch.cuda.device_count()
     res = run_cli("eval", str(run_dir), "--split", "valid", "--device", f"cuda:{n}")
     assert_clean_failure(res, f"'cuda:{n}' does not exist", f"cuda:{n - 1}")
+
+
+# --- a checkpoint that would run code -------------------------------------------------------
+
+class _Payload:
+    """Unpickling this object runs code: it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('payload ran')",))
+
+
+@pytest.fixture
+def planted(run_dir, tmp_path):
+    """A copy of the run whose model.pt holds the state dict plus a code-running object."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    marker = tmp_path / "PAYLOAD_RAN"
+    state = torch.load(_step(run) / "model.pt", weights_only=True)
+    torch.save({**state, "extra": _Payload(marker)}, _step(run) / "model.pt")
+    return run, marker
+
+
+def test_unsafe_checkpoint_is_refused_in_dist_lm_words(planted, tmp_path):
+    run, marker = planted
+    text = tmp_path / "in.txt"
+    text.write_text("the cat sat\n")
+    for args in (("eval", str(run), "--split", "valid"), ("score", str(run), str(text)),
+                 ("generate", str(run), "--length", "3")):
+        res = run_cli(*args)
+        line = assert_clean_failure(res, "refused to load checkpoint file", "model.pt",
+                                    "could run code", "use another checkpoint")
+        assert "weights_only" not in res.stderr and "will likely succeed" not in res.stderr
+        assert not marker.exists(), "the planted code ran"
+        assert "damaged" not in line
+
+
+def test_damaged_checkpoint_has_its_own_message(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    pt = _step(run) / "model.pt"
+    pt.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])  # truncated
+    res = run_cli("eval", str(run), "--split", "valid")
+    line = assert_clean_failure(res, "cannot read checkpoint file", "damaged", "use another step")
+    assert "refused" not in line and "weights_only" not in res.stderr
