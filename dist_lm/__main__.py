@@ -179,11 +179,28 @@ def _train_help_requested(argv: list[str]) -> bool:
     return len(argv) >= 1 and argv[0] == "train" and ("--help" in argv or "-h" in argv)
 
 
+def _stdin_file(argv: list[str]) -> list[str]:
+    """`score RUN -` reads standard input, but fire takes a bare `-` as its own separator:
+    hand it to fire as `--file=-` (a `-` after a flag without `=` is that flag's value)."""
+    if not argv or argv[0] != "score":
+        return argv
+    out = argv[:1]
+    for tok in argv[1:]:
+        prev = out[-1]
+        if tok != "-":
+            out.append(tok)
+        elif prev.startswith("--") and "=" not in prev and len(out) > 1:
+            out[-1] = f"{prev}=-"
+        else:
+            out.append("--file=-")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `dist-lm` console script and `python -m dist_lm`."""
     import fire
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _stdin_file(list(sys.argv[1:] if argv is None else argv))
     if _train_help_requested(argv):
         from .config import help_text
 

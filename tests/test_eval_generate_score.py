@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _data_helpers import assert_clean_failure, run_cli
 from _eval_helpers import make_corpus, make_run, sentences
 from _eval_helpers import one_thread  # noqa: F401 (autouse fixture)
 from dist_lm.__main__ import main
@@ -148,3 +152,28 @@ def test_byte_and_bpe_generate_and_score(tmp_path, kind):
         o = m(torch.tensor([run.tokenizer.eos_id] + ids[:-1]).unsqueeze(1), m.init_hidden(1),
               torch.tensor(ids).unsqueeze(1))
     assert rec["total"] == pytest.approx(-float(o.nll.double().sum()), abs=1e-4)
+
+
+def test_score_reads_standard_input_like_a_file(word, tmp_path):
+    """`dist-lm score RUN -` (fire alone would take the bare `-` as its own separator)."""
+    _, run_dir = word
+    text = "the cat sat\n\nred house when it rained\n"
+    src = tmp_path / "in.txt"
+    src.write_text(text)
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}  # stdin is read as UTF-8 bytes regardless
+    from_file = run_cli("score", str(run_dir), str(src), env=env)
+    assert from_file.returncode == 0, from_file.stderr
+    assert [json.loads(x)["text"] for x in from_file.stdout.splitlines()] == [
+        "the cat sat", "red house when it rained"]
+    for args in (["-"], ["--file", "-"], ["-", "--per", "line"]):
+        piped = subprocess.run([sys.executable, "-m", "dist_lm", "score", str(run_dir), *args],
+                               input=text, capture_output=True, text=True, env=env, timeout=300)
+        assert piped.returncode == 0, (args, piped.stderr)
+        assert piped.stdout == from_file.stdout, args
+    whole = subprocess.run([sys.executable, "-m", "dist_lm", "score", str(run_dir), "-", "--per",
+                            "text"], input=text, capture_output=True, text=True, timeout=300)
+    assert [json.loads(x) for x in whole.stdout.splitlines()] == score_text(
+        run_dir, text, per="text")
+    empty = subprocess.run([sys.executable, "-m", "dist_lm", "score", str(run_dir), "-"],
+                           input="\n \n", capture_output=True, text=True, timeout=300)
+    assert_clean_failure(empty, "nothing to score", "standard input")

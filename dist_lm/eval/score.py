@@ -113,18 +113,23 @@ def score_command(path: str, file: str, per: str = "line", out: str | None = Non
 
     if per not in ("line", "text"):
         raise UserError(f"--per must be 'line' or 'text'; got {per!r}.")
-    if file == "-":
-        text = sys.stdin.read()
-    else:
-        p = Path(file)
-        if not p.is_file():
-            raise UserError(f"{p} does not exist; pass a text file to score (or - for stdin).")
-        try:
+    file = str(file)  # fire reads a name like 2024 as a number
+    where = "standard input" if file == "-" else file
+    try:
+        if file == "-":
+            raw = getattr(sys.stdin, "buffer", None)  # bytes: the locale's encoding plays no part
+            text = sys.stdin.read() if raw is None else raw.read().decode("utf-8")
+            text = text.replace("\r\n", "\n").replace("\r", "\n")  # as read_text does
+        else:
+            p = Path(file)
+            if not p.is_file():
+                raise UserError(f"{p} does not exist; pass a text file to score (or - for stdin).")
             text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{p} is not UTF-8 text.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8 text; convert it (e.g. iconv -t UTF-8) "
+                        f"and score it again.") from None
     if not text.strip():
-        raise UserError(f"nothing to score: {file} is empty (or only blank lines).")
+        raise UserError(f"nothing to score: {where} is empty (or only blank lines).")
     run = load_run(path)
     records = score_text(run, text, per=per)
     lines = "".join(json.dumps(r) + "\n" for r in records)
