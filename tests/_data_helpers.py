@@ -85,12 +85,13 @@ def read_split(corpus_dir: Path, split: str) -> np.ndarray:
 
 
 @contextmanager
-def http_server(root: Path, log: list | None = None, forbid: tuple = ()):
+def http_server(root: Path, log: list | None = None, forbid: tuple = (), cut: tuple = ()):
     """Serve `root` on 127.0.0.1 (port chosen by the OS) in a thread; yields the base URL.
 
     Like wikitext.smerity.com it answers 403 to Python's default "Python-urllib/..." agent;
-    also to every path starting with one of `forbid`. Each request is appended to `log` as
-    (path, status, User-Agent)."""
+    also to every path starting with one of `forbid`. Files whose path starts with one of
+    `cut` announce their full length but the connection closes after half of it. Each
+    request is appended to `log` as (path, status, User-Agent)."""
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -105,6 +106,14 @@ def http_server(root: Path, log: list | None = None, forbid: tuple = ()):
             agent = self.headers.get("User-Agent") or ""
             if agent.startswith("Python-urllib") or self.path.startswith(tuple(forbid)):
                 self.send_error(403, "Forbidden")
+                return
+            if self.path.startswith(tuple(cut)):
+                data = (root / self.path.lstrip("/")).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[:len(data) // 2])
+                self.close_connection = True
                 return
             super().do_GET()
 

@@ -148,6 +148,19 @@ def test_a_refused_or_missing_source_falls_back_to_the_next(shared_data, tmp_pat
     assert f"fetched ptb.test.txt from {url_a}/ptb/ptb.test.txt" in err
 
 
+def test_a_dropped_connection_falls_back_to_the_next_source(shared_data, tmp_path, capsys):
+    with http_server(shared_data, cut=("/ptb/ptb.train.txt",)) as url_a, \
+            http_server(shared_data) as url_b:
+        prepare_corpus("ptb", out=tmp_path / "o", data_dir=tmp_path / "data",
+                       mirror=f"{url_a} {url_b}", quiet=True)
+    _same_as_shared(shared_data, tmp_path / "data" / "ptb")
+    err = capsys.readouterr().err
+    half = (shared_data / "ptb" / "ptb.train.txt").stat().st_size // 2
+    assert f"dist-lm: warning: {url_a}/ptb/ptb.train.txt: download failed: connection closed " \
+           f"after {half} of {2 * half} bytes" in err
+    assert f"fetched ptb.train.txt from {url_b}/ptb/ptb.train.txt" in err
+
+
 def test_a_checksum_mismatch_falls_back_to_the_next_source(shared_data, tmp_path, capsys):
     a = _ptb_copy(shared_data, tmp_path / "a", corrupt="ptb.valid.txt")
     log_b = []

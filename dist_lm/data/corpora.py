@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import os
 import shutil
@@ -319,8 +320,8 @@ def download(url: str, dest: Path, check: Check) -> None:
                     bar.update(len(block))
             if total is not None and part.stat().st_size != total:
                 raise OSError(f"connection closed after {part.stat().st_size} of {total} bytes")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        part.unlink(missing_ok=True)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        part.unlink(missing_ok=True)  # HTTPException: e.g. IncompleteRead, a dropped connection
         raise SourceFailed(f"download failed: {_reason(exc)}") from None
     except BaseException:
         part.unlink(missing_ok=True)
