@@ -144,8 +144,11 @@ def test_byte_and_bpe_generate_and_score(tmp_path, kind):
     out = generate(run, prompt="the cat", length=12, seed=5)
     assert out == generate(run, prompt="the cat", length=12, seed=5)
     assert out[0].startswith("the cat")
+    # every vocabulary has an <eos> (byte: the newline byte), so a line's first token is scored
+    assert run.tokenizer.itos[run.tokenizer.eos_id] == ("\n" if kind == "byte" else "<eos>")
     rec = score_text(run, "the red house\n")[0]
     ids = run.tokenizer.encode_line("the red house")
+    assert "n_context" not in rec and rec["tokens"][0] == run.tokenizer.itos[ids[0]]
     assert rec["n_tokens"] == len(ids) and rec["n_unk"] == 0
     with torch.no_grad():
         m = run.model

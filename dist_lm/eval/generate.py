@@ -4,7 +4,9 @@
 
 Works for every head through `model.log_prob` (the full next-token distribution). Samples
 run side by side as the columns of one batch. The prompt is tokenized without its trailing
-`<eos>`; an empty prompt starts after `<eos>` (the start of a line, as the model saw it).
+`<eos>` and read after an `<eos>`, so generation starts at the start of a line, as the model
+saw it in training; an empty prompt starts right after that `<eos>`. Every vocabulary has one:
+word, char and bpe the `<eos>` symbol, byte the newline byte.
 The same seed on the same machine gives the same text (a private torch.Generator; sampling
 happens on the CPU so the device does not change the draw).
 """
@@ -35,23 +37,15 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
 
 
 def start_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids to condition on: the prompt (no trailing <eos>), after an <eos> if any.
+    """Token ids to condition on: <eos>, then the prompt (without its trailing <eos>).
 
     PTB-char vocabularies (space-separated characters, `_` between words) take a prompt
     written as plain text: "the cat" is read as "t h e _ c a t"."""
     if (tokenizer.kind == "char" and getattr(tokenizer, "split", "") == "whitespace"
             and any(len(w) > 1 for w in prompt.split())):
         prompt = " ".join("_" if c == " " else c for c in " ".join(prompt.split()))
-    ids = tokenizer.encode_line(prompt) if prompt else []
-    eos = tokenizer.eos_id
-    if ids and eos is not None and ids[-1] == eos:
-        ids = ids[:-1]
-    if eos is not None:
-        return [eos] + ids
-    if not ids:  # byte/bpe without <eos>: start from a newline when the vocabulary has one
-        nl = tokenizer.encode("\n") if hasattr(tokenizer, "encode") else []
-        ids = list(nl[-1:]) or [0]
-    return ids
+    ids = tokenizer.encode_line(prompt)[:-1] if prompt else []  # encode_line ends with <eos>
+    return [tokenizer.eos_id] + ids
 
 
 @torch.no_grad()
@@ -119,7 +113,7 @@ def generate_text(run, prompt: str = "", length: int = 100, temperature: float =
             print(f"dist-lm: note: {n_unk} prompt token(s) are not in the vocabulary and "
                   f"became <unk>", file=sys.stderr)
     conts = sample_ids(run.model, ctx, length, samples, temperature, top_k, top_p, seed)
-    shown = ctx[1:] if tok.eos_id is not None else (ctx if prompt else [])
+    shown = ctx[1:]  # the prompt, without the <eos> it was read after
     return [detokenize(tok, shown + c) for c in conts]
 
 

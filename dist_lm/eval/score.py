@@ -4,10 +4,10 @@
     dist-lm score runs/ptb story.txt --per text       # the whole file as one stream
 
 Each line is encoded as in training (`encode_line`: words not in the vocabulary become
-`<unk>`, counted in `n_unk`; word and char vocabularies append `<eos>`, so the sentence's
-end is scored too) and conditioned on a preceding `<eos>`, the state the model sees at the
-start of every line in its training stream. Vocabularies without `<eos>` (byte, bpe) cannot
-score the first token of a line without context; it is left out and counted in `n_context`.
+`<unk>`, counted in `n_unk`; every vocabulary appends its `<eos>` -- word, char and bpe the
+`<eos>` symbol, byte the newline byte -- so the line's end is scored too) and conditioned on
+a preceding `<eos>`, the state the model sees at the start of every line of its training
+stream. Every token of the line, the first included, is scored.
 
 Output per line: {"line", "text", "tokens", "logprobs", "total", "avg", "ppl", "n_tokens",
 "n_unk"}; "avg" is total / n_tokens and "ppl" = exp(-avg).
@@ -30,10 +30,8 @@ WINDOW = 256     # tokens per forward pass for --per text
 
 
 def _context(tokenizer, ids: list[int]) -> tuple[list[int], list[int]]:
-    """(inputs, targets) for a line's ids: after <eos> if the vocabulary has one."""
-    if tokenizer.eos_id is not None:
-        return [tokenizer.eos_id] + ids[:-1], ids
-    return ids[:-1], ids[1:]
+    """(inputs, targets) for ids: every id is a target, the first one read after <eos>."""
+    return [tokenizer.eos_id] + ids[:-1], ids
 
 
 @torch.no_grad()
@@ -75,7 +73,7 @@ def _score_stream(model, inputs: list[int], targets: list[int]) -> list[float]:
     return lps
 
 
-def _record(tokenizer, text: str, targets: list[int], lps: list[float], n_context: int,
+def _record(tokenizer, text: str, targets: list[int], lps: list[float],
             line: int | None = None) -> dict:
     total = float(sum(lps))
     n = len(lps)
@@ -84,8 +82,6 @@ def _record(tokenizer, text: str, targets: list[int], lps: list[float], n_contex
                total=total, avg=total / n if n else 0.0,
                ppl=math.exp(-total / n) if n else None, n_tokens=n,
                n_unk=sum(1 for i in targets if i == tokenizer.unk_id) if tokenizer.unk_id is not None else 0)
-    if n_context:
-        rec["n_context"] = n_context
     return rec
 
 
@@ -97,15 +93,14 @@ def score_text(run, text: str, per: str = "line") -> list[dict]:
     model.eval()
     if not text.strip():
         raise UserError("nothing to score: the input is empty (or only blank lines).")
-    ctx = 0 if tok.eos_id is not None else 1
     if per == "text":
         ids = tok.encode(text)
         inputs, targets = _context(tok, ids)
-        return [_record(tok, text, targets, _score_stream(model, inputs, targets), ctx)]
+        return [_record(tok, text, targets, _score_stream(model, inputs, targets))]
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     pairs = [_context(tok, tok.encode_line(line)) for _, line in lines]
     lps = _score_sequences(model, pairs)
-    return [_record(tok, line, t, lp, ctx, n) for (n, line), (_, t), lp in zip(lines, pairs, lps)]
+    return [_record(tok, line, t, lp, n) for (n, line), (_, t), lp in zip(lines, pairs, lps)]
 
 
 def score_command(path: str, file: str, per: str = "line", out: str | None = None) -> None:
