@@ -76,9 +76,6 @@ class NeuralCache:
         self.keys, self.values = all_k[-keep:], all_v[-keep:]
         return p.t(), has_hist.unsqueeze(1).expand(T, targets.shape[1])
 
-    def reset(self) -> None:
-        self.keys = self.values = None
-
 
 def mix_log_prob(logp_vocab: torch.Tensor, p_cache: torch.Tensor, lambdah: float,
                  seen: torch.Tensor | None = None) -> torch.Tensor:
