@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 MINUTES=${MINUTES:-5}
 RUN=${RUN:-runs/quickstart}
 
-run() { echo "+ $*"; "$@"; }
+source launch/_common.sh  # run: print each command shell-quoted, then run it
 
 if [ ! -x .venv/bin/dist-lm ]; then
   run python3 -m venv .venv

@@ -133,3 +133,20 @@ def test_damaged_checkpoint_has_its_own_message(run_dir, tmp_path):
     res = run_cli("eval", str(run), "--split", "valid")
     line = assert_clean_failure(res, "cannot read checkpoint file", "damaged", "use another step")
     assert "refused" not in line and "weights_only" not in res.stderr
+
+
+# --- launch scripts -------------------------------------------------------------------------
+
+def test_launch_run_prints_a_command_that_reparses_to_the_same_argv(tmp_path):
+    argv = ["printf", "[%s]\\n", "the company said", "it's $HOME", "--train.run_dir=a b/c", "*"]
+    script = "source launch/_common.sh; run " + " ".join(shlex.quote(a) for a in argv)
+    res = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 0, res.stderr
+    printed, *ran = res.stdout.splitlines()
+    assert printed.startswith("+ ")
+    assert shlex.split(printed[2:]) == argv
+    assert ran == ["[the company said]", "[it's $HOME]", "[--train.run_dir=a b/c]", "[*]"]
+    # and the quickstart uses that helper rather than an echo of its own
+    quick = (REPO / "launch" / "quickstart.sh").read_text()
+    assert "source launch/_common.sh" in quick and 'echo "+ $*"' not in quick
