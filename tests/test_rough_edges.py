@@ -150,3 +150,24 @@ def test_launch_run_prints_a_command_that_reparses_to_the_same_argv(tmp_path):
     # and the quickstart uses that helper rather than an echo of its own
     quick = (REPO / "launch" / "quickstart.sh").read_text()
     assert "source launch/_common.sh" in quick and 'echo "+ $*"' not in quick
+
+
+# --- package metadata -----------------------------------------------------------------------
+
+def test_license_is_an_spdx_string_and_builds_without_a_warning(tmp_path):
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "BSD-3-Clause"
+    assert "setuptools>=77" in meta["build-system"]["requires"]
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "dist_lm", tmp_path / "dist_lm",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("from setuptools import build_meta as b; "
+            "print(b.prepare_metadata_for_build_wheel('meta'))")
+    (tmp_path / "meta").mkdir()
+    res = subprocess.run([sys.executable, "-W", "always", "-c", code], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "license" not in res.stderr.lower(), res.stderr
+    info = tmp_path / "meta" / res.stdout.strip().splitlines()[-1] / "METADATA"
+    assert "License-Expression: BSD-3-Clause" in info.read_text()
