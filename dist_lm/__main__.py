@@ -62,19 +62,23 @@ def verify(directory: str) -> None:
     verify_corpus(directory)
 
 
-def train(config: str, resume: str | None = None, **overrides) -> None:
+def train(config: str, resume: str | None = None, overwrite: bool = False, **overrides) -> None:
     """Train a model. CONFIG is a TOML file; override any key as --section.key=value.
+
+    A run directory holds one run: without --resume, one that already holds checkpoints or
+    metrics is refused (--resume auto continues it, --overwrite starts it afresh).
 
     Args:
       config: TOML recipe, e.g. configs/cpu_smoke.toml.
-      resume: 'auto' (latest complete checkpoint in train.run_dir, if any) or a
-        checkpoint directory.
+      resume: 'auto' (latest complete checkpoint in train.run_dir; a fresh start when there
+        is none) or a checkpoint directory.
+      overwrite: delete the previous run's outputs in train.run_dir and start afresh.
       overrides: dotted config keys, e.g. --optim.lr=30 --train.run_dir=runs/x.
         `dist-lm train --help` lists them all below.
     """
     from .train.trainer import train_command
 
-    train_command(config, resume=resume, overrides=overrides)
+    train_command(config, resume=resume, overwrite=overwrite, overrides=overrides)
 
 
 def eval(path: str, split: str = "test", protocol: str = "reference", batch_size: int = 0,
@@ -89,10 +93,11 @@ def eval(path: str, split: str = "test", protocol: str = "reference", batch_size
         --dynamic.stat_batch/--dynamic.stat_batches, and --dynamic.search
         (+ --dynamic.search_tokens);
       --bptt (default train.bptt), --corpus DIR (default data.shards), --device,
-      --averaged=false (final instead of averaged weights).
+      --averaged=false (final instead of averaged weights), --checkpoint best|latest|step-N
+        (default best: the best validation's checkpoint).
 
     Args:
-      path: run directory (its latest complete checkpoint) or a step-XXXXXXXX directory.
+      path: run directory (its best checkpoint, see --checkpoint) or a step-XXXXXXXX directory.
       split: valid or test.
       protocol: reference (10 streams for valid, 1 for test, fixed bptt) or fast (batched).
       batch_size: streams; 0 uses the protocol's default.

@@ -46,6 +46,10 @@ class DataConfig:
     """Streams for validation (the reference protocol uses 10)."""
     test_batch_size: int = 1
     """Streams for test (the reference protocol uses 1)."""
+    shard_url: str = ""
+    """Read the shards from this WebDataset URL template instead of data.shards' local files,
+    with {name} standing for a shard's file name, e.g. "pipe:aws s3 cp s3://bucket/ptb/{name} -"
+    (manifest.json and vocab.json still come from data.shards)."""
 
 
 @dataclass
@@ -147,7 +151,8 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps; 0 means train by epochs."""
     max_seconds: float = 0.0
-    """Stop after this much wall-clock training time; 0 means no limit."""
+    """Stop after this much wall-clock training time (validation and checkpoints included,
+    summed over resumes); 0 means no limit. Schedules then progress by the clock."""
     global_batch: int = 80
     """Total number of streams over all ranks (AWD-LSTM's batch_size)."""
     micro_batch: int = 0
@@ -169,8 +174,17 @@ class TrainConfig:
     finetune_from: str = ""
     """Checkpoint (run dir or step dir) whose weights start the finetune stage."""
     baseline_tokens_per_s: float = 0.0
-    """Single-device tokens/s for this model config, for scaling efficiency; 0 looks it up
-    in the baseline file written by `dist-lm bench train`, if any."""
+    """Single-device tokens/s of this model, micro-batch, bptt and dtype, for the scaling
+    efficiency of multi-rank runs; 0 looks it up in the baselines file (recorded by `dist-lm
+    bench train` or a run with train.record_baseline)."""
+    record_baseline: bool = False
+    """Record this single-device run's median tokens/s as the baseline for its model,
+    vocabulary, micro-batch, bptt, dtype and device kind (the baselines file)."""
+    target_ppl: float = 0.0
+    """Stop when validation perplexity reaches this value (word corpora); 0 disables. The
+    wall-clock time and tokens it took are recorded (time to target)."""
+    target_bpc: float = 0.0
+    """Stop when validation bits per character reach this value (character corpora)."""
 
 
 @dataclass
@@ -180,7 +194,7 @@ class DistConfig:
     backend: str = "auto"
     """Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage (0-3)."""
+    """DeepSpeed ZeRO stage (0, 1 or 2)."""
 
 
 @dataclass
@@ -417,8 +431,16 @@ def validate(cfg: Config) -> None:
             raise UserError(f"model.{name} must be in [0, 1); got {v}.")
     if m.qrnn_window not in (1, 2):
         raise UserError(f"model.qrnn_window must be 1 or 2; got {m.qrnn_window}.")
-    if cfg.dist.zero_stage not in (0, 1, 2, 3):
-        raise UserError(f"dist.zero_stage must be 0, 1, 2 or 3; got {cfg.dist.zero_stage}.")
+    if cfg.dist.zero_stage not in (0, 1, 2):
+        raise UserError(f"dist.zero_stage must be 0, 1 or 2; got {cfg.dist.zero_stage} (stage 3 "
+                        f"partitions the parameters themselves, which model.pt and NT-ASGD "
+                        f"averaging need whole; recurrent LMs of this size fit per device).")
+    for m_ in cfg.schedule.milestones:
+        if m_ <= 0 or (m_ >= 1 and not float(m_).is_integer()):
+            raise UserError(f"schedule.milestones: {m_} is neither a whole epoch (>= 1) nor a "
+                            f"fraction of the run (0 < m < 1); e.g. [12, 18] or [0.5, 0.75].")
+    if t.max_seconds < 0 or t.max_steps < 0 or t.epochs < 0:
+        raise UserError("train.max_seconds, train.max_steps and train.epochs must be >= 0.")
     if cfg.optim.lr <= 0:
         raise UserError(f"optim.lr must be > 0; got {cfg.optim.lr}.")
 

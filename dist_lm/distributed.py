@@ -95,3 +95,19 @@ def pick_device(name: str = "auto") -> torch.device:
                             f"device(s) (cuda:0..cuda:{count - 1}); pick one of them, or cpu.")
         return torch.device("cuda", index)
     return torch.device("cuda", get_local_rank() % max(1, count))
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Maximum of a tensor over ranks in place (identity for one process); returns it."""
+    if is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj):
+    """rank 0's `obj` on every rank (identity for one process)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

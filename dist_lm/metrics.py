@@ -70,10 +70,20 @@ def baselines_path() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "dist-lm" / "baselines.json"
 
 
-def baseline_key(model_cfg: dict, micro_batch: int, bptt: int, device_type: str) -> str:
-    """Same model, same per-device batch and window, same device kind -> same key."""
-    blob = json.dumps({"model": model_cfg, "micro": micro_batch, "bptt": bptt,
-                       "device": device_type}, sort_keys=True)
+def device_kind(device) -> str:
+    """'cpu', or the GPU's name (an H100's baseline says nothing about an A100)."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def baseline_key(model_cfg: dict, vocab_size: int, micro_batch: int, bptt: int, dtype: str,
+                 device: str) -> str:
+    """Same model and vocabulary, per-device batch and window, dtype and device kind -> same key
+    (tokens/s depend on every one of them)."""
+    blob = json.dumps({"model": model_cfg, "vocab": vocab_size, "micro": micro_batch,
+                       "bptt": bptt, "dtype": dtype, "device": device}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -108,11 +118,32 @@ CONSOLE_KEYS = ("epoch", "step", "loss", "ppl", "bpc", "valid_loss", "valid_ppl"
                 "tokens_per_s_per_device", "data_wait_share", "scaling_efficiency", "averaging")
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records a checkpoint at `step` had seen: a resume continues the log from
+    there (records a killed run wrote after its last checkpoint are dropped, as is a finished
+    run's final record)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        if r.get("step", 0) <= step and not r.get("final"):
+            keep.append(line + "\n")
+    write_text_atomic(path, "".join(keep))
+
+
 class MetricsSink:
-    """Console line, tqdm bar, metrics.jsonl and W&B. A no-op on ranks other than 0."""
+    """Console line, tqdm bar, metrics.jsonl and W&B. A no-op on ranks other than 0.
+
+    `resume_step` None starts the log afresh (a new run wipes it, as llm.c does); a step
+    continues it from the checkpoint at that step (truncate_metrics).
+    """
 
     def __init__(self, run_dir: str | Path, cfg, enabled: bool = True, total_steps: int = 0,
-                 initial_step: int = 0):
+                 initial_step: int = 0, resume_step: int | None = None):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.bar = None
@@ -121,7 +152,10 @@ class MetricsSink:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            truncate_metrics(path, resume_step)
+        self.jsonl = open(path, "a" if resume_step is not None else "w", buffering=1)
         if cfg.log.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -140,12 +174,12 @@ class MetricsSink:
             return
         from .config import to_dict
 
-        os.environ.setdefault("WANDB_DIR", str(self.run_dir))
-        self.wandb = wandb.init(mode=mode, project=cfg.log.project, group=cfg.log.group or None,
-                                tags=list(cfg.log.tags) or None,
-                                name=cfg.log.name or self.run_dir.name, config=to_dict(cfg),
-                                dir=os.environ["WANDB_DIR"], resume="allow",
-                                id=wandb_id(self.run_dir))
+        self.wandb = wandb_init(wandb, mode, cfg, self.run_dir, config=to_dict(cfg),
+                                tags=list(cfg.log.tags) or None)
+        where = self.wandb.dir if mode == "offline" else getattr(self.wandb, "url", "") or mode
+        how = (f"; upload with `wandb sync {Path(self.wandb.dir).parent}`" if mode == "offline"
+               else "")
+        print(f"dist-lm: W&B {mode} run {self.wandb.id} in {where}{how}", flush=True)
 
     def progress(self, n: int = 1, **postfix) -> None:
         """Advance the bar; a postfix value may be a callable, called only when a bar is shown
@@ -195,8 +229,22 @@ def wandb_mode(cfg) -> str:
 
 
 def wandb_id(run_dir: Path) -> str:
-    """A stable W&B run id per run directory, so a resumed run continues the same W&B run."""
-    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+    """The run's W&B id: the id created once in RUN_DIR/run.json (a resume and `eval` reuse it,
+    a fresh run into the directory gets a new one); runs older than run.json used a hash of
+    their path."""
+    from .runs import run_id
+
+    return run_id(run_dir) or hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+
+
+def wandb_init(wandb, mode: str, cfg, run_dir: Path, **kwargs):
+    """wandb.init for a run directory: its id, resumed if it exists; files under $WANDB_DIR if
+    set, else the run directory (read per call: nothing sticks to the first run of a process);
+    W&B's own console output off (dist-lm prints one line instead)."""
+    return wandb.init(mode=mode, project=cfg.log.project, group=cfg.log.group or None,
+                      name=cfg.log.name or run_dir.name, dir=os.environ.get("WANDB_DIR") or
+                      str(run_dir), resume="allow", id=wandb_id(run_dir),
+                      settings=wandb.Settings(silent=True, console="off"), **kwargs)
 
 
 # ---- dist-lm compare -----------------------------------------------------------------------

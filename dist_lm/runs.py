@@ -8,9 +8,13 @@ generation and scoring; the training state lives in dist_lm/train/checkpoint.py.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
+import secrets
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +27,30 @@ from .fileio import write_text_atomic
 
 MARKER = "DONE"
 STEP_RE = re.compile(r"^step-(\d{8})$")
+RUN_FILE = "run.json"  # the run's identity: its W&B id, created once, reused by every resume
+WHICH = "latest, best or step-N"
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def step_of(step_dir: Path) -> int:
+    return int(STEP_RE.match(step_dir.name).group(1))
+
+
 def is_complete(step_dir: Path) -> bool:
     return (step_dir / MARKER).is_file()
+
+
+def read_marker(step_dir: Path) -> dict:
+    """The DONE marker's record ({"step", "best_step", "format"}); {} for a marker of the
+    first format (a bare step number) or one that cannot be read."""
+    try:
+        rec = json.loads((step_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -39,7 +59,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and is_complete(p)]
-    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def run_dir_of(step_dir: Path) -> Path:
@@ -47,8 +67,23 @@ def run_dir_of(step_dir: Path) -> Path:
     return step_dir.parent.parent
 
 
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A run dir -> its latest complete checkpoint; a step dir -> itself if complete."""
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The step directory of the best validation, as the newest complete checkpoint records it
+    (None when that checkpoint records none, or the best one is gone)."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return None
+    best = read_marker(ckpts[-1]).get("best_step", -1)
+    if not isinstance(best, int) or best < 0:
+        return None
+    p = Path(run_dir) / "checkpoints" / step_dir_name(best)
+    return p if is_complete(p) else None
+
+
+def find_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
+    """A step dir -> itself if complete; a run dir -> its best checkpoint (`which="best"`: the
+    best validation, else the latest when none is recorded), its latest ("latest"), or a given
+    step ("step-N" / "N")."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p} does not exist; pass a run directory (with checkpoints/) "
@@ -58,11 +93,23 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
             raise UserError(f"checkpoint {p} is incomplete (no {MARKER} marker: the run "
                             f"stopped while writing it); use an earlier step or the run directory.")
         return p
+    which = str(which).strip()
     ckpts = list_checkpoints(p)
     if not ckpts:
         raise UserError(f"{p} has no finished checkpoint (no checkpoints/step-*/{MARKER}); "
                         f"train longer or set checkpoint.every_steps so one gets written.")
-    return ckpts[-1]
+    if which == "latest":
+        return ckpts[-1]
+    if which == "best":
+        return best_checkpoint(p) or ckpts[-1]
+    m = re.fullmatch(r"(?:step-)?(\d+)", which)
+    if m is None:
+        raise UserError(f"--checkpoint {which!r}: choose {WHICH} (e.g. step-1200).")
+    want = p / "checkpoints" / step_dir_name(int(m.group(1)))
+    if want not in ckpts:
+        have = ", ".join(c.name for c in ckpts)
+        raise UserError(f"{p} has no complete checkpoint {want.name}; it has {have}.")
+    return want
 
 
 def load_tensor_file(path: Path) -> Any:
@@ -100,12 +147,89 @@ def load_tensor_file(path: Path) -> Any:
 
 
 def write_run_files(run_dir: Path, cfg: Config, corpus_dir: Path) -> None:
-    """config.json and a copy of the corpus vocabulary, so a run is self-contained."""
+    """config.json and a copy of the corpus vocabulary, so a run is self-contained. The
+    recorded data.corpus is the one the shards were prepared from (their manifest's), which
+    may differ from the config's when only data.shards pointed at another corpus."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = corpus_dir / "manifest.json"
+    if manifest.is_file():
+        corpus = json.loads(manifest.read_text(encoding="utf-8")).get("corpus")
+        if corpus and corpus != cfg.data.corpus:
+            cfg = copy.deepcopy(cfg)
+            cfg.data.corpus = corpus
     save_config(cfg, run_dir / "config.json")
     src = corpus_dir / "vocab.json"
     if src.is_file():
         write_text_atomic(run_dir / "vocab.json", src.read_text(encoding="utf-8"))
+
+
+# ---- run directories: one run each, one writer at a time -----------------------------------
+
+# what a run writes at its top level; a fresh start with --overwrite removes exactly these
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "vocab.json", RUN_FILE, "wandb")
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True when run_dir has a run's checkpoints (complete or not) or metrics."""
+    ck = run_dir / "checkpoints"
+    metrics = run_dir / "metrics.jsonl"
+    return (ck.is_dir() and any(ck.iterdir())) or (metrics.is_file() and metrics.stat().st_size > 0)
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove a previous run's outputs (RUN_OUTPUTS only: other files of the user's stay)."""
+    for name in RUN_OUTPUTS:
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def new_run_id(run_dir: Path) -> str:
+    """A fresh identity for a run starting in run_dir (run.json): its W&B id."""
+    run_id = secrets.token_hex(6)
+    write_text_atomic(run_dir / RUN_FILE, json.dumps({"id": run_id, "created": time.time()}) + "\n")
+    return run_id
+
+
+def run_id(run_dir: Path) -> str | None:
+    """The id in run_dir/run.json, or None (a run written before run.json existed)."""
+    try:
+        return str(json.loads((run_dir / RUN_FILE).read_text())["id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class RunLock:
+    """An exclusive lock on a run directory (flock on RUN_DIR/.lock, released when the process
+    ends, however it ends): one writer per run directory."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"run directory {self.path.parent} is in use by another dist-lm "
+                            f"train (pid {holder}); wait for it to finish, or choose another "
+                            f"--train.run_dir.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
 
 
 def read_run_config(run_dir: Path) -> Config:
@@ -125,12 +249,16 @@ class Run:
 
 
 def load_run(path: str | os.PathLike, device: str | torch.device = "cpu",
-             averaged: bool = True) -> Run:
-    """Load a trained model for evaluation/generation/scoring (eval mode, no training state)."""
+             averaged: bool = True, checkpoint: str = "best") -> Run:
+    """Load a trained model for evaluation/generation/scoring (eval mode, no training state).
+
+    A run directory gives its best validation checkpoint (`checkpoint="best"`, the averaged
+    weights where NT-ASGD averaged), or "latest", or "step-N"; a step directory gives itself.
+    """
     from .data.tokenizers import load_tokenizer
     from .models import build_model
 
-    ckpt = find_checkpoint(path)
+    ckpt = find_checkpoint(path, checkpoint)
     run_dir = run_dir_of(ckpt)
     cfg = read_run_config(run_dir)
     vocab = run_dir / "vocab.json"

@@ -53,9 +53,13 @@ def test_sink_and_compare(tmp_path, capsys, monkeypatch):
 
 def test_baselines(tmp_path, monkeypatch):
     monkeypatch.setenv("DIST_LM_BASELINES", str(tmp_path / "b.json"))
-    k = baseline_key({"emb_size": 16}, 4, 70, "cpu")
+    args = ({"emb_size": 16}, 10000, 4, 70, "fp32", "cpu")
+    k = baseline_key(*args)
     assert read_baseline(k) == 0.0
     record_baseline(k, 1234.0, "test")
     assert read_baseline(k) == 1234.0
-    assert baseline_key({"emb_size": 32}, 4, 70, "cpu") != k
+    for i, other in enumerate(({"emb_size": 32}, 33278, 8, 140, "bf16", "NVIDIA H100")):
+        changed = list(args)
+        changed[i] = other
+        assert baseline_key(*changed) != k  # model, vocab, micro, bptt, dtype, device: all count
     assert json.loads((tmp_path / "b.json").read_text())[k]["source"] == "test"

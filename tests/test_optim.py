@@ -28,47 +28,52 @@ def test_build_optimizer(name, cls):
         build_optimizer([p], OptimConfig(name="adam", betas=[0.9]))
 
 
-def seq(sched, steps, spe=10):
-    return [sched.lr(s, s / spe) for s in range(steps)]
+def seq(sched, steps, spe=10, total=None):
+    """lr over steps with spe steps per epoch: (step, progress = step / total, completed epochs)."""
+    total = total or steps
+    return [sched.lr(s, s / total, s // spe) for s in range(steps)]
 
 
 def test_constant_and_linear_scaling_and_warmup():
-    s = LRSchedule(ScheduleConfig(kind="constant", base_batch=20, warmup_steps=4), 1.0, 80, 100, 10)
+    s = LRSchedule(ScheduleConfig(kind="constant", base_batch=20, warmup_steps=4), 1.0, 80)
     assert seq(s, 6) == pytest.approx([1.0, 2.0, 3.0, 4.0, 4.0, 4.0])
 
 
 def test_step_decay_at_epochs():
     # decays after milestone epochs are completed (reference: `if epoch in args.when: lr /= 10`)
-    s = LRSchedule(ScheduleConfig(kind="step", milestones=[1, 2], gamma=0.1), 1.0, 1, 40, 4)
+    s = LRSchedule(ScheduleConfig(kind="step", milestones=[1, 2], gamma=0.1), 1.0, 1)
     assert seq(s, 25) == pytest.approx([1.0] * 10 + [0.1] * 10 + [0.01] * 5)
+    # an epoch milestone depends on completed epochs only, not on progress
+    assert s.lr(0, 0.99, 0) == 1.0 and s.lr(0, 0.0, 1) == pytest.approx(0.1)
 
 
 def test_step_decay_fixed_time_fractions():
-    s = LRSchedule(ScheduleConfig(kind="step", milestones=[0.5, 0.75], gamma=0.5), 2.0, 1, 8, 1)
-    assert [s.lr(i, 0.0) for i in range(8)] == pytest.approx([2, 2, 2, 2, 1, 1, 0.5, 0.5])
+    s = LRSchedule(ScheduleConfig(kind="step", milestones=[0.5, 0.75], gamma=0.5), 2.0, 1)
+    assert [s.lr(i, i / 8, 0) for i in range(8)] == pytest.approx([2, 2, 2, 2, 1, 1, 0.5, 0.5])
 
 
 def test_plateau():
-    s = LRSchedule(ScheduleConfig(kind="plateau", gamma=0.5, patience=1, min_lr=0.2), 1.0, 1, 10, 1)
+    s = LRSchedule(ScheduleConfig(kind="plateau", gamma=0.5, patience=1, min_lr=0.2), 1.0, 1)
     lrs = []
     for v in [5.0, 4.0, 4.5, 4.6, 4.7, 3.0, 3.5, 3.6, 3.7, 3.8]:
         s.observe(v)
-        lrs.append(s.lr(0, 0.0))
+        lrs.append(s.lr(0, 0.0, 0))
     assert lrs == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.2])
-    t = LRSchedule(ScheduleConfig(kind="plateau", gamma=0.5, patience=1, min_lr=0.2), 1.0, 1, 10, 1)
+    t = LRSchedule(ScheduleConfig(kind="plateau", gamma=0.5, patience=1, min_lr=0.2), 1.0, 1)
     t.load_state_dict(s.state_dict())
-    assert t.lr(0, 0.0) == s.lr(0, 0.0)
+    assert t.lr(0, 0.0, 0) == s.lr(0, 0.0, 0)
 
 
 def test_cosine():
-    s = LRSchedule(ScheduleConfig(kind="cosine", min_lr=0.0, warmup_steps=2), 1.0, 1, 10, 1)
-    got = seq(s, 11)
-    want = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * (k - 2) / 8)) for k in range(2, 11)]
+    s = LRSchedule(ScheduleConfig(kind="cosine", min_lr=0.0, warmup_steps=2), 1.0, 1)
+    got = seq(s, 11, total=10)
+    want = [0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(11)]
+    want[0] *= 0.5  # warmup: (step + 1) / warmup_steps
     assert got == pytest.approx(want)
 
 
 def test_cyclic():
-    s = LRSchedule(ScheduleConfig(kind="cyclic", min_lr=0.0, cycle_steps=2), 1.0, 1, 10, 1)
+    s = LRSchedule(ScheduleConfig(kind="cyclic", min_lr=0.0, cycle_steps=2), 1.0, 1)
     assert seq(s, 9) == pytest.approx([0, 0.5, 1, 0.5, 0, 0.5, 1, 0.5, 0])
 
 
@@ -125,5 +130,32 @@ def test_param_averager_matches_torch_asgd():
     avg.swap()
     for n, p in m1.named_parameters():
         assert torch.equal(p, before[n])
-    sd = avg.state_dict()
+    sd = avg.averaged_state()
     assert set(sd) == set(m1.state_dict())
+    restored = ParamAverager(m1)
+    restored.load_state_dict(avg.state_dict())
+    restored.load_average(sd)
+    assert restored.count == avg.count == 6
+    for n in avg.avg:
+        assert torch.equal(restored.avg[n], avg.avg[n])
+
+
+def test_param_averager_keeps_fp32_mean_of_bf16_params():
+    """In bf16, adding (p - mean) / k to a bf16 mean rounds away most of each update; the fp32
+    mean stays at the exact mean of the bf16 parameters."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    avg = ParamAverager(m)
+    ref = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in m.named_parameters()}
+    steps = 300
+    for k in range(1, steps + 1):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 1e-2)
+        avg.update()
+        if k >= 2:  # the mean of the parameters after steps 2..k (ASGD's one-step lag)
+            for n, p in m.named_parameters():
+                ref[n] += p.double()
+    for n, a in avg.avg.items():
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), ref[n] / (steps - 1), rtol=0, atol=1e-5)

@@ -1,13 +1,13 @@
-"""1 rank vs 2 ranks (DDP) vs DeepSpeed ZeRO 0/1/2 on CPU/gloo, and exact resume after SIGKILL.
+"""1 rank vs 2 ranks (DDP) vs DeepSpeed ZeRO 0/1/2 on CPU/gloo, and exact resume after SIGKILL,
+on the real path: RNNLanguageModel (LSTM and QRNN) and StreamLoader over real PTB-slice shards.
 
-Runs go through tests/train_helpers.py (tiny tied LSTM, generated corpus) in subprocesses
-launched with torchrun, one thread per process.
+Runs go through tests/train_helpers.py in subprocesses (torchrun for 2 ranks), one thread each.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -16,12 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from train_helpers import make_trainer, metrics, tiny_config
+
 from dist_lm.errors import UserError
+from dist_lm.runs import list_checkpoints, step_of
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = REPO / "tests" / "train_helpers.py"
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
+TIMING = {"time", "tokens_per_s", "tokens_per_s_per_device", "data_wait_share", "interval_s",
+          "elapsed_s", "valid_seconds", "train_seconds"}
 
 
 def _port() -> int:
@@ -30,9 +35,9 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def run(tmp: Path, name: str, nproc: int, *args: str, kill: int = 0, check: bool = True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO),
-               DIST_LM_BASELINES=str(tmp / "baselines.json"))
+def run(tmp: Path, name: str, nproc: int, shards: Path, *args: str, kill: int = 0,
+        check: bool = True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
     env.pop("DIST_LM_FAULT_KILL_AT_STEP", None)
     if kill:
         env["DIST_LM_FAULT_KILL_AT_STEP"] = str(kill)
@@ -42,8 +47,8 @@ def run(tmp: Path, name: str, nproc: int, *args: str, kill: int = 0, check: bool
     else:
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
                str(_port()), str(HELPER)]
-    cmd += [str(out)] + list(args)
-    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    cmd += [str(out), f"data.shards={shards}"] + list(args)
+    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
@@ -54,8 +59,7 @@ def result(tmp: Path, name: str, rank: int = 0) -> dict:
 
 
 def losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r and "valid_loss" not in r]
+    return [r["loss"] for r in metrics(run_dir) if "loss" in r and "valid_loss" not in r]
 
 
 STEPS = "train.max_steps=6"
@@ -63,9 +67,9 @@ SAME = ("train.variable_bptt=true", STEPS)
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single(tmp_path_factory, ptb_slice):
     tmp = tmp_path_factory.mktemp("single")
-    run(tmp, "one", 1, f"train.run_dir={tmp/'one'}", *SAME)
+    run(tmp, "one", 1, ptb_slice, f"train.run_dir={tmp/'one'}", *SAME)
     return tmp
 
 
@@ -79,23 +83,23 @@ def assert_ranks_identical(tmp, name):
     r0, r1 = result(tmp, name, 0), result(tmp, name, 1)
     for k in r0["params"]:
         assert torch.equal(r0["params"][k], r1["params"][k]), k
-    assert r0["lengths"] == r1["lengths"]  # random BPTT windows agree on every rank
+    assert r0["loader"]["rng"] == r1["loader"]["rng"]  # random BPTT windows agree on every rank
 
 
-def test_ddp_two_ranks_match_one(single, tmp_path):
-    run(tmp_path, "ddp", 2, f"train.run_dir={tmp_path/'ddp'}", "dist.engine=ddp",
+def test_ddp_two_ranks_match_one(single, tmp_path, ptb_slice):
+    run(tmp_path, "ddp", 2, ptb_slice, f"train.run_dir={tmp_path/'ddp'}", "dist.engine=ddp",
         "train.micro_batch=1", *SAME)  # 2 ranks x 2 accumulation steps x 1 stream
     assert_same_curve(losses(single / "one"), losses(tmp_path / "ddp"))
     assert_ranks_identical(tmp_path, "ddp")
     one, two = result(single, "one"), result(tmp_path, "ddp")
-    assert one["lengths"] == two["lengths"]
+    assert one["loader"]["rng"] == two["loader"]["rng"]
     for k, v in one["params"].items():
         torch.testing.assert_close(two["params"][k], v, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_deepspeed_zero_matches(single, tmp_path, stage):
-    run(tmp_path, "ds", 2, f"train.run_dir={tmp_path/'ds'}", "dist.engine=deepspeed",
+def test_deepspeed_zero_matches(single, tmp_path, ptb_slice, stage):
+    run(tmp_path, "ds", 2, ptb_slice, f"train.run_dir={tmp_path/'ds'}", "dist.engine=deepspeed",
         f"dist.zero_stage={stage}", *SAME)
     assert_same_curve(losses(single / "one"), losses(tmp_path / "ds"))
     assert_ranks_identical(tmp_path, "ds")
@@ -103,54 +107,100 @@ def test_deepspeed_zero_matches(single, tmp_path, stage):
     assert (tmp_path / "ds" / "checkpoints" / "step-00000006" / "model.pt").is_file()
 
 
-RESUME = ("train.max_steps=10", "checkpoint.every_steps=2", "model.dropout=0.3",
-          "model.dropouti=0.2", "train.variable_bptt=true", "optim.name=momentum", "optim.lr=0.3")
+# every regularizer on: weight drop, locked dropouts, embedding dropout, AR/TAR, variable bptt
+REGULARIZED = ("model.dropout=0.3", "model.dropouti=0.2", "model.dropouth=0.2",
+               "model.dropoute=0.1", "model.wdrop=0.3", "train.variable_bptt=true")
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_after_sigkill_is_bit_exact(tmp_path, nproc):
+def assert_resumed_equals_full(tmp: Path, full_dir: Path, part_dir: Path, last: int):
+    full, part = result(tmp, "full"), result(tmp, "part")
+    for k, v in full["params"].items():
+        assert torch.equal(part["params"][k], v), k
+    assert part["loader"] == full["loader"]
+    fa = full_dir / "checkpoints" / f"step-{last:08d}"
+    pa = part_dir / "checkpoints" / f"step-{last:08d}"
+    opt = "optim.pt"
+    if (fa / opt).is_file():
+        fo, po = (torch.load(d / opt, weights_only=True) for d in (fa, pa))
+        assert fo["state"].keys() == po["state"].keys()
+        for i in fo["state"]:
+            for k, v in fo["state"][i].items():
+                assert torch.equal(po["state"][i][k], v) if torch.is_tensor(v) else po["state"][i][k] == v
+    # the log continues exactly: same records (timings aside), each step once
+    strip = [[{k: v for k, v in r.items() if k not in TIMING} for r in metrics(d)]
+             for d in (full_dir, part_dir)]
+    assert strip[0] == strip[1]
+    finals = [r for r in metrics(part_dir) if r.get("final")]
+    assert len(finals) == 1 and finals[0]["valid_loss"] == strip[0][-1]["valid_loss"]
+
+
+@pytest.mark.parametrize("nproc,arch", [(1, "lstm"), (1, "qrnn"), (2, "lstm")])
+def test_resume_after_sigkill_is_bit_exact(tmp_path, ptb_slice, nproc, arch):
     eng = "dist.engine=" + ("ddp" if nproc == 2 else "local")
-    run(tmp_path, "full", nproc, f"train.run_dir={tmp_path/'full'}", eng, *RESUME)
+    args = ("train.max_steps=10", "checkpoint.every_steps=2", "train.eval_every_steps=3",
+            f"model.arch={arch}", *REGULARIZED, "optim.name=momentum", "optim.lr=0.3", eng)
+    run(tmp_path, "full", nproc, ptb_slice, f"train.run_dir={tmp_path/'full'}", *args)
     rd = tmp_path / "part"
-    p = run(tmp_path, "part", nproc, f"train.run_dir={rd}", eng, *RESUME, kill=5, check=False)
-    assert p.returncode != 0  # killed with SIGKILL after step 5 (last complete checkpoint: 4)
+    kill = random.Random(f"{nproc}{arch}").randint(3, 9)
+    p = run(tmp_path, "part", nproc, ptb_slice, f"train.run_dir={rd}", *args, kill=kill,
+            check=False)
+    assert p.returncode != 0  # killed with SIGKILL right after step `kill`
     ck = rd / "checkpoints"
-    assert (ck / "step-00000004" / "DONE").is_file()
+    last = step_of(list_checkpoints(rd)[-1])  # every 2 steps, and at each new best validation
+    assert kill - 2 < last <= kill and not (rd / "checkpoints" / f"step-{kill + 1:08d}").exists()
     # a checkpoint the kill cut short: no marker, garbage inside -- must be ignored
-    (ck / "step-00000006").mkdir()
-    (ck / "step-00000006" / "model.pt").write_bytes(b"garbage")
-    run(tmp_path, "part", nproc, f"train.run_dir={rd}", eng, *RESUME, "resume=auto")
-    full, part = result(tmp_path, "full"), result(tmp_path, "part")
-    for k, v in full["params"].items():
-        assert torch.equal(part["params"][k], v), k
-    kept = sorted(p.name for p in ck.iterdir())
-    assert kept[-1] == "step-00000010" and len([k for k in kept]) <= 4  # keep_last 3 (+ best)
+    (ck / "step-00000099").mkdir()
+    (ck / "step-00000099" / "model.pt").write_bytes(b"garbage")
+    run(tmp_path, "part", nproc, ptb_slice, f"train.run_dir={rd}", *args, "resume=auto")
+    assert_resumed_equals_full(tmp_path, tmp_path / "full", rd, 10)
 
 
-def test_deepspeed_resume_is_bit_exact(tmp_path):
+def test_deepspeed_resume_with_accumulation_and_its_adam_is_bit_exact(tmp_path, ptb_slice):
     args = ("dist.engine=deepspeed", "dist.zero_stage=1", "train.max_steps=6",
-            "checkpoint.every_steps=2", "model.dropout=0.3", "train.variable_bptt=true")
-    run(tmp_path, "full", 2, f"train.run_dir={tmp_path/'full'}", *args)
+            "train.micro_batch=1", "optim.name=adam", "optim.lr=0.01",  # 2 ranks x 2 micro-steps
+            "checkpoint.every_steps=2", *REGULARIZED)
+    run(tmp_path, "full", 2, ptb_slice, f"train.run_dir={tmp_path/'full'}", *args)
     rd = tmp_path / "part"
-    p = run(tmp_path, "part", 2, f"train.run_dir={rd}", *args, kill=3, check=False)
+    p = run(tmp_path, "part", 2, ptb_slice, f"train.run_dir={rd}", *args, kill=3, check=False)
     assert p.returncode != 0 and (rd / "checkpoints" / "step-00000002" / "deepspeed").is_dir()
-    run(tmp_path, "part", 2, f"train.run_dir={rd}", *args, "resume=auto")
-    full, part = result(tmp_path, "full"), result(tmp_path, "part")
-    for k, v in full["params"].items():
-        assert torch.equal(part["params"][k], v), k
+    run(tmp_path, "part", 2, ptb_slice, f"train.run_dir={rd}", *args, "resume=auto")
+    assert_resumed_equals_full(tmp_path, tmp_path / "full", rd, 6)
 
 
-def test_resume_refuses_other_world_size(tmp_path):
+def test_resume_refuses_other_world_size(tmp_path, ptb_slice):
     rd = tmp_path / "two"
-    run(tmp_path, "two", 2, f"train.run_dir={rd}", "dist.engine=ddp", "train.max_steps=2")
-    sys.path.insert(0, str(REPO / "tests"))
-    from train_helpers import make_trainer, tiny_config
-
-    tr = make_trainer(tiny_config(rd, **{"train.max_steps": 4}))
+    run(tmp_path, "two", 2, ptb_slice, f"train.run_dir={rd}", "dist.engine=ddp",
+        "train.max_steps=2")
+    tr = make_trainer(tiny_config(rd, ptb_slice, **{"train.max_steps": 4}))
     with pytest.raises(UserError, match="written by 2 rank"):
         tr.fit(resume="auto")
-    one = tmp_path / "one"
-    make_trainer(tiny_config(one, **{"train.max_steps": 1})).fit()
-    tr2 = make_trainer(tiny_config(tmp_path / "x", **{"train.global_batch": 2}))
-    with pytest.raises(UserError, match="train.global_batch=4"):
-        tr2.resume(str(one))
+
+
+def test_scaling_efficiency_needs_a_matching_recorded_baseline(tmp_path, ptb_slice):
+    """Two ranks report efficiency only against a single-device baseline of the same model,
+    vocabulary, micro-batch, bptt, dtype and device kind that a run recorded deliberately."""
+    base = tmp_path / "baselines.json"
+    env_over = {"DIST_LM_BASELINES": str(base)}
+    old = {k: os.environ.get(k) for k in env_over}
+    os.environ.update(env_over)
+    try:
+        run(tmp_path, "ddp0", 2, ptb_slice, f"train.run_dir={tmp_path/'ddp0'}", "dist.engine=ddp",
+            "train.max_steps=3")
+        assert not any("scaling_efficiency" in r for r in metrics(tmp_path / "ddp0"))
+        # the baseline: one device with the per-rank micro-batch of the 2-rank run (2 streams)
+        run(tmp_path, "one", 1, ptb_slice, f"train.run_dir={tmp_path/'one'}", "train.max_steps=3",
+            "train.global_batch=2", "train.record_baseline=true")
+        assert base.is_file()
+        run(tmp_path, "ddp", 2, ptb_slice, f"train.run_dir={tmp_path/'ddp'}", "dist.engine=ddp",
+            "train.max_steps=3")
+        assert all("scaling_efficiency" in r for r in metrics(tmp_path / "ddp")
+                   if "tokens_per_s" in r)
+        run(tmp_path, "ddp2", 2, ptb_slice, f"train.run_dir={tmp_path/'ddp2'}", "dist.engine=ddp",
+            "train.max_steps=3", "train.bptt=10")  # another bptt: no matching baseline
+        assert not any("scaling_efficiency" in r for r in metrics(tmp_path / "ddp2"))
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

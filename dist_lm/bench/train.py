@@ -2,9 +2,10 @@
 
 The step is the Trainer's (local engine): forward on a [bptt, batch] window with the hidden
 state carried, loss = nll + AR + TAR, backward, clip over all parameters, SGD step. Synthetic
-tokens (speed does not depend on the text). Each figure is also recorded as the single-device
-baseline for its model config (dist_lm.metrics.record_baseline), which multi-rank runs use
-for their scaling efficiency.
+tokens (speed does not depend on the text). The full-size figure is also recorded as the
+single-device baseline for its model, vocabulary, batch, bptt and dtype
+(dist_lm.metrics.record_baseline), which multi-rank runs of that configuration use for their
+scaling efficiency.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def run(quick: bool) -> list[dict]:
     tps = measure(cfg, vocab, steps=3 if quick else 20)
     m = cfg.model
     if not quick:
-        key = baseline_key(to_dict(cfg)["model"], cfg.train.global_batch, cfg.train.bptt, "cpu")
+        key = baseline_key(to_dict(cfg)["model"], vocab, cfg.train.global_batch, cfg.train.bptt,
+                           "fp32", "cpu")
         record_baseline(key, tps, "dist-lm bench train")
     return [{"name": f"train step lstm emb{m.emb_size} hid{m.hidden_size} x{m.n_layers} "
                      f"B{cfg.train.global_batch} T{cfg.train.bptt} V{vocab}",

@@ -8,7 +8,7 @@ that is `sum_nll / (B * L)`, i.e. the sum of NLL over every predicted token divi
 number of predicted tokens -- but its `len(data_source)` counts L rows while only L-1 are
 predicted, a 1/L bias. We report exactly `sum NLL / number of predicted tokens`.
 
-    from dist_lm.eval.evaluate import evaluate_stream
+    from dist_lm.eval.windows import evaluate_stream
     sum_nll, n_tokens = evaluate_stream(model, loader)    # all-reduced over ranks
 """
 
@@ -24,42 +24,13 @@ from typing import Any
 import torch
 
 from ..fileio import write_text_atomic
-from ..metrics import ppl_or_bpc, wandb_id, wandb_mode
+from ..metrics import ppl_or_bpc, wandb_init, wandb_mode
 from ..distributed import all_reduce_sum
 from ..errors import UserError
 from ..runs import run_dir_of
 from .cache import NeuralCache, mix_log_prob
 from .dynamic import SEARCH_DECAYS, SEARCH_LRS, DynamicEvaluator
-from .windows import carried_outputs, eval_mode
-
-
-def _sum_over_windows(model, loader, window_nll, reduce: bool) -> tuple[float, int]:
-    """Sum window_nll(out, targets) over the loader in eval mode (the mode is restored after),
-    with the sums kept on the device; all-reduced over ranks with `reduce`."""
-    total, count = None, 0
-    with eval_mode(model):
-        for out, targets in carried_outputs(model, loader):
-            s = window_nll(out, targets)
-            total = s if total is None else total + s  # no host sync per window
-            count += targets.numel()
-    device = total.device if total is not None else torch.device("cpu")
-    buf = torch.tensor([0.0 if total is None else float(total), float(count)],
-                       dtype=torch.float64, device=device)
-    if reduce:
-        all_reduce_sum(buf)
-    return float(buf[0]), int(round(float(buf[1])))
-
-
-@torch.no_grad()
-def evaluate_stream(model: torch.nn.Module, loader, reduce: bool = True) -> tuple[float, int]:
-    """Sum of NLL and number of predicted tokens over one pass of `loader`.
-
-    The hidden state starts at zero and is carried across windows (AWD-LSTM's protocol).
-    The model is put in eval mode for the pass and restored to its previous mode after, so
-    the trainer can call this for validation. With `reduce` and an initialized process
-    group, both numbers are summed over ranks (each rank holds its own streams).
-    """
-    return _sum_over_windows(model, loader, lambda out, t: out.nll.double().sum(), reduce)
+from .windows import _sum_over_windows, carried_outputs, eval_mode, evaluate_stream  # noqa: F401  (re-exported)
 
 
 # ---------------------------------------------------------------------------------------
@@ -93,7 +64,7 @@ CACHE_THETAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0)  # dot p
 CACHE_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 PROTOCOLS = ("reference", "fast")
 FAST_BATCH = 64  # streams of the fast protocol (drops < 64 tokens at the split's end)
-_GENERAL = {"bptt": int, "corpus": str, "device": str, "averaged": bool}
+_GENERAL = {"bptt": int, "corpus": str, "device": str, "averaged": bool, "checkpoint": str}
 
 
 def _fields(cls) -> dict[str, type]:
@@ -346,9 +317,7 @@ def _log_wandb(run, res: dict) -> None:
     except ImportError:
         return
     run_dir = run_dir_of(run.checkpoint)
-    w = wandb.init(mode=mode, project=run.config.log.project, group=run.config.log.group or None,
-                   name=run.config.log.name or run_dir.name, dir=str(run_dir), resume="allow",
-                   id=wandb_id(run_dir))
+    w = wandb_init(wandb, mode, run.config, run_dir)
     key = f"eval/{res['split']}/{res['method']}" + ("/fast" if res["protocol"] == "fast" else "")
     for k, v in res.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -364,7 +333,7 @@ def eval_command(path: str, split: str = "test", protocol: str = "reference",
 
     general, cache, dyn = parse_options(dict(options or {}))
     check_protocol(protocol)
-    ckpt = find_checkpoint(path)
+    ckpt = find_checkpoint(path, general.get("checkpoint", "best"))
     cfg = read_run_config(run_dir_of(ckpt))
     if split not in (cfg.data.valid_split, cfg.data.test_split, cfg.data.train_split):
         raise UserError(f"unknown split '{split}'; choose {cfg.data.valid_split} or "

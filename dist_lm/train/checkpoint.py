@@ -1,27 +1,43 @@
-"""The training side of checkpoints: write a step directory from every rank, read it back.
+"""The training side of checkpoints: one Checkpointer walks the run's stateful pieces.
 
     checkpoints/step-00001234/
         model.pt          unwrapped model state_dict (rank 0)
         averaged.pt       NT-ASGD averaged parameters, same keys (rank 0, only when averaging)
-        trainer.pt        counters, schedule, NT-ASGD, averaging count, world size, global batch (rank 0)
+        trainer.pt        format version, world size, global batch, engine, and the state_dict()
+                          of every shared piece: trainer counters, schedule, NT-ASGD, averager (rank 0)
         optim.pt          optimizer state (local / DDP; DeepSpeed writes deepspeed/ instead)
-        rank-00000.pt     per rank: torch (and CUDA) RNG, StreamLoader position, hidden states
-        DONE              written by rank 0 after a barrier, last: without it the step does not exist
+        rank-00000.pt     per rank: format version, rank, and the state_dict() of every per-rank
+                          piece: StreamLoader position, hidden states, torch (and CUDA) RNG
+        DONE              written by rank 0 after a barrier, last: without it the step does not
+                          exist. JSON: {"format", "step", "best_step"} (the best validation's step,
+                          which `eval` and `load_run` use by default)
 
+Every piece is Stateful (state_dict() / load_state_dict() with plain values and tensors), so
+no field is copied by hand: a new piece of state is one more entry in the Trainer's dicts.
 Everything is read back with torch.load(weights_only=True) (dist_lm.runs.load_tensor_file).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from ..distributed import barrier
 from ..errors import UserError
-from ..runs import MARKER, STEP_RE, list_checkpoints, load_tensor_file, step_dir_name
+from ..runs import MARKER, list_checkpoints, load_tensor_file, step_dir_name, step_of
+
+FORMAT = 2  # 1: the first layout (hand-wired trainer fields); 2: Stateful pieces + JSON marker
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, sd: dict) -> None: ...
 
 
 def save_file(obj, path: Path) -> None:
@@ -35,69 +51,114 @@ def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
 
 
-def save_checkpoint(run_dir: Path, step: int, rank: int, *, model_state: dict | None,
-                    averaged_state: dict | None, trainer_state: dict, rank_state: dict,
-                    engine, keep_last: int, keep: set[int] = frozenset()) -> Path:
-    """Collective: every rank calls it. Returns the step directory."""
-    step_dir = Path(run_dir) / "checkpoints" / step_dir_name(step)
-    if rank == 0:
-        if step_dir.exists():  # left over from a run killed while writing: start clean
-            shutil.rmtree(step_dir)
-        step_dir.mkdir(parents=True)
-    barrier()
-    if rank == 0:
-        save_file(model_state, step_dir / "model.pt")
-        if averaged_state is not None:
-            save_file(averaged_state, step_dir / "averaged.pt")
-        save_file(trainer_state, step_dir / "trainer.pt")
-    engine.save(step_dir, rank)
-    save_file(rank_state, step_dir / rank_file(rank))
-    barrier()  # every rank has finished writing
-    if rank == 0:
-        (step_dir / MARKER).write_text(f"{step}\n")
-        prune(run_dir, keep_last, keep | {step})
-    barrier()
-    return step_dir
+class RNGState:
+    """torch's (and the device's CUDA) generator as a Stateful piece."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict:
+        st = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            st["cuda"] = torch.cuda.get_rng_state(self.device)
+        return st
+
+    def load_state_dict(self, st: dict) -> None:
+        torch.set_rng_state(st["torch"])
+        if self.device.type == "cuda" and "cuda" in st:
+            torch.cuda.set_rng_state(st["cuda"], self.device)
+
+
+class Checkpointer:
+    """Writes and reads step directories of one run (collective: every rank calls save/load).
+
+    `meta` is checked on load (world size, global batch: the stream layout depends on them);
+    `shared` pieces are saved by rank 0 into trainer.pt, `per_rank` pieces by each rank into its
+    rank file, and loaded back in dict order (put the RNG last: nothing after it may draw).
+    """
+
+    def __init__(self, run_dir: Path, rank: int, *, model: torch.nn.Module, engine,
+                 shared: dict[str, Stateful], per_rank: dict[str, Stateful], meta: dict):
+        self.root = Path(run_dir) / "checkpoints"
+        self.rank = rank
+        self.model, self.engine = model, engine
+        self.shared, self.per_rank, self.meta = shared, per_rank, meta
+
+    def save(self, step: int, *, averaged: dict | None, best_step: int, keep_last: int) -> Path:
+        step_dir = self.root / step_dir_name(step)
+        if self.rank == 0:
+            if step_dir.exists():  # left over from a run killed while writing: start clean
+                shutil.rmtree(step_dir)
+            step_dir.mkdir(parents=True)
+        barrier()
+        if self.rank == 0:
+            save_file(self.model.state_dict(), step_dir / "model.pt")
+            if averaged is not None:
+                save_file(averaged, step_dir / "averaged.pt")
+            save_file({"format": FORMAT, **self.meta,
+                       **{k: v.state_dict() for k, v in self.shared.items()}},
+                      step_dir / "trainer.pt")
+        self.engine.save(step_dir, self.rank)
+        save_file({"format": FORMAT, "rank": self.rank,
+                   **{k: v.state_dict() for k, v in self.per_rank.items()}},
+                  step_dir / rank_file(self.rank))
+        barrier()  # every rank has finished writing
+        if self.rank == 0:
+            marker = {"format": FORMAT, "step": step, "best_step": best_step}
+            (step_dir / MARKER).write_text(json.dumps(marker) + "\n")
+            prune(self.root.parent, keep_last, {step, best_step})
+        barrier()
+        return step_dir
+
+    def read_shared(self, step_dir: Path) -> dict:
+        """trainer.pt, checked against this run (format, world size, global batch)."""
+        st = load_tensor_file(step_dir / "trainer.pt")
+        check_compatible(step_dir, st, self.meta)
+        return st
+
+    def load(self, step_dir: Path, shared: dict) -> None:
+        """Model, optimizer (engine), shared pieces (from `shared`, read by read_shared), then
+        this rank's pieces."""
+        from .trainer import load_weights
+
+        load_weights(self.model, step_dir, "model.pt")
+        self.engine.load(step_dir, self.rank)
+        for k, piece in self.shared.items():
+            piece.load_state_dict(shared[k])
+        mine = load_tensor_file(step_dir / rank_file(self.rank))
+        for k, piece in self.per_rank.items():
+            piece.load_state_dict(mine[k])
+
+
+def check_compatible(step_dir: Path, st: dict, meta: dict) -> None:
+    """A checkpoint of another format, world size, global batch or engine is refused, with
+    what to do."""
+    fmt = st.get("format", 1)
+    if fmt != FORMAT:
+        raise UserError(f"cannot resume from {step_dir}: it has checkpoint format {fmt} and this "
+                        f"dist-lm reads format {FORMAT}. Continue it with the dist-lm version that "
+                        f"wrote it, or start a new run from its weights with "
+                        f"--train.finetune_from={step_dir}.")
+    if int(st["world_size"]) != meta["world_size"]:
+        raise UserError(f"cannot resume from {step_dir}: it was written by {st['world_size']} "
+                        f"rank(s) and this run has {meta['world_size']}. Per-rank streams, hidden "
+                        f"states and RNG states only continue exactly with the same number of "
+                        f"ranks; relaunch with {st['world_size']} rank(s) or start a new "
+                        f"train.run_dir.")
+    if int(st["global_batch"]) != meta["global_batch"]:
+        raise UserError(f"cannot resume from {step_dir}: it used train.global_batch="
+                        f"{st['global_batch']} and this run asks for {meta['global_batch']}. The "
+                        f"stream layout depends on it; set --train.global_batch="
+                        f"{st['global_batch']} or start a new train.run_dir.")
+    if st["engine"] != meta["engine"] and "deepspeed" in (st["engine"], meta["engine"]):
+        raise UserError(f"cannot resume from {step_dir}: it was written by dist.engine="
+                        f"{st['engine']}; set --dist.engine={st['engine']}.")
 
 
 def prune(run_dir: Path, keep_last: int, keep: set[int]) -> None:
     """Delete complete checkpoints beyond the newest `keep_last`, except those in `keep`."""
     if keep_last <= 0:
         return
-    ckpts = list_checkpoints(run_dir)
-    for p in ckpts[:-keep_last]:
-        if int(STEP_RE.match(p.name).group(1)) not in keep:
+    for p in list_checkpoints(run_dir)[:-keep_last]:
+        if step_of(p) not in keep:
             shutil.rmtree(p, ignore_errors=True)
-
-
-def load_trainer_state(step_dir: Path, world_size: int, global_batch: int) -> dict:
-    """trainer.pt, refusing a checkpoint written with another world size or global batch."""
-    st = load_tensor_file(step_dir / "trainer.pt")
-    if int(st["world_size"]) != world_size:
-        raise UserError(f"cannot resume from {step_dir}: it was written by {st['world_size']} "
-                        f"rank(s) and this run has {world_size}. Per-rank streams, hidden states "
-                        f"and RNG states only continue exactly with the same number of ranks; "
-                        f"relaunch with {st['world_size']} rank(s) or start a new train.run_dir.")
-    if int(st["global_batch"]) != global_batch:
-        raise UserError(f"cannot resume from {step_dir}: it used train.global_batch="
-                        f"{st['global_batch']} and this run asks for {global_batch}. The stream "
-                        f"layout depends on it; set --train.global_batch={st['global_batch']} "
-                        f"or start a new train.run_dir.")
-    return st
-
-
-def load_rank_state(step_dir: Path, rank: int) -> dict:
-    return load_tensor_file(step_dir / rank_file(rank))
-
-
-def rng_state(device: torch.device) -> dict:
-    st = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def set_rng_state(st: dict, device: torch.device) -> None:
-    torch.set_rng_state(st["torch"])
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"], device)

@@ -150,10 +150,6 @@ class DeepSpeedEngine:
             raise UserError(f"dist.engine=deepspeed needs the deepspeed package ({exc}); "
                             f"pip install deepspeed or use dist.engine=ddp.") from None
         _disable_deepspeed_shm_build()
-        if cfg.dist.zero_stage == 3:  # model.pt / averaging need whole parameters on every rank
-            raise UserError("dist.zero_stage=3 partitions the parameters themselves, which the "
-                            "checkpoint (model.pt) and NT-ASGD averaging do not support; use "
-                            "--dist.zero_stage=2 (recurrent LMs of this size fit per device).")
         self.module = module
         self.accum = accum
         self.ds_config = deepspeed_config(cfg, world_size, micro, accum)

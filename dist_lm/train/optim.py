@@ -50,31 +50,33 @@ def uses_averaging(cfg: OptimConfig) -> bool:
 
 
 class LRSchedule:
-    """Learning rate as a function of (optimizer step, epochs completed as a float).
+    """Learning rate as a function of (optimizer step, progress, epochs completed).
 
-    kinds: constant; step (multiply by gamma at each milestone: epochs when >= 1, fractions of
-    the run when < 1, e.g. [0.5, 0.75] = "fixed-time" decay); plateau (multiply by gamma when
-    validation has not improved for more than `patience` checks); cosine (to min_lr over the
-    run); cyclic (triangular between min_lr and lr, `cycle_steps` per half cycle). Linear
-    warmup and the linear scaling rule (lr * global_batch / base_batch) apply to every kind.
-    The per-step seq_len / bptt factor is applied by the caller.
+    `progress` is the fraction of the run's bound spent, in [0, 1]: of its seconds for a run
+    bounded by train.max_seconds (a time-bounded run decays by the wall clock), of its steps or
+    epochs otherwise (the largest fraction when several bounds are set: whichever ends the run
+    first). kinds: constant; step (multiply by gamma at each milestone: whole epochs when >= 1,
+    taking effect exactly at that epoch boundary like the reference's --when; fractions of the
+    run when < 1, e.g. [0.5, 0.75] = "fixed-time" decay); plateau (multiply by gamma when
+    validation has not improved for more than `patience` checks); cosine (from the peak to
+    min_lr over the run's progress); cyclic (triangular between min_lr and lr, `cycle_steps` per
+    half cycle). Linear warmup over the first warmup_steps steps and the linear scaling rule
+    (lr * global_batch / base_batch) apply to every kind. The per-step seq_len / bptt factor is
+    applied by the caller.
     """
 
-    def __init__(self, cfg: ScheduleConfig, base_lr: float, global_batch: int,
-                 total_steps: int, total_epochs: float):
+    def __init__(self, cfg: ScheduleConfig, base_lr: float, global_batch: int):
         self.cfg = cfg
         self.peak = base_lr * (global_batch / cfg.base_batch if cfg.base_batch > 0 else 1.0)
-        self.total_steps = max(1, int(total_steps))
-        self.total_epochs = max(1e-9, float(total_epochs))
         self.plateau_scale = 1.0
         self.best = math.inf
         self.bad = 0
-        self.extra_scale = 1.0  # set by the trainer (e.g. a manual decay); kept in the state
 
-    def lr(self, step: int, epoch: float) -> float:
-        """Learning rate for optimizer step `step` (0-based) taken `epoch` epochs into the run."""
+    def lr(self, step: int, progress: float, epoch: int) -> float:
+        """Learning rate for optimizer step `step` (0-based), `progress` of the way through the
+        run, after `epoch` completed epochs."""
         c = self.cfg
-        progress = min(1.0, step / self.total_steps)
+        progress = min(1.0, max(0.0, progress))
         lr = self.peak
         if c.kind == "step":
             for m in c.milestones:
@@ -83,16 +85,14 @@ class LRSchedule:
         elif c.kind == "plateau":
             lr = max(c.min_lr, lr * self.plateau_scale)
         elif c.kind == "cosine":
-            w = c.warmup_steps
-            p = min(1.0, max(0, step - w) / max(1, self.total_steps - w))
-            lr = c.min_lr + (lr - c.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+            lr = c.min_lr + (lr - c.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
         elif c.kind == "cyclic":
             pos = (step % (2 * c.cycle_steps)) / c.cycle_steps  # 0..2
             frac = pos if pos <= 1 else 2 - pos
             lr = c.min_lr + (lr - c.min_lr) * frac
         if c.warmup_steps > 0 and step < c.warmup_steps:
             lr *= (step + 1) / c.warmup_steps
-        return lr * self.extra_scale
+        return lr
 
     def observe(self, val_loss: float) -> None:
         """Feed one validation loss (plateau schedule)."""
@@ -107,14 +107,12 @@ class LRSchedule:
                 self.bad = 0
 
     def state_dict(self) -> dict:
-        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad": self.bad,
-                "extra_scale": self.extra_scale}
+        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad": self.bad}
 
     def load_state_dict(self, sd: dict) -> None:
         self.plateau_scale = float(sd["plateau_scale"])
         self.best = float(sd["best"])
         self.bad = int(sd["bad"])
-        self.extra_scale = float(sd.get("extra_scale", 1.0))
 
 
 class NTASGD:
@@ -164,8 +162,10 @@ class ParamAverager:
 
     Same as torch.optim.ASGD's `ax` with t0=0, lambd=0 (the reference's optimizer): its mu
     lags one step, so steps 1 and 2 copy and step k adds (p - ax) / (k - 1), i.e. the
-    mean of the parameters after steps 2..k. Keys are the unwrapped model's parameter names, so `averaged.pt`
-    loads into the same model as `model.pt`.
+    mean of the parameters after steps 2..k. The mean is kept in fp32 whatever the parameter
+    dtype (in bf16 one update's rounding is as large as a step's noise). Keys are the unwrapped
+    model's parameter names, so `averaged.pt` loads into the same model as `model.pt`.
+    Stateful: state_dict() is the count; the averaged tensors travel as averaged.pt.
     """
 
     def __init__(self, module: torch.nn.Module):
@@ -181,12 +181,13 @@ class ParamAverager:
         self.count += 1
         for name, p in self._params():
             if self.count <= 2:
-                self.avg[name] = p.detach().clone()
+                self.avg[name] = p.detach().to(torch.float32, copy=True)
             else:
                 a = self.avg[name]
-                a.add_(p.detach().sub(a).mul_(1.0 / (self.count - 1)))
+                a.add_(p.detach().float().sub(a).mul_(1.0 / (self.count - 1)))  # sub: .float() of
+                # an fp32 parameter is the parameter itself
 
-    def state_dict(self) -> dict:
+    def averaged_state(self) -> dict:
         """Like module.state_dict() but with averaged parameters (buffers as they are)."""
         sd = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         for name, a in self.avg.items():
@@ -194,11 +195,17 @@ class ParamAverager:
                 sd[name] = a.detach().clone()
         return sd
 
-    def load(self, averaged_state: dict, count: int) -> None:
-        names = dict(self._params())
-        self.count = int(count)
-        self.avg = {n: averaged_state[n].to(p.device, p.dtype).clone()
-                    for n, p in names.items() if n in averaged_state}
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.count = int(sd["count"])
+        self.avg = {}
+
+    def load_average(self, averaged_state: dict) -> None:
+        """The averaged tensors of a checkpoint (averaged.pt), after load_state_dict."""
+        self.avg = {n: averaged_state[n].to(p.device, torch.float32).clone()
+                    for n, p in self._params() if n in averaged_state}
 
     def swap(self) -> None:
         """Exchange live parameters and the average (call twice to undo); used for evaluation."""
@@ -206,6 +213,6 @@ class ParamAverager:
             for name, p in self._params():
                 a = self.avg.get(name)
                 if a is not None:
-                    tmp = p.detach().clone()
+                    tmp = p.detach().to(torch.float32, copy=True)
                     p.copy_(a)
                     a.copy_(tmp)

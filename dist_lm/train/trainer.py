@@ -5,18 +5,23 @@
     deepspeed --num_gpus 8 -m dist_lm train configs/wt103_qrnn_12h.toml --dist.engine=deepspeed
 
 Order of things: config -> threads and process group -> streams -> model (same seed on every
-rank) -> per-rank dropout generator -> engine -> resume -> loop. One optimizer step takes the
-next window of all B = global_batch streams: this rank's b = B / W columns, split into
-accum = b / m column groups of m streams (each with its own hidden state), forward/backward
-in turn, then one engine step. The step's lr is schedule(step) * seq_len / bptt (AWD-LSTM).
-At the end of each epoch (or every train.eval_every_steps) the validation loss, computed with
-the NT-ASGD averaged weights once averaging is on, feeds NT-ASGD and the plateau schedule.
+rank) -> per-rank dropout generator -> engine -> run directory (lock; fresh, resumed or
+refused) -> loop. One optimizer step (`train_step`) takes the next window of all
+B = global_batch streams: this rank's b = B / W columns, split into accum = b / m column
+groups of m streams (each with its own hidden state), forward/backward in turn, then one
+engine step. The step's lr is schedule(step, progress, epoch) * seq_len / bptt (AWD-LSTM),
+where progress is the fraction of the run's bound (seconds, steps or epochs) spent. At the
+end of each epoch (or every train.eval_every_steps) the validation loss, computed with the
+NT-ASGD averaged weights once averaging is on, feeds NT-ASGD and the plateau schedule; a new
+best is checkpointed at once, and the end-of-run test perplexity is that checkpoint's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
 import signal
 import socket
 import time
@@ -28,10 +33,11 @@ import torch
 from .. import distributed as D
 from ..config import Config, load_config, to_dict
 from ..errors import UserError
-from ..metrics import (MetricsSink, ThroughputMeter, baseline_key, perplexity_fields,
-                       read_baseline, record_baseline)
-from ..runs import find_checkpoint, list_checkpoints, load_tensor_file, write_run_files
-from . import checkpoint as C
+from ..metrics import (MetricsSink, ThroughputMeter, baseline_key, device_kind,
+                       perplexity_fields, read_baseline, record_baseline)
+from ..runs import (RunLock, clear_run, find_checkpoint, holds_run, list_checkpoints,
+                    load_tensor_file, new_run_id, run_id, step_dir_name, write_run_files)
+from .checkpoint import Checkpointer, RNGState
 from .engines import build_engine
 from .optim import NTASGD, LRSchedule, ParamAverager, uses_averaging
 
@@ -39,9 +45,10 @@ from .optim import NTASGD, LRSchedule, ParamAverager, uses_averaging
 KILL_ENV = "DIST_LM_FAULT_KILL_AT_STEP"
 
 
-def train_command(config: str, resume: str | None = None, overrides: dict | None = None) -> None:
+def train_command(config: str, resume: str | None = None, overwrite: bool = False,
+                  overrides: dict | None = None) -> None:
     cfg = load_config(config, overrides)
-    Trainer(cfg).fit(resume=resume)
+    Trainer(cfg).fit(resume=resume, overwrite=overwrite)
 
 
 def default_threads() -> None:
@@ -66,23 +73,34 @@ def _setup_process_group(cfg: Config, device: torch.device) -> None:
     D.init_distributed(device, cfg.dist.backend)
 
 
-def _default_loader(corpus_dir: Path):
-    from ..data.streams import StreamLoader
+class _Hidden:
+    """The trainer's carried hidden states as a Stateful piece of the rank file."""
 
-    def make(split, batch_size, rank, world_size, bptt, variable_bptt, seed, max_seq_len, device):
-        return StreamLoader(corpus_dir, split, batch_size, rank=rank, world_size=world_size,
-                            bptt=bptt, variable_bptt=variable_bptt, seed=seed,
-                            max_seq_len=max_seq_len, device=device)
-    return make
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        return {"hidden": self.trainer.hidden}
+
+    def load_state_dict(self, sd: dict) -> None:
+        h = sd["hidden"]
+        self.trainer.hidden = None if h is None else [_to(x, self.trainer.device) for x in h]
 
 
 class Trainer:
-    """Builds everything from a Config; `fit()` trains. Tests may inject the model and loaders."""
+    """Builds everything from a Config; `fit()` trains.
 
-    def __init__(self, cfg: Config, *, model_fn: Callable | None = None,
-                 loader_fn: Callable | None = None, vocab_size: int | None = None,
-                 tokenizer_kind: str | None = None):
+    `clock` (seconds, monotonic) is what time budgets and time-based schedules read; tests
+    pass a deterministic one.
+    """
+
+    def __init__(self, cfg: Config, *, clock: Callable[[], float] = time.perf_counter):
+        from ..data.streams import StreamLoader
+        from ..data.tokenizers import load_tokenizer
+        from ..models import build_model
+
         self.cfg = cfg
+        self.clock = clock
         t = cfg.train
         default_threads()
         self.device = D.pick_device(t.device)
@@ -105,82 +123,118 @@ class Trainer:
         self.max_seq_len = t.max_seq_len or t.bptt + 20
 
         # data
-        if loader_fn is None or vocab_size is None:
-            from ..data.tokenizers import load_tokenizer
+        if not (self.corpus_dir / "manifest.json").is_file():
+            raise UserError(f"no prepared corpus at {self.corpus_dir}; run `dist-lm prepare "
+                            f"{cfg.data.corpus}` or set data.shards.")
+        tok = load_tokenizer(self.corpus_dir)
+        self.vocab_size = tok.vocab_size
+        self.char_level = tok.kind in ("char", "byte")
+        url = cfg.data.shard_url or None
 
-            if not (self.corpus_dir / "manifest.json").is_file():
-                raise UserError(f"no prepared corpus at {self.corpus_dir}; run `dist-lm prepare "
-                                f"{cfg.data.corpus}` or set data.shards.")
-            tok = load_tokenizer(self.corpus_dir)
-            vocab_size, tokenizer_kind = tok.vocab_size, tok.kind
-        self.vocab_size = vocab_size
-        self.char_level = tokenizer_kind in ("char", "byte")
-        self.make_loader = loader_fn or _default_loader(self.corpus_dir)
-        self.train_loader = self.make_loader(cfg.data.train_split, B, self.rank, self.world, t.bptt,
-                                             t.variable_bptt, t.seed, self.max_seq_len, self.device)
+        def loader(split, batch, rank, world, variable):
+            return StreamLoader(self.corpus_dir, split, batch, rank=rank, world_size=world,
+                                bptt=t.bptt, variable_bptt=variable, seed=t.seed,
+                                max_seq_len=self.max_seq_len if variable else 0,
+                                device=self.device, shard_url=url)
+
+        self.make_loader = loader
+        self.train_loader = loader(cfg.data.train_split, B, self.rank, self.world,
+                                   t.variable_bptt)
         self.valid_loader, self.valid_reduce = self._eval_loader(cfg.data.valid_split,
                                                                  cfg.data.eval_batch_size)
 
         # model: identical parameters on every rank, then a per-rank dropout generator
         torch.manual_seed(t.seed)
-        if model_fn is None:
-            from ..models import build_model as model_fn
-        module = model_fn(cfg.model, vocab_size).to(self.device)
+        module = build_model(cfg.model, self.vocab_size).to(self.device)
         if t.finetune_from:
-            self._load_finetune_weights(module, t.finetune_from)
+            ckpt = find_checkpoint(t.finetune_from)
+            load_weights(module, ckpt, "averaged.pt" if (ckpt / "averaged.pt").is_file()
+                         else "model.pt")
         if self.rank > 0:  # rank 0 continues the seeded generator, like the reference
             torch.manual_seed(t.seed + 1000 * self.rank)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(t.seed + 1000 * self.rank)
         self.engine = build_engine(module, cfg, self.device, self.world, self.accum, self.micro)
         self.module = self.engine.module
+        self.autocast = (self.device.type == "cuda" and t.bf16 and cfg.dist.engine != "deepspeed")
+        self.dtype = "bf16" if t.bf16 and self.device.type == "cuda" else "fp32"
 
         # optimisation state
         self.averager = ParamAverager(self.module)
         self.ntasgd = NTASGD(cfg.optim.nonmono, enabled=uses_averaging(cfg.optim) or t.finetune,
                              finetune=t.finetune)
-        spe = self.steps_per_epoch_estimate()
-        total = t.max_steps or max(1, int(t.epochs * spe))
-        self.total_steps = total
-        self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, B, total,
-                                   t.epochs if not t.max_steps else t.max_steps / spe)
-        self.step = 0
-        self.epoch = 0
-        self.epoch_step = 0
-        self.tokens = 0
-        self.best_val = math.inf
-        self.best_step = -1
-        self.train_seconds = 0.0
+        self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, B)
+        L = self.train_loader.stream_len
+        self.steps_per_epoch = max(1.0, (L - 1) / (t.bptt * (0.975 if t.variable_bptt else 1.0)))
+
+        # the trainer's own state (state_dict): counters; everything else is derived
+        self.step = self.epoch = self.epoch_step = self.tokens = 0
+        self.elapsed = 0.0  # training seconds of the run, over every resume
+        self.best_val, self.best_step, self.last_val_step = math.inf, -1, -1
+        self.target_step, self.target_elapsed, self.target_tokens = -1, 0.0, 0
         self.hidden = None
         self.last_saved = -1
-        self.autocast = (self.device.type == "cuda" and t.bf16 and cfg.dist.engine != "deepspeed")
+        self.checkpointer = Checkpointer(
+            Path(t.run_dir), self.rank, model=self.module, engine=self.engine,
+            shared={"trainer": self, "schedule": self.schedule, "ntasgd": self.ntasgd,
+                    "averager": self.averager},
+            per_rank={"loader": self.train_loader, "hidden": _Hidden(self),
+                      "rng": RNGState(self.device)},  # the RNG last: nothing after it may draw
+            meta={"world_size": self.world, "global_batch": B, "engine": cfg.dist.engine})
+
+    # ---- state ---------------------------------------------------------------------------
+
+    _COUNTERS = ("step", "epoch", "epoch_step", "tokens", "best_step", "last_val_step",
+                 "target_step", "target_tokens")
+
+    def state_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in self._COUNTERS}, "elapsed": self.elapsed,
+                "best_val": self.best_val, "target_elapsed": self.target_elapsed}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k in self._COUNTERS:
+            setattr(self, k, int(sd[k]))
+        for k in ("elapsed", "best_val", "target_elapsed"):
+            setattr(self, k, float(sd[k]))
 
     # ---- helpers -------------------------------------------------------------------------
 
     def _eval_loader(self, split: str, batch: int):
         """Each rank evaluates its share of the streams when they divide, else all of them."""
-        t = self.cfg.train
         if batch % self.world == 0:
-            return self.make_loader(split, batch, self.rank, self.world, t.bptt, False, t.seed,
-                                    0, self.device), True
-        return self.make_loader(split, batch, 0, 1, t.bptt, False, t.seed, 0, self.device), False
+            return self.make_loader(split, batch, self.rank, self.world, False), True
+        return self.make_loader(split, batch, 0, 1, False), False
 
-    def _load_finetune_weights(self, module, path: str) -> None:
-        ckpt = find_checkpoint(path)
-        name = "averaged.pt" if (ckpt / "averaged.pt").is_file() else "model.pt"
-        _load_weights(module, ckpt, name)
-
-    def steps_per_epoch_estimate(self) -> float:
-        L = getattr(self.train_loader, "stream_len", 0) or 1
+    def progress(self) -> float:
+        """The fraction of the run's bound spent: steps (max_steps) or epochs, and seconds
+        (max_seconds); the largest when both bound the run (whichever ends it first)."""
         t = self.cfg.train
-        mean_window = t.bptt * (0.975 if t.variable_bptt else 1.0)
-        return max(1.0, (L - 1) / mean_window)
+        if t.max_steps:
+            f = self.step / t.max_steps
+        else:  # within an epoch by the estimated steps per epoch, never past its end
+            f = (self.epoch + min(0.999, self.epoch_step / self.steps_per_epoch)) / max(1, t.epochs)
+        if t.max_seconds:
+            f = max(f, self.elapsed / t.max_seconds)
+        return min(1.0, f)
+
+    def epoch_f(self) -> float:
+        return self.epoch + min(0.999, self.epoch_step / self.steps_per_epoch)
 
     def set_lr(self, seq_len: int) -> float:
-        epoch_f = self.epoch + self.epoch_step / self.steps_per_epoch_estimate()
-        lr = self.schedule.lr(self.step, epoch_f) * seq_len / self.cfg.train.bptt
+        lr = (self.schedule.lr(self.step, self.progress(), self.epoch)
+              * seq_len / self.cfg.train.bptt)
         self.engine.set_lr(lr)
         return lr
+
+    def _tick(self) -> None:
+        """Advance self.elapsed to now. A time-bounded run on several ranks takes the slowest
+        rank's clock, so every rank makes the same lr and stop decisions (a host sync per step,
+        only when train.max_seconds is set)."""
+        now = self._elapsed0 + (self.clock() - self._t0)
+        if self.world > 1 and self.cfg.train.max_seconds:
+            buf = torch.tensor([now], dtype=torch.float64, device=self.device)
+            now = float(D.all_reduce_max(buf)[0])  # note: a CPU-GPU sync point
+        self.elapsed = now
 
     def init_hidden(self):
         return [self.module.init_hidden(self.micro) for _ in range(self.accum)]
@@ -191,172 +245,206 @@ class Trainer:
 
     def evaluate(self, loader, reduce: bool) -> float:
         """Mean NLL over a split; with the averaged weights once NT-ASGD averaging is on."""
-        from ..eval.evaluate import evaluate_stream
+        from ..eval.windows import evaluate_stream
 
-        avg = self.averaging
-        if avg:
-            self.averager.swap()
-        try:
+        ctx = self._swapped() if self.averaging else contextlib.nullcontext()
+        with ctx:
             total, count = evaluate_stream(self.module, loader, reduce=reduce)
-        finally:
-            if avg:
-                self.averager.swap()
         return total / max(1, count)
 
-    # ---- state ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _swapped(self):
+        self.averager.swap()
+        try:
+            yield
+        finally:
+            self.averager.swap()
 
-    def trainer_state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step,
-                "tokens": self.tokens, "best_val": self.best_val, "best_step": self.best_step,
-                "train_seconds": self.train_seconds, "world_size": self.world,
-                "global_batch": self.cfg.train.global_batch, "engine": self.cfg.dist.engine,
-                "schedule": self.schedule.state_dict(), "ntasgd": self.ntasgd.state_dict(),
-                "avg_count": self.averager.count}
+    @contextlib.contextmanager
+    def _weights_of(self, step_dir: Path):
+        """The module with a checkpoint's weights (averaged where saved), restored after."""
+        name = "averaged.pt" if (step_dir / "averaged.pt").is_file() else "model.pt"
+        live = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        load_weights(self.module, step_dir, name)
+        try:
+            yield
+        finally:
+            self.module.load_state_dict(live)
+
+    def stop_reason(self) -> str | None:
+        """The one stop decision; the same on every rank (its inputs are)."""
+        t = self.cfg.train
+        if t.max_steps and self.step >= t.max_steps:
+            return "max_steps"
+        if not t.max_steps and self.epoch >= t.epochs:
+            return "epochs"
+        if t.max_seconds and self.elapsed >= t.max_seconds:
+            return "max_seconds"
+        if self.ntasgd.stop:
+            return "nt-asgd"  # finetune: the first non-monotone validation
+        if self.target_step >= 0:
+            return "target"
+        return None
 
     def save(self) -> None:
-        C.save_checkpoint(
-            Path(self.cfg.train.run_dir), self.step, self.rank,
-            model_state=self.module.state_dict() if self.rank == 0 else None,
-            averaged_state=(self.averager.state_dict() if self.rank == 0 and self.averaging
-                            else None),
-            trainer_state=self.trainer_state(),
-            rank_state={"rng": C.rng_state(self.device), "loader": self.train_loader.state_dict(),
-                        "hidden": self.hidden},
-            engine=self.engine, keep_last=self.cfg.checkpoint.keep_last,
-            keep={self.best_step} if self.best_step >= 0 else set())
+        averaged = self.averager.averaged_state() if self.rank == 0 and self.averaging else None
+        self.checkpointer.save(self.step, averaged=averaged, best_step=self.best_step,
+                               keep_last=self.cfg.checkpoint.keep_last)
         self.last_saved = self.step
 
-    def resume(self, how: str | None) -> Path | None:
-        if not how:
-            return None
+    # ---- the run directory ---------------------------------------------------------------
+
+    def _choose_start(self, resume: str | None, overwrite: bool) -> Path | None:
+        """The checkpoint to continue from, or None for a fresh start; refuses a fresh start
+        into a directory that holds a run (rank 0, under the lock)."""
         run_dir = Path(self.cfg.train.run_dir)
-        if how == "auto":
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite contradict each other: --resume continues "
+                            "the run in train.run_dir, --overwrite deletes it; pass one.")
+        if resume == "auto":
             ckpts = list_checkpoints(run_dir)
-            if not ckpts:
-                return None
-            step_dir = ckpts[-1]
-        else:
-            step_dir = find_checkpoint(how)
-        st = C.load_trainer_state(step_dir, self.world, self.cfg.train.global_batch)
-        if st.get("engine", self.cfg.dist.engine) != self.cfg.dist.engine and \
-                "deepspeed" in (st.get("engine"), self.cfg.dist.engine):
-            raise UserError(f"cannot resume from {step_dir}: it was written by dist.engine="
-                            f"{st['engine']}; set --dist.engine={st['engine']}.")
-        _load_weights(self.module, step_dir, "model.pt")
-        self.engine.load(step_dir, self.rank)
-        for k in ("step", "epoch", "epoch_step", "tokens", "best_step"):
-            setattr(self, k, int(st[k]))
-        self.best_val = float(st["best_val"])
-        self.train_seconds = float(st["train_seconds"])
-        self.schedule.load_state_dict(st["schedule"])
-        self.ntasgd.load_state_dict(st["ntasgd"])
-        if int(st["avg_count"]) > 0:
-            self.averager.load(load_tensor_file(step_dir / "averaged.pt"), int(st["avg_count"]))
-        rs = C.load_rank_state(step_dir, self.rank)
-        self.train_loader.load_state_dict(rs["loader"])
-        self.hidden = [_to(h, self.device) for h in rs["hidden"]] if rs["hidden"] is not None else None
-        C.set_rng_state(rs["rng"], self.device)  # last: nothing after this may draw random numbers
+            return ckpts[-1] if ckpts else None
+        if resume:
+            return find_checkpoint(resume, "latest")
+        if holds_run(run_dir) and not overwrite:
+            raise UserError(f"{run_dir} already holds a run (checkpoints/ or metrics.jsonl); "
+                            f"continue it with --resume auto, start it afresh with --overwrite "
+                            f"(deletes its checkpoints and metrics), or choose another "
+                            f"--train.run_dir.")
+        return None
+
+    def _open_run(self, resume: str | None, overwrite: bool) -> Path | None:
+        """Lock the run directory (rank 0), decide fresh / resume / refuse, check the checkpoint,
+        and only then write: a refused or failed start leaves nothing behind."""
+        run_dir = Path(self.cfg.train.run_dir)
+        start, error = None, None
+        if self.rank == 0:
+            created = not run_dir.exists()
+            self.lock = RunLock(run_dir)
+            try:
+                self.lock.acquire()
+                start = self._choose_start(resume, overwrite)
+                if start is not None:
+                    self.checkpointer.read_shared(start)  # format, world size, batch, engine
+                else:
+                    clear_run(run_dir)  # a fresh start: nothing of an earlier run survives
+                write_run_files(run_dir, self.cfg, self.corpus_dir)
+                if start is None or run_id(run_dir) is None:
+                    new_run_id(run_dir)
+            except UserError as exc:
+                error = str(exc)
+                self.lock.release()
+                if created:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+        start, error = D.broadcast_object((None if start is None else str(start), error))
+        if error is not None:
+            raise UserError(error)
+        if start is None:
+            return None
+        start = Path(start)
+        self.checkpointer.load(start, self.checkpointer.read_shared(start))
+        if self.averager.count > 0:
+            self.averager.load_average(load_tensor_file(start / "averaged.pt"))
         self.last_saved = self.step
-        return step_dir
+        return start
 
     # ---- the loop ------------------------------------------------------------------------
 
-    def fit(self, resume: str | None = None) -> dict:
+    def fit(self, resume: str | None = None, overwrite: bool = False) -> dict:
+        """Train until the stop decision says so; returns the final record (valid and test of
+        the best checkpoint)."""
+        cfg, t = self.cfg, self.cfg.train
+        resumed = self._open_run(resume, overwrite)
+        self.sink = sink = MetricsSink(t.run_dir, cfg, enabled=self.rank == 0,
+                                       total_steps=t.max_steps or 0, initial_step=self.step,
+                                       resume_step=None if resumed is None else self.step)
+        if resumed is not None and self.rank == 0:
+            print(f"dist-lm: resumed from {resumed} (step {self.step}, epoch {self.epoch}, "
+                  f"{self.elapsed:.0f} s trained)", flush=True)
+        self.meter = ThroughputMeter(self.world)
+        self.baseline = self._baseline()
+        self.kill_at = int(os.environ.get(KILL_ENV, "0"))
+        self.run_tps: list[float] = []
+        self.interval = self._new_interval()
+        self._elapsed0, self._t0 = self.elapsed, self.clock()
+        try:
+            while self.stop_reason() is None:
+                if self.hidden is None:
+                    self.hidden = self.init_hidden()
+                self.module.train()
+                wait_t0 = time.perf_counter()
+                for inputs, targets in self.train_loader:  # continues at the loader's position
+                    wait = time.perf_counter() - wait_t0
+                    lr, seq_len, gnorm = self.train_step(inputs, targets)
+                    self._after_step(lr, seq_len, gnorm, wait)
+                    if self.stop_reason() is not None:
+                        break
+                    wait_t0 = time.perf_counter()
+                else:  # the epoch ran to its end
+                    self._end_epoch()
+            return self._finish()
+        finally:
+            self.train_loader.close()  # a stop mid-epoch leaves shard readers (pipe:) open
+            sink.close()
+            if self.rank == 0:
+                self.lock.release()
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor):
+        """One optimizer step over this rank's streams; returns (lr, seq_len, grad norm)."""
         from ..models import detach_hidden
 
-        cfg, t = self.cfg, self.cfg.train
-        run_dir = Path(t.run_dir)
-        if self.rank == 0:
-            write_run_files(run_dir, cfg, self.corpus_dir)
-        D.barrier()
-        resumed = self.resume(resume)
-        sink = MetricsSink(run_dir, cfg, enabled=self.rank == 0, total_steps=self.total_steps,
-                           initial_step=self.step)
-        if resumed is not None and self.rank == 0:
-            print(f"dist-lm: resumed from {resumed} (step {self.step}, epoch {self.epoch})", flush=True)
-        meter = ThroughputMeter(self.world)
-        key = baseline_key(to_dict(cfg)["model"], self.micro, t.bptt, self.device.type)
-        baseline = t.baseline_tokens_per_s or read_baseline(key)
-        kill_at = int(os.environ.get(KILL_ENV, "0"))
-        log_every = max(1, cfg.log.every_steps)
-        run_tps: list[float] = []
-        interval = self._new_interval()
-        self.started = time.perf_counter() - self.train_seconds
-        B = t.global_batch
+        seq_len = inputs.shape[0]
+        lr = self.set_lr(seq_len)
+        for j in range(self.accum):
+            cols = slice(j * self.micro, (j + 1) * self.micro)
+            with torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
+                out = self.engine.model(inputs[:, cols], self.hidden[j], targets[:, cols])
+                nll = out.nll.float().mean()
+                loss = nll + out.ar + out.tar
+            self.engine.backward(loss, last=j == self.accum - 1)
+            self.hidden[j] = detach_hidden(out.hidden)
+            self.interval["loss"] = self.interval["loss"] + nll.detach().double() / self.accum
+        gnorm = self.engine.step(self.cfg.optim.clip)
+        if self.ntasgd.averaging:
+            self.averager.update()
+        self.step += 1
+        self.epoch_step += 1
+        self.tokens += seq_len * self.cfg.train.global_batch
+        self._tick()
+        return lr, seq_len, gnorm
 
-        def finished() -> bool:
-            if t.max_steps and self.step >= t.max_steps:
-                return True
-            if t.max_seconds and time.perf_counter() - self.started >= t.max_seconds:
-                return True
-            return False
-
-        done = finished() or self.ntasgd.stop  # e.g. resuming a run that already finished
-        while not done and (t.max_steps or self.epoch < t.epochs):
-            if self.epoch_step == 0 or self.hidden is None:
-                self.hidden = self.init_hidden()
+    def _after_step(self, lr: float, seq_len: int, gnorm, wait: float) -> None:
+        """Log, validate and checkpoint at their intervals; the SIGKILL fault injection."""
+        cfg = self.cfg
+        self.interval["n"] += 1
+        self.interval["gnorm"] = self.interval["gnorm"] + gnorm
+        self.meter.add(seq_len * cfg.train.global_batch, wait)
+        self.sink.progress(1)
+        if self.step % max(1, cfg.log.every_steps) == 0:
+            rec = self._interval_record(lr, seq_len)
+            self.run_tps.append(rec["tokens_per_s"])
+            self.sink.log(rec)
+            self.sink.progress(0, loss=rec["loss"])
+            self.interval = self._new_interval()
+        if cfg.train.eval_every_steps and self.step % cfg.train.eval_every_steps == 0:
+            self._validate()
             self.module.train()
-            it = iter(self.train_loader)
-            wait_t0 = time.perf_counter()
-            for inputs, targets in it:
-                wait = time.perf_counter() - wait_t0
-                seq_len = inputs.shape[0]
-                lr = self.set_lr(seq_len)
-                for j in range(self.accum):
-                    cols = slice(j * self.micro, (j + 1) * self.micro)
-                    with torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
-                        out = self.engine.model(inputs[:, cols], self.hidden[j], targets[:, cols])
-                        nll = out.nll.float().mean()
-                        loss = nll + out.ar + out.tar
-                    self.engine.backward(loss, last=j == self.accum - 1)
-                    self.hidden[j] = detach_hidden(out.hidden)
-                    interval["loss"] = interval["loss"] + nll.detach().double() / self.accum
-                gnorm = self.engine.step(cfg.optim.clip)
-                if self.ntasgd.averaging:
-                    self.averager.update()
-                self.step += 1
-                self.epoch_step += 1
-                self.tokens += seq_len * B
-                interval["n"] += 1
-                interval["gnorm"] = interval["gnorm"] + gnorm
-                meter.add(seq_len * B, wait)
-                sink.progress(1, loss=lambda: float(interval["loss"]) / interval["n"])
-                if self.step % log_every == 0:
-                    rec = self._interval_record(interval, meter, lr, seq_len, baseline)
-                    run_tps.append(rec["tokens_per_s"])
-                    sink.log(rec)
-                    interval = self._new_interval()
-                if t.eval_every_steps and self.step % t.eval_every_steps == 0:
-                    done = self._after_validation(sink) or done
-                    self.module.train()
-                stop = finished() or done
-                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0 \
-                        and not stop:
-                    self.save()
-                if kill_at and self.step == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if stop:
-                    done = True
-                    break
-                wait_t0 = time.perf_counter()
-            else:  # the epoch ran to its end
-                self.epoch += 1
-                self.epoch_step = 0
-                self.hidden = None
-                if not t.eval_every_steps:
-                    done = self._after_validation(sink) or done
-                done = done or finished()
-                if not cfg.checkpoint.every_steps and not done:
-                    self.save()
-        self.train_seconds = time.perf_counter() - self.started
-        close = getattr(self.train_loader, "close", None)
-        if close is not None:  # a stop mid-epoch would leave shard readers (pipe: commands) open
-            close()
-        if self.last_saved != self.step:
+        every = cfg.checkpoint.every_steps
+        if every and self.step % every == 0 and self.last_saved != self.step \
+                and self.stop_reason() is None:
             self.save()
-        result = self._final(sink, run_tps, key)
-        sink.close()
-        return result
+        if self.kill_at and self.step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _end_epoch(self) -> None:
+        self.epoch += 1
+        self.epoch_step = 0
+        self.hidden = None
+        if not self.cfg.train.eval_every_steps:
+            self._validate()
+        if not self.cfg.checkpoint.every_steps and self.last_saved != self.step \
+                and self.stop_reason() is None:
+            self.save()
 
     def _new_interval(self) -> dict:
         """Sums over one log interval; loss and grad norm stay on the device (no host sync per
@@ -364,60 +452,133 @@ class Trainer:
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         return {"loss": zero, "n": 0, "gnorm": zero}
 
-    def _interval_record(self, interval, meter, lr, seq_len, baseline) -> dict:
+    def _interval_record(self, lr: float, seq_len: int) -> dict:
+        interval = self.interval
         # on the device: NCCL reduces CUDA tensors only
         buf = torch.stack([interval["loss"], torch.tensor(float(interval["n"]), dtype=torch.float64,
                                                           device=self.device)])
         D.all_reduce_sum(buf)  # the mean loss over every rank's streams
         loss = float(buf[0] / buf[1])
-        rec = {"step": self.step, "epoch": self.epoch + self.epoch_step /
-               self.steps_per_epoch_estimate(), "loss": loss,
+        rec = {"step": self.step, "epoch": self.epoch_f(), "loss": loss,
                **perplexity_fields(loss, self.char_level), "lr": lr, "seq_len": seq_len,
                "grad_norm": float(interval["gnorm"]) / max(1, interval["n"]),
-               "averaging": int(self.averaging), "tokens": self.tokens, **meter.snapshot()}
-        if baseline > 0:
-            rec["scaling_efficiency"] = rec["tokens_per_s"] / (baseline * self.world)
+               "averaging": int(self.averaging), "tokens": self.tokens,
+               "elapsed_s": self.elapsed, **self.meter.snapshot()}
+        if self.baseline > 0:
+            rec["scaling_efficiency"] = rec["tokens_per_s"] / (self.baseline * self.world)
         return rec
 
-    def _after_validation(self, sink) -> bool:
-        """Validate, feed NT-ASGD and the plateau schedule, track the best; True = stop."""
+    def _validate(self) -> None:
+        """Validate, feed NT-ASGD and the plateau schedule, track the best (checkpointed at
+        once, so the best weights are on disk) and the time to target."""
+        t = self.cfg.train
         t0 = time.perf_counter()
         val = self.evaluate(self.valid_loader, self.valid_reduce)
         eval_s = time.perf_counter() - t0
         event = self.ntasgd.observe(val)
         self.schedule.observe(val)
-        if val < self.best_val:
+        self.last_val_step = self.step
+        improved = val < self.best_val
+        if improved:
             self.best_val, self.best_step = val, self.step
-        rec = {"step": self.step, "epoch": self.epoch, "valid_loss": val,
-               **perplexity_fields(val, self.char_level, "valid_"),
+        self._tick()
+        fields = perplexity_fields(val, self.char_level, "valid_")
+        target = t.target_bpc if self.char_level else t.target_ppl
+        if target > 0 and self.target_step < 0 and next(iter(fields.values())) <= target:
+            self.target_step, self.target_elapsed, self.target_tokens = \
+                self.step, self.elapsed, self.tokens
+            event = event or "target"
+        rec = {"step": self.step, "epoch": self.epoch_f(), "valid_loss": val, **fields,
                "averaging": int(self.averaging), "valid_seconds": eval_s,
-               "elapsed_s": time.perf_counter() - self.started, "tokens": self.tokens}
+               "elapsed_s": self.elapsed, "tokens": self.tokens}
         if event:
             rec["event"] = event
-        sink.log(rec)
+        self.sink.log(rec)
         best = perplexity_fields(self.best_val, self.char_level, "best_valid_")
-        sink.set_summary(**best, best_valid_loss=self.best_val)
-        if event == "switch" and self.rank == 0:
-            print(f"dist-lm: switching to averaged SGD (NT-ASGD) at step {self.step}", flush=True)
-        return event == "stop"
+        self.sink.set_summary(**best, best_valid_loss=self.best_val, best_step=self.best_step,
+                              **self._target_fields())
+        if self.rank == 0 and event in ("switch", "target"):
+            what = ("switching to averaged SGD (NT-ASGD)" if event == "switch" else
+                    f"target {target:g} reached ({self._target_fields()['time_to_target_s']:.0f}"
+                    f" s, {self.target_tokens:,} tokens)")
+            print(f"dist-lm: {what} at step {self.step}", flush=True)
+        if improved and self.last_saved != self.step:
+            self.save()
 
-    def _final(self, sink, run_tps: list[float], key: str) -> dict:
+    def _target_fields(self) -> dict:
+        if self.target_step < 0:
+            return {}
+        return {"time_to_target_s": self.target_elapsed, "tokens_to_target": self.target_tokens,
+                "target_step": self.target_step}
+
+    def _finish(self) -> dict:
+        """End of the run: a last validation if the run stopped between validations, a last
+        checkpoint, then test perplexity of the best validation checkpoint (as the reference
+        reloads its best model before testing)."""
         cfg = self.cfg
-        val = self.evaluate(self.valid_loader, self.valid_reduce)
+        reason = self.stop_reason()
+        if self.last_val_step != self.step:
+            self._validate()
+        if self.last_saved != self.step:
+            self.save()
+        best = self.best_step if self.best_step >= 0 else self.step  # < 0: validation was NaN
+        best_dir = Path(cfg.train.run_dir) / "checkpoints" / step_dir_name(best)
         test_loader, reduce = self._eval_loader(cfg.data.test_split, cfg.data.test_batch_size)
-        test = self.evaluate(test_loader, reduce)
-        rec = {"step": self.step, "epoch": self.epoch, "final": True, "valid_loss": val,
-               **perplexity_fields(val, self.char_level, "valid_"), "test_loss": test,
+        with self._weights_of(best_dir):
+            test = self.evaluate_plain(test_loader, reduce)
+        rec = {"step": self.step, "epoch": self.epoch_f(), "final": True, "stop": reason,
+               "best_step": self.best_step, "valid_loss": self.best_val,
+               **perplexity_fields(self.best_val, self.char_level, "valid_"), "test_loss": test,
                **perplexity_fields(test, self.char_level, "test_"),
-               "averaging": int(self.averaging), "train_seconds": self.train_seconds}
-        sink.log(rec)
-        sink.set_summary(**{k: v for k, v in rec.items() if k.startswith(("test_", "valid_"))})
-        if self.world == 1 and run_tps and self.rank == 0 and cfg.dist.engine == "local":
-            record_baseline(key, sorted(run_tps)[len(run_tps) // 2], str(cfg.train.run_dir))
+               "averaging": int(self.averaging), "train_seconds": self.elapsed,
+               "tokens": self.tokens, **self._target_fields()}
+        self.sink.log(rec)
+        self.sink.set_summary(**{k: v for k, v in rec.items() if k.startswith(("test_", "valid_"))})
+        self._record_baseline()
         return rec
 
+    def evaluate_plain(self, loader, reduce: bool) -> float:
+        """Mean NLL with the module's weights as they are (no averaging swap)."""
+        from ..eval.windows import evaluate_stream
 
-def _load_weights(module, step_dir: Path, name: str) -> None:
+        total, count = evaluate_stream(self.module, loader, reduce=reduce)
+        return total / max(1, count)
+
+    # ---- scaling efficiency --------------------------------------------------------------
+
+    def _baseline_key(self) -> str:
+        return baseline_key(to_dict(self.cfg)["model"], self.vocab_size, self.micro,
+                            self.cfg.train.bptt, self.dtype, device_kind(self.device))
+
+    def _baseline(self) -> float:
+        """Single-device tokens/s for this model, vocabulary, micro-batch, bptt, dtype and
+        device kind; only multi-rank runs use one (0: none recorded, the efficiency is left out
+        with a note saying how to record one)."""
+        t = self.cfg.train
+        if self.world == 1:
+            return 0.0
+        tps = t.baseline_tokens_per_s or read_baseline(self._baseline_key())
+        if tps <= 0 and self.rank == 0:
+            print(f"dist-lm: scaling efficiency left out: no single-device baseline recorded for "
+                  f"this model (vocab {self.vocab_size}, micro-batch {self.micro}, bptt "
+                  f"{t.bptt}, {self.dtype}, {device_kind(self.device)}); record one with a "
+                  f"one-device run of this config with --train.record_baseline=true, or pass "
+                  f"--train.baseline_tokens_per_s", flush=True)
+        return tps
+
+    def _record_baseline(self) -> None:
+        if not self.cfg.train.record_baseline or self.rank != 0:
+            return
+        if self.world > 1 or not self.run_tps:
+            print("dist-lm: train.record_baseline needs a single-device run with at least one "
+                  "logged interval; no baseline recorded", flush=True)
+            return
+        tps = sorted(self.run_tps)[len(self.run_tps) // 2]
+        record_baseline(self._baseline_key(), tps, str(self.cfg.train.run_dir))
+        print(f"dist-lm: recorded {tps:,.0f} tokens/s as the single-device baseline", flush=True)
+
+
+def load_weights(module, step_dir: Path, name: str) -> None:
     """Load step_dir/name into module; a config mismatch is a UserError (resume and finetune)."""
     try:
         module.load_state_dict(load_tensor_file(step_dir / name))
