@@ -9,6 +9,7 @@
     dist-lm score runs/ptb sentences.txt
     dist-lm bench data --json bench.json
     dist-lm compare runs/a runs/b
+    dist-lm sweep configs/sweeps/ptb_small_lr.toml --workers 2
 
 Run `dist-lm COMMAND --help` for a command's options.
 """
@@ -168,6 +169,30 @@ def compare(*runs: str, out: str | None = None, metric: str = "valid_ppl") -> No
     compare_command(list(runs), out=out, metric=metric)
 
 
+def sweep(space: str, target: str | None = None, dir: str | None = None, workers: int = 0,
+          trials: int = 0, storage: str | None = None, top: int = 10) -> None:
+    """Tune hyperparameters with Optuna; every trial is a `dist-lm train` run (docs/tuning.md).
+
+        dist-lm sweep configs/sweeps/ptb_small_lr.toml --dir sweeps/ptb-lr --workers 2
+        dist-lm sweep report sweeps/ptb-lr      # report.md, best.toml, plots in that dir
+
+    Run it again (or on more machines against one --storage) to continue the same study.
+
+    Args:
+      space: a study file ([study], [fixed], [space."KEY"], [[enqueue]]), or `report`.
+      target: with `report`, the study directory.
+      dir: the study directory (default sweeps/NAME): trials/N run dirs, logs, journal.
+      workers: trials at once in this process (default study.workers).
+      trials: total trials of the study (default study.trials).
+      storage: journal file or SQLAlchemy URL (default study.storage, else DIR/study.journal).
+      top: rows in the report's table of best trials.
+    """
+    from .sweep import sweep_command
+
+    sweep_command(space, target, study_dir=dir, workers=workers, trials=trials,
+                  storage=storage, top=top)
+
+
 COMMANDS = {
     "prepare": prepare,
     "verify": verify,
@@ -177,6 +202,7 @@ COMMANDS = {
     "score": score,
     "bench": bench,
     "compare": compare,
+    "sweep": sweep,
 }
 
 

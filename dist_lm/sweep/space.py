@@ -1,0 +1,458 @@
+"""A study file: the [study] table, fixed overrides, the search space and enqueued points.
+
+    [study]
+    name = "ptb-lr"
+    base = "configs/ptb_small_cpu.toml"       # any recipe; trials override its keys
+    objective = "valid_ppl"                    # valid_ppl | valid_bpc | valid_loss | valid
+    trials = 20
+    budget = { steps = 2000 }                  # or { epochs = 2 } or { seconds = 900 }
+    eval_every_steps = 250                     # intermediate values for the pruner
+
+    [fixed]
+    "train.device" = "cpu"
+
+    [space."optim.lr"]
+    type = "loguniform"                        # uniform | loguniform | int | categorical
+    low = 1
+    high = 50
+
+    [space."model.qrnn_window"]
+    type = "categorical"
+    choices = [1, 2]
+    when = { "model.arch" = "qrnn" }           # sampled only in trials where this holds
+
+    [[enqueue]]                                # points tried first (e.g. the paper's values)
+    "optim.lr" = 30
+
+Everything is checked against the config's keys and field types before a trial starts; a
+mistake is one UserError naming the key and, for a misspelt one, the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, _flatten, _set, flat_keys, load_config, to_dict, tomllib
+from ..errors import UserError
+
+PARAM_TYPES = ("uniform", "loguniform", "int", "categorical")
+PARAM_FIELDS = {"type", "low", "high", "step", "log", "choices", "when"}
+OBJECTIVES = ("valid", "valid_ppl", "valid_bpc", "valid_loss")
+BUDGETS = {"steps": "train.max_steps", "epochs": "train.epochs", "seconds": "train.max_seconds"}
+STUDY_KEYS = {
+    "name": "study name in the storage (also the trials' W&B group)",
+    "base": "the recipe TOML every trial starts from",
+    "objective": "minimised metric of the final validation: " + ", ".join(OBJECTIVES),
+    "trials": "number of trials in the study (all workers and machines together)",
+    "budget": "per-trial bound: { steps = N } | { epochs = N } | { seconds = S }",
+    "eval_every_steps": "validation interval (the pruner's intermediate values)",
+    "sampler": '"tpe" (default), "random", or a table { kind = "tpe", seed = 1, ... }',
+    "pruner": '"median" (default), "none", "percentile", "halving", "hyperband" or a table',
+    "storage": "empty: STUDY_DIR/study.journal; a journal file path; or an SQLAlchemy URL",
+    "workers": "trials run at once by one `dist-lm sweep` process",
+    "launcher": 'command that runs `-m dist_lm train ...`, e.g. "torchrun --standalone '
+                '--nproc_per_node 2" (default: this Python)',
+    "retries": "times an interrupted trial is re-queued",
+    "heartbeat": "seconds between heartbeats of a running trial (RDB storages)",
+}
+# the sweep sets these for every trial; a space or [fixed] may not
+MANAGED = ("train.run_dir", "log.group", "log.name", *BUDGETS.values())
+
+
+def closest(name: str, options) -> str:
+    """' Did you mean X?' for a misspelt name (config.py's suggestion, for sweep names)."""
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def field_type(key: str) -> Any:
+    """The Config field type of a dotted key (which must exist)."""
+    section, name = key.split(".")
+    cls = typing.get_type_hints(Config)[section]
+    return typing.get_type_hints(cls)[name]
+
+
+def check_key(key: str, where: str) -> None:
+    keys = flat_keys()
+    if key not in keys:
+        raise UserError(f"{where}: unknown config key '{key}'.{closest(key, keys)}")
+
+
+def check_value(key: str, value: Any, where: str) -> Any:
+    """The value as the config would hold it (type and choice checks from config.py)."""
+    cfg = Config()
+    try:
+        _set(cfg, key, value)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+@dataclass
+class Param:
+    """One dimension of the search space (an Optuna distribution plus a condition)."""
+
+    key: str
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    step: float | int | None = None
+    log: bool = False
+    choices: list = field(default_factory=list)
+    when: dict[str, list] = field(default_factory=dict)
+
+    def active(self, point: dict[str, Any], base: dict[str, Any]) -> bool:
+        """Whether this key is sampled, given the keys sampled so far and the base config."""
+        for key, allowed in self.when.items():
+            if point.get(key, base.get(key)) not in allowed:
+                return False
+        return True
+
+    def suggest(self, trial) -> Any:
+        if self.type == "categorical":
+            if any(isinstance(c, list) for c in self.choices):
+                # Optuna's choices are None/bool/int/float/str: lists travel as JSON text
+                return json.loads(trial.suggest_categorical(
+                    self.key, [json.dumps(c) for c in self.choices]))
+            return trial.suggest_categorical(self.key, self.choices)
+        if self.type == "int":
+            return trial.suggest_int(self.key, self.low, self.high, step=self.step or 1,
+                                     log=self.log)
+        return trial.suggest_float(self.key, self.low, self.high, step=self.step,
+                                   log=self.type == "loguniform")
+
+    def describe(self) -> str:
+        if self.type == "categorical":
+            text = f"categorical {self.choices}"
+        else:
+            text = f"{self.type} [{self.low}, {self.high}]" + (f" step {self.step}" if self.step
+                                                                 else "")
+        if self.when:
+            text += " when " + ", ".join(f"{k} in {v}" for k, v in self.when.items())
+        return text
+
+
+@dataclass
+class Spec:
+    """A parsed, validated study file."""
+
+    path: Path
+    name: str
+    base: Path
+    objective: str = "valid"
+    trials: int = 20
+    budget: dict[str, float] = field(default_factory=dict)
+    eval_every_steps: int = 0
+    sampler: dict[str, Any] = field(default_factory=lambda: {"kind": "tpe"})
+    pruner: dict[str, Any] = field(default_factory=lambda: {"kind": "median"})
+    storage: str = ""
+    workers: int = 1
+    launcher: str = ""
+    retries: int = 2
+    heartbeat: int = 60
+    fixed: dict[str, Any] = field(default_factory=dict)
+    params: list[Param] = field(default_factory=list)
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    base_table: dict[str, Any] = field(default_factory=dict)  # the recipe file's own keys
+    base_values: dict[str, Any] = field(default_factory=dict)  # every key: recipe + fixed
+
+    def budget_overrides(self) -> dict[str, Any]:
+        """--train.max_steps / --train.epochs / --train.max_seconds for every trial."""
+        (kind, amount), = self.budget.items()
+        out: dict[str, Any] = {BUDGETS[kind]: amount}
+        if kind != "steps":
+            out["train.max_steps"] = 0  # max_steps > 0 would win over epochs in the trainer
+        if self.eval_every_steps:
+            out["train.eval_every_steps"] = self.eval_every_steps
+        return out
+
+    def budget_text(self) -> str:
+        (kind, amount), = self.budget.items()
+        return f"{amount:g} {kind}" if isinstance(amount, float) else f"{amount} {kind}"
+
+    def suggest(self, trial) -> dict[str, Any]:
+        """The trial's point: every active key of the space, in file order."""
+        point: dict[str, Any] = {}
+        for p in self.params:
+            if p.active(point, self.base_values):
+                point[p.key] = p.suggest(trial)
+        return point
+
+    def overrides(self, point: dict[str, Any]) -> dict[str, Any]:
+        return {**self.fixed, **self.budget_overrides(), **point}
+
+    def config_table(self, point: dict[str, Any]) -> dict[str, Any]:
+        """The base recipe's keys with the fixed keys, the budget and the point applied."""
+        return {**self.base_table, **self.overrides(point)}
+
+
+def _number(value: Any, what: str) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{what} must be a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise UserError(f"{what} must be finite, got {value!r}.")
+    return value
+
+
+def _param(key: str, table: Any, where: str) -> Param:
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: write it as a table, e.g. [space.\"{key}\"] with "
+                        f"type = \"loguniform\", low = 1, high = 50.")
+    check_key(key, where)
+    if key in MANAGED:
+        raise UserError(f"{where}: {key} is set by the sweep for every trial; set the budget "
+                        f"in [study] instead.")
+    for name in table:
+        if name not in PARAM_FIELDS:
+            raise UserError(f"{where}: unknown field '{name}'.{closest(name, PARAM_FIELDS)} "
+                            f"Fields: {', '.join(sorted(PARAM_FIELDS))}.")
+    kind = table.get("type")
+    if kind not in PARAM_TYPES:
+        raise UserError(f"{where}: type must be one of {', '.join(PARAM_TYPES)}; got {kind!r}."
+                        f"{closest(str(kind), PARAM_TYPES)}")
+    hint = field_type(key)
+    p = Param(key, kind, log=bool(table.get("log", False)))
+    if kind == "categorical":
+        choices = table.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise UserError(f"{where}: categorical needs a non-empty list, e.g. choices = [1, 2].")
+        p.choices = [check_value(key, c, where) for c in choices]
+        if len({json.dumps(c) for c in p.choices}) != len(p.choices):
+            raise UserError(f"{where}: choices {choices} repeat a value.")
+        for extra in ("low", "high", "step"):
+            if extra in table:
+                raise UserError(f"{where}: a categorical takes choices, not {extra}.")
+    else:
+        if "choices" in table:
+            raise UserError(f"{where}: choices belong to type = \"categorical\"; {kind} takes "
+                            f"low and high.")
+        if kind in ("uniform", "loguniform") and hint is not float:
+            name = getattr(hint, "__name__", str(hint))
+            sugg = ' use type = "int"' if hint is int else ' use type = "categorical"'
+            raise UserError(f"{where}: {key} holds {name} values, not floats;{sugg}.")
+        if kind == "int" and hint not in (int, float):
+            raise UserError(f"{where}: {key} holds {getattr(hint, '__name__', hint)} values; "
+                            f"use type = \"categorical\".")
+        for bound in ("low", "high"):
+            if bound not in table:
+                raise UserError(f"{where}: {kind} needs low and high.")
+            value = _number(table[bound], f"{where}: {bound}")
+            if kind == "int" and not float(value).is_integer():
+                raise UserError(f"{where}: int bounds must be integers, got {bound} = {value}.")
+            setattr(p, bound, int(value) if kind == "int" else float(value))
+        if p.low >= p.high:
+            raise UserError(f"{where}: empty range: low = {p.low} must be below high = {p.high}.")
+        if (kind == "loguniform" or p.log) and p.low <= 0:
+            raise UserError(f"{where}: a log scale needs low > 0, got low = {p.low}.")
+        if "step" in table:
+            step = _number(table["step"], f"{where}: step")
+            if step <= 0 or (kind == "int" and not float(step).is_integer()):
+                raise UserError(f"{where}: step must be a positive "
+                                f"{'integer' if kind == 'int' else 'number'}, got {step}.")
+            if kind == "loguniform" or p.log:
+                raise UserError(f"{where}: step and a log scale do not go together.")
+            p.step = int(step) if kind == "int" else float(step)
+        for bound in (p.low, p.high):
+            check_value(key, bound, where)
+    when = table.get("when", {})
+    if not isinstance(when, dict):
+        raise UserError(f"{where}: when is a table, e.g. when = {{ \"model.arch\" = \"qrnn\" }}.")
+    for ckey, allowed in _flatten(when).items():
+        check_key(ckey, f"{where}: when")
+        if ckey == key:
+            raise UserError(f"{where}: a key cannot be conditioned on itself.")
+        is_list = typing.get_origin(field_type(ckey)) is list
+        values = allowed if isinstance(allowed, list) and not is_list else [allowed]
+        if not values:
+            raise UserError(f"{where}: when {ckey} = [] is never true.")
+        p.when[ckey] = [check_value(ckey, v, f"{where}: when") for v in values]
+    return p
+
+
+def _space_tables(table: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """[space."optim.lr"] and [space.optim.lr] both name the key optim.lr."""
+    out = []
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and "type" not in v and "." not in key:
+            out.extend(_space_tables(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def _kind_table(value: Any, what: str, default: str) -> dict[str, Any]:
+    if value is None:
+        return {"kind": default}
+    if isinstance(value, str):
+        return {"kind": value}
+    if isinstance(value, dict) and isinstance(value.get("kind", default), str):
+        return {"kind": default, **value}
+    raise UserError(f"study.{what} must be a name or a table with kind = \"...\"; got {value!r}.")
+
+
+def read_toml(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist.")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} is not valid TOML: {exc}. Fix the file.") from None
+
+
+def resolve_base(base: str, space_path: Path) -> Path:
+    """A base recipe path as written (from the working directory), else beside the study file."""
+    p = Path(base)
+    if p.is_absolute() or p.is_file():
+        return p.resolve()
+    beside = space_path.parent / p
+    return beside.resolve() if beside.is_file() else p
+
+
+def load_spec(path: str | Path, base: str | None = None) -> Spec:
+    """Parse and validate a study file; `base` replaces study.base (used by `sweep report`)."""
+    path = Path(path)
+    doc = read_toml(path, "study file")
+    unknown = set(doc) - {"study", "fixed", "space", "enqueue"}
+    for name in unknown:
+        raise UserError(f"study file {path}: unknown table [{name}]."
+                        f"{closest(name, ['study', 'fixed', 'space', 'enqueue'])}")
+    st = doc.get("study")
+    if not isinstance(st, dict):
+        raise UserError(f"study file {path} has no [study] table (name, base, objective, "
+                        f"trials, budget).")
+    for key in st:
+        if key not in STUDY_KEYS:
+            raise UserError(f"study file {path}: unknown key study.{key}.{closest(key, STUDY_KEYS)}")
+    for key in ("name", "base"):
+        if not isinstance(st.get(key), str) or not st[key]:
+            raise UserError(f"study file {path}: study.{key} is required ({STUDY_KEYS[key]}).")
+    spec = Spec(path=path, name=st["name"], base=resolve_base(base or st["base"], path))
+    spec.objective = st.get("objective", "valid")
+    if spec.objective not in OBJECTIVES:
+        raise UserError(f"study.objective must be one of {', '.join(OBJECTIVES)}; got "
+                        f"{spec.objective!r}.{closest(str(spec.objective), OBJECTIVES)}")
+    for key, default in (("trials", 20), ("workers", 1), ("retries", 2), ("heartbeat", 60),
+                         ("eval_every_steps", 0)):
+        value = st.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (
+                0 if key in ("retries", "eval_every_steps") else 1):
+            raise UserError(f"study.{key} must be an integer >= "
+                            f"{0 if key in ('retries', 'eval_every_steps') else 1}; got {value!r}.")
+        setattr(spec, key, value)
+    budget = st.get("budget")
+    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in BUDGETS:
+        raise UserError(f"study.budget must be one of {{ steps = N }}, {{ epochs = N }} or "
+                        f"{{ seconds = S }}; got {budget!r}.")
+    (kind, amount), = budget.items()
+    amount = _number(amount, f"study.budget.{kind}")
+    if amount <= 0 or (kind != "seconds" and not float(amount).is_integer()):
+        raise UserError(f"study.budget.{kind} must be a positive "
+                        f"{'number' if kind == 'seconds' else 'integer'}; got {amount}.")
+    spec.budget = {kind: float(amount) if kind == "seconds" else int(amount)}
+    spec.sampler = _kind_table(st.get("sampler"), "sampler", "tpe")
+    spec.pruner = _kind_table(st.get("pruner"), "pruner", "median")
+    for key in ("storage", "launcher"):
+        if not isinstance(st.get(key, ""), str):
+            raise UserError(f"study.{key} must be a string; got {st[key]!r}.")
+        setattr(spec, key, st.get(key, ""))
+
+    fixed = doc.get("fixed", {})
+    if not isinstance(fixed, dict):
+        raise UserError("[fixed] must be a table of config keys, e.g. \"train.device\" = \"cpu\".")
+    for key, value in _flatten(fixed).items():
+        check_key(key, "[fixed]")
+        if key in MANAGED:
+            raise UserError(f"[fixed]: {key} is set by the sweep for every trial"
+                            f"{'; use study.budget' if key in BUDGETS.values() else ''}.")
+        spec.fixed[key] = check_value(key, value, "[fixed]")
+
+    space = doc.get("space", {})
+    if not isinstance(space, dict) or not space:
+        raise UserError(f"study file {path} has no [space.\"KEY\"] tables: nothing to search.")
+    for key, table in _space_tables(space):
+        spec.params.append(_param(key, table, f"[space.\"{key}\"]"))
+    _check_order(spec.params)
+    for key in spec.fixed:
+        if key in {p.key for p in spec.params}:
+            raise UserError(f"{key} is both in [fixed] and in the space; keep one.")
+
+    enqueue = doc.get("enqueue", [])
+    if not isinstance(enqueue, list):
+        raise UserError("enqueue points are written as [[enqueue]] tables.")
+    by_key = {p.key: p for p in spec.params}
+    for i, point in enumerate(enqueue):
+        where = f"[[enqueue]] #{i + 1}"
+        point = _flatten(point)
+        for key, value in point.items():
+            if key not in by_key:
+                raise UserError(f"{where}: {key} is not in the space.{closest(key, by_key)}")
+            value = check_value(key, value, where)
+            if by_key[key].type == "categorical" and value not in by_key[key].choices:
+                raise UserError(f"{where}: {key} = {value!r} is not one of the choices "
+                                f"{by_key[key].choices}.")
+            point[key] = value
+        spec.enqueue.append(point)
+
+    spec.base_table = _flatten(read_toml(spec.base, "base config"))
+    cfg = load_config(spec.base, {**spec.fixed, **spec.budget_overrides()})  # base + fixed valid
+    spec.base_values = _flatten(to_dict(cfg))
+    return spec
+
+
+def _check_order(params: list[Param]) -> None:
+    """A condition on a swept key must come after that key's table (sampled in file order)."""
+    seen: set[str] = set()
+    defined = {p.key for p in params}
+    for p in params:
+        for ckey in p.when:
+            if ckey in defined and ckey not in seen:
+                raise UserError(f"[space.\"{p.key}\"]: it is conditioned on {ckey}, which the "
+                                f"space defines later; move [space.\"{ckey}\"] above it.")
+            if ckey in defined:
+                cond = next(q for q in params if q.key == ckey)
+                if cond.type == "categorical" and not any(v in cond.choices for v in p.when[ckey]):
+                    raise UserError(f"[space.\"{p.key}\"]: when {ckey} in {p.when[ckey]} is never "
+                                    f"true: its choices are {cond.choices}.")
+        seen.add(p.key)
+
+
+# ---- TOML out (the best trial as a recipe) --------------------------------------------------
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def dump_toml(flat: dict[str, Any], header: str = "") -> str:
+    """Dotted keys as [section] tables, in the config's section order."""
+    sections = [f.name for f in dataclasses.fields(Config)]
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    for section in sections:
+        keys = [k for k in flat if k.split(".")[0] == section]
+        if not keys:
+            continue
+        lines += ["", f"[{section}]"]
+        lines += [f"{k.split('.', 1)[1]} = {_toml_value(flat[k])}" for k in keys]
+    return "\n".join(lines).lstrip("\n") + "\n"

@@ -1,0 +1,357 @@
+"""`dist-lm sweep` on real pieces: Optuna journal and SQLite storages, trials that are real
+`dist-lm train` subprocesses of a tiny LSTM on the first lines of PTB (a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
+
+from dist_lm.errors import UserError
+from dist_lm.sweep.space import load_spec
+
+from _data_helpers import assert_clean_failure
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shared_data) -> Path:
+    """The first lines of PTB as a text:DIR corpus (vocabulary of a few thousand words)."""
+    from dist_lm.data.prepare import prepare_corpus
+
+    root = tmp_path_factory.mktemp("sweep-corpus")
+    src = root / "text"
+    src.mkdir()
+    for split, n in (("train", 1500), ("valid", 200), ("test", 150)):
+        lines = (shared_data / "ptb" / f"ptb.{split}.txt").read_text().splitlines()[:n]
+        (src / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return prepare_corpus(f"text:{src}", out=root / "shards", workers=1, quiet=True,
+                          download=False)
+
+
+@pytest.fixture(scope="module")
+def base(corpus, tmp_path_factory) -> Path:
+    """A tiny recipe: validation every 5 of 20 steps gives the pruner four values."""
+    p = tmp_path_factory.mktemp("sweep-base") / "tiny.toml"
+    p.write_text(f"""
+[data]
+shards = "{corpus}"
+eval_batch_size = 10
+test_batch_size = 10
+[model]
+emb_size = 16
+hidden_size = 32
+n_layers = 1
+[optim]
+lr = 20.0
+[train]
+device = "cpu"
+global_batch = 10
+bptt = 20
+max_steps = 1000
+[log]
+every_steps = 5
+progress = false
+""")
+    return p
+
+
+@pytest.fixture()
+def env(tmp_path):
+    # one thread per trial: the machine's 2 cores are shared; the baseline file stays in tmp
+    return {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+            "OMP_WAIT_POLICY": "PASSIVE", "DIST_LM_BASELINES": str(tmp_path / "baselines.json"),
+            "MPLCONFIGDIR": str(tmp_path / "mpl")}
+
+
+def study_file(path: Path, base: Path, study: str, space: str, extra: str = "") -> Path:
+    path.write_text(f'[study]\nbase = "{base}"\nbudget = {{ steps = 20 }}\n'
+                    f'eval_every_steps = 5\n{study}\n{space}\n{extra}\n')
+    return path
+
+
+LR_DROPOUT = """
+[space."optim.lr"]
+type = "loguniform"
+low = 5
+high = 40
+[space."model.dropout"]
+type = "uniform"
+low = 0.0
+high = 0.5
+"""
+
+
+def sweep(*args, env, cwd, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dist_lm", "sweep", *map(str, args)], env=env,
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def load(study_dir: Path, name: str, storage: str | None = None):
+    return optuna.load_study(study_name=name, storage=storage or JournalStorage(
+        JournalFileBackend(str(study_dir / "study.journal"))))
+
+
+def records(run_dir: Path) -> list[dict]:
+    p = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
+
+
+# ---- bad input: one message, no trial ---------------------------------------------------
+
+BAD_SPACES = [
+    ('[space."optim.lrr"]\ntype = "loguniform"\nlow = 1\nhigh = 50', "Did you mean 'optim.lr'"),
+    ('[space."model.n_layers"]\ntype = "uniform"\nlow = 1\nhigh = 3', 'use type = "int"'),
+    ('[space."optim.lr"]\ntype = "loguniform"\nlow = 50\nhigh = 1', "empty range"),
+    ('[space."optim.lr"]\ntype = "uniform"\nlow = 5\nhigh = 5', "empty range"),
+    ('[space."optim.lr"]\ntype = "loguniform"\nlow = 0\nhigh = 5', "low > 0"),
+    ('[space."model.arch"]\ntype = "categorical"\nchoices = []', "non-empty list"),
+    ('[space."model.arch"]\ntype = "categorical"\nchoices = ["lstm", "transformer"]',
+     "must be one of lstm, qrnn, gru"),
+    ('[space."model.n_layers"]\ntype = "int"\nlow = 1\nhigh = "three"', "high must be a number"),
+    ('[space."optim.lr"]\ntype = "logunifrom"\nlow = 1\nhigh = 5', "Did you mean 'loguniform'"),
+    ('[space."model.qrnn_window"]\ntype = "categorical"\nchoices = [1, 2]\n'
+     'when = { "model.arhc" = "qrnn" }', "Did you mean 'model.arch'"),
+    ('[space."model.qrnn_window"]\ntype = "categorical"\nchoices = [1, 2]\n'
+     'when = { "model.arch" = "qrnn" }\n'
+     '[space."model.arch"]\ntype = "categorical"\nchoices = ["lstm", "qrnn"]', "defines later"),
+    ('[space."model.arch"]\ntype = "categorical"\nchoices = ["lstm", "gru"]\n'
+     '[space."model.qrnn_window"]\ntype = "categorical"\nchoices = [1, 2]\n'
+     'when = { "model.arch" = "qrnn" }', "never true"),
+    ('[space."train.run_dir"]\ntype = "categorical"\nchoices = ["a", "b"]', "set by the sweep"),
+    ('[space."optim.lr"]\ntype = "loguniform"\nlow = 1\nhigh = 5\n[[enqueue]]\n"optim.wd" = 1',
+     "not in the space"),
+]
+
+
+@pytest.mark.parametrize("space,needle", BAD_SPACES, ids=[n for _, n in BAD_SPACES])
+def test_bad_space_is_one_clear_error(tmp_path, base, space, needle):
+    f = study_file(tmp_path / "s.toml", base, 'name = "bad"', space)
+    with pytest.raises(UserError, match=None) as err:
+        load_spec(f)
+    assert needle in str(err.value)
+
+
+def test_bad_study_table_is_refused(tmp_path, base):
+    for study, needle in (('name = "x"\nobjectve = "valid_ppl"', "Did you mean 'objective'"),
+                          ('name = "x"\nobjective = "test_ppl"', "study.objective"),
+                          ('name = "x"\ntrials = 0', "study.trials")):
+        f = study_file(tmp_path / "s.toml", base, study, LR_DROPOUT)
+        with pytest.raises(UserError) as err:
+            load_spec(f)
+        assert needle in str(err.value)
+    f = tmp_path / "b.toml"
+    f.write_text(f'[study]\nname = "x"\nbase = "{base}"\nbudget = {{ hours = 2 }}\n{LR_DROPOUT}')
+    with pytest.raises(UserError, match="study.budget"):
+        load_spec(f)
+
+
+def test_cli_refuses_bad_space_storage_and_pruner_before_any_trial(tmp_path, base, env):
+    bad_key = study_file(tmp_path / "k.toml", base, 'name = "k"',
+                         '[space."optim.lrr"]\ntype = "loguniform"\nlow = 1\nhigh = 50')
+    res = sweep(bad_key, "--dir", tmp_path / "k", env=env, cwd=tmp_path)
+    assert_clean_failure(res, "optim.lrr", "Did you mean 'optim.lr'")
+    assert not (tmp_path / "k").exists()
+
+    good = study_file(tmp_path / "g.toml", base, 'name = "g"', LR_DROPOUT)
+    res = sweep(good, "--dir", tmp_path / "g", "--storage", "sqlite:////no/such/dir/s.db",
+                env=env, cwd=tmp_path)
+    assert_clean_failure(res, "cannot open the study storage sqlite:////no/such/dir/s.db")
+    assert not (tmp_path / "g" / "trials").exists()
+
+    bad_pruner = study_file(tmp_path / "p.toml", base,
+                            'name = "p"\npruner = { kind = "median", n_startup = 2 }', LR_DROPOUT)
+    res = sweep(bad_pruner, "--dir", tmp_path / "p", env=env, cwd=tmp_path)
+    assert_clean_failure(res, "study.pruner = median (MedianPruner)", "n_startup")
+    assert not (tmp_path / "p" / "trials").exists()
+
+
+# ---- studies ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_workers_report_and_best_config_reproduces(tmp_path, base, env):
+    f = study_file(tmp_path / "s.toml", base, 'name = "pair"\ntrials = 4\nworkers = 2\n'
+                   'sampler = { kind = "random", seed = 3 }', LR_DROPOUT)
+    sdir = tmp_path / "study"
+    res = sweep(f, "--dir", sdir, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = load(sdir, "pair").get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:  # each trial is an ordinary run: its own dir, config, metrics
+        run_dir = sdir / "trials" / str(t.number)
+        cfg = json.loads((run_dir / "config.json").read_text())
+        assert cfg["optim"]["lr"] == t.params["optim.lr"]
+        assert cfg["model"]["dropout"] == t.params["model.dropout"]
+        assert cfg["train"]["max_steps"] == 20 and cfg["train"]["eval_every_steps"] == 5
+        assert cfg["log"]["group"] == "pair" and f"trial-{t.number}" in cfg["log"]["tags"]
+        final = [r for r in records(run_dir) if r.get("final")]
+        assert len(final) == 1 and final[0]["valid_ppl"] == t.value
+        assert sorted(t.intermediate_values) == [5, 10, 15, 20]
+    # two at a time: some two trials ran during the same interval
+    spans = [(t.datetime_start, t.datetime_complete) for t in trials]
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
+
+    res = sweep("report", sdir, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = (sdir / "report.md").read_text()
+    best = min(trials, key=lambda t: t.value)
+    assert f"Trial {best.number}: valid_ppl = **{best.value:.6g}**" in report
+    assert "4 complete, 0 pruned, 0 failed" in report
+    for evaluator in ("PED-ANOVA", "fANOVA"):
+        assert f"| key | {evaluator} |" in report
+    assert "| optim.lr |" in report and "| model.dropout |" in report
+    for png in ("history.png", "importance-ped-anova.png", "importance-fanova.png",
+                "parallel.png", "slice.png", "intermediate.png"):
+        data = (sdir / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+        assert f"]({png})" in report
+
+    # best.toml is a ready recipe: training it again gives the trial's value
+    rerun = tmp_path / "rerun"
+    p = subprocess.run([sys.executable, "-m", "dist_lm", "train", str(sdir / "best.toml"),
+                        f"--train.run_dir={rerun}"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    final = [r for r in records(rerun) if r.get("final")][0]
+    assert final["valid_ppl"] == pytest.approx(best.value, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_pruned_failed_and_diverged_trials_and_the_study_goes_on(tmp_path, base, env):
+    space = LR_DROPOUT.replace('"model.dropout"]\ntype = "uniform"\nlow = 0.0\nhigh = 0.5',
+                               '"train.micro_batch"]\ntype = "categorical"\nchoices = [0, 3]')
+    points = [(20, 0), (30, 0), (20, 3), (1e20, 0), (0.01, 0)]  # good, good, refused, NaN, bad
+    enqueue = "".join(f'[[enqueue]]\n"optim.lr" = {lr}\n"train.micro_batch" = {mb}\n'
+                      for lr, mb in points)
+    f = study_file(tmp_path / "s.toml", base, 'name = "mixed"\ntrials = 5\n'
+                   'pruner = { kind = "median", n_startup_trials = 2 }', space, enqueue)
+    sdir = tmp_path / "study"
+    res = sweep(f, "--dir", sdir, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    trials = load(sdir, "mixed").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE,
+                                         TrialState.FAIL, TrialState.FAIL, TrialState.PRUNED]
+    # the trainer's own refusal, as its last stderr line
+    assert "train.micro_batch=3 does not divide" in trials[2].user_attrs["fail_reason"]
+    assert trials[3].user_attrs["fail_reason"].startswith("diverged: ")
+    assert "nan" in trials[3].user_attrs["fail_reason"]
+    # NaN and pruning both stop the run early: no final record, fewer than 20 steps
+    for t in trials[3:]:
+        rows = records(sdir / "trials" / str(t.number))
+        assert rows and not any(r.get("final") for r in rows)
+        assert max(r["step"] for r in rows) < 20
+    assert max(trials[4].intermediate_values) < 20
+    time.sleep(1.0)  # the pruned trainer was stopped, not left running
+    assert max(r["step"] for r in records(sdir / "trials" / "4")) < 20
+
+    res = sweep("report", sdir, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = (sdir / "report.md").read_text()
+    assert "2 complete, 1 pruned, 2 failed" in report
+    assert "does not divide" in report and "diverged" in report
+
+
+def _wait_for(cond, timeout: float, what: str):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _processes_with(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (Linux /proc)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the trainer's death with its sweep is Linux's "
+                    "PR_SET_PDEATHSIG")
+def test_killed_study_continues_and_requeues_the_interrupted_trial(tmp_path, base, env):
+    f = study_file(tmp_path / "s.toml", base, 'name = "kill"\ntrials = 2\n'
+                   'sampler = { kind = "random", seed = 5 }', LR_DROPOUT)
+    sdir = tmp_path / "study"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_lm", "sweep", str(f), "--dir",
+                             str(sdir)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def second_running():
+            if not (sdir / "study.journal").is_file():
+                return False
+            ts = load(sdir, "kill").get_trials()
+            return len(ts) == 2 and ts[0].state == TrialState.COMPLETE and \
+                ts[1].state == TrialState.RUNNING
+        _wait_for(second_running, 120, "trial 1 to start")
+        os.kill(proc.pid, signal.SIGKILL)  # mid-trial: trial 1's trainer is starting
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = (sdir / "trials" / "0" / "metrics.jsonl").read_bytes()
+    # the trainer of trial 1 dies with its sweep (no orphan writing into the study)
+    _wait_for(lambda: not _processes_with(str(sdir / "trials" / "1")), 30, "trial 1's trainer")
+    assert not any(r.get("final") for r in records(sdir / "trials" / "1"))
+    assert load(sdir, "kill").get_trials()[1].state == TrialState.RUNNING
+
+    res = sweep(f, "--dir", sdir, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "re-queued interrupted trial(s) 1" in res.stdout
+    trials = load(sdir, "kill").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL,
+                                         TrialState.COMPLETE]
+    assert trials[1].user_attrs["fail_reason"].startswith("interrupted")
+    assert trials[2].params == trials[1].params
+    assert trials[2].system_attrs["retry_history"] == [1]
+    # the finished trial was not run again
+    assert (sdir / "trials" / "0" / "metrics.jsonl").read_bytes() == first
+    # (trial 1's run dir exists if its trainer got as far as creating it)
+    assert sorted(p.name for p in (sdir / "trials").iterdir()) in (["0", "2"], ["0", "1", "2"])
+    assert not any(r.get("final") for r in records(sdir / "trials" / "1"))
+
+    res = sweep(f, "--dir", sdir, env=env, cwd=tmp_path)  # a finished study runs nothing
+    assert res.returncode == 0 and "already has its 2 trials" in res.stdout
+    assert len(load(sdir, "kill").get_trials()) == 3
+
+
+@pytest.mark.slow
+def test_two_sweep_processes_share_one_sqlite_study(tmp_path, base, env):
+    f = study_file(tmp_path / "s.toml", base, 'name = "shared"\ntrials = 4\n'
+                   'sampler = { kind = "random" }', LR_DROPOUT)
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    procs = [subprocess.Popen([sys.executable, "-m", "dist_lm", "sweep", str(f), "--dir",
+                               str(tmp_path / f"machine-{i}"), "--storage", url], env=env,
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    trials = load(tmp_path, "shared", storage=url).get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    dirs = {i: {int(p.name) for p in (tmp_path / f"machine-{i}" / "trials").iterdir()}
+            for i in range(2)}
+    assert dirs[0] and dirs[1] and not dirs[0] & dirs[1]  # both worked, no number twice
+    assert dirs[0] | dirs[1] == {0, 1, 2, 3}
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
