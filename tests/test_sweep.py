@@ -22,6 +22,7 @@ from dist_lm.sweep.space import load_spec
 from _data_helpers import assert_clean_failure
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,44 @@ def test_bad_space_is_one_clear_error(tmp_path, base, space, needle):
     with pytest.raises(UserError, match=None) as err:
         load_spec(f)
     assert needle in str(err.value)
+
+
+def test_empty_enqueue_point_is_refused(tmp_path, base):
+    f = study_file(tmp_path / "s.toml", base, 'name = "e"', LR_DROPOUT, "[[enqueue]]\n")
+    with pytest.raises(UserError, match="is empty"):
+        load_spec(f)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "sweeps").glob("*.toml")))
+def test_example_study_files_are_valid(name):
+    spec = load_spec(REPO / "configs" / "sweeps" / name)
+    assert spec.base.is_file() and spec.params and spec.trials > 1
+
+
+def test_conditional_keys_are_sampled_only_when_their_condition_holds(tmp_path, base):
+    f = study_file(tmp_path / "s.toml", base, 'name = "c"', """
+[space."model.arch"]
+type = "categorical"
+choices = ["lstm", "qrnn"]
+[space."model.qrnn_window"]
+type = "categorical"
+choices = [1, 2]
+when = { "model.arch" = "qrnn" }
+[space."optim.betas"]
+type = "categorical"
+choices = [[0.0, 0.999], [0.9, 0.999]]
+""")
+    spec = load_spec(f)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        point = spec.suggest(trial)
+        assert ("model.qrnn_window" in point) == (point["model.arch"] == "qrnn")
+        assert point["optim.betas"] in ([0.0, 0.999], [0.9, 0.999])
+        study.tell(trial, 1.0)
+        seen.add(point["model.arch"])
+    assert seen == {"lstm", "qrnn"}
 
 
 def test_bad_study_table_is_refused(tmp_path, base):
@@ -297,23 +336,19 @@ def test_killed_study_continues_and_requeues_the_interrupted_trial(tmp_path, bas
                              str(sdir)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        def second_running():
-            if not (sdir / "study.journal").is_file():
-                return False
-            ts = load(sdir, "kill").get_trials()
-            return len(ts) == 2 and ts[0].state == TrialState.COMPLETE and \
-                ts[1].state == TrialState.RUNNING
-        _wait_for(second_running, 120, "trial 1 to start")
-        os.kill(proc.pid, signal.SIGKILL)  # mid-trial: trial 1's trainer is starting
+        trainer = str(sdir / "trials" / "1")
+        _wait_for(lambda: _processes_with(trainer), 120, "trial 1's trainer to start")
+        os.kill(proc.pid, signal.SIGKILL)  # mid-trial
         proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
     first = (sdir / "trials" / "0" / "metrics.jsonl").read_bytes()
     # the trainer of trial 1 dies with its sweep (no orphan writing into the study)
-    _wait_for(lambda: not _processes_with(str(sdir / "trials" / "1")), 30, "trial 1's trainer")
+    _wait_for(lambda: not _processes_with(trainer), 30, "trial 1's trainer to end")
     assert not any(r.get("final") for r in records(sdir / "trials" / "1"))
-    assert load(sdir, "kill").get_trials()[1].state == TrialState.RUNNING
+    trials = load(sdir, "kill").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING]
 
     res = sweep(f, "--dir", sdir, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -333,6 +368,16 @@ def test_killed_study_continues_and_requeues_the_interrupted_trial(tmp_path, bas
     res = sweep(f, "--dir", sdir, env=env, cwd=tmp_path)  # a finished study runs nothing
     assert res.returncode == 0 and "already has its 2 trials" in res.stdout
     assert len(load(sdir, "kill").get_trials()) == 3
+
+    # a lost storage numbers trials from 0 again: trial 0's old run dir is overwritten, not
+    # refused and not appended to
+    (sdir / "study.journal").unlink()
+    res = sweep(f, "--dir", sdir, "--trials", 1, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert load(sdir, "kill").get_trials()[0].state == TrialState.COMPLETE
+    rows = records(sdir / "trials" / "0")
+    assert sum(1 for r in rows if r.get("final")) == 1
+    assert (sdir / "trials" / "0" / "metrics.jsonl").read_bytes() != first
 
 
 @pytest.mark.slow

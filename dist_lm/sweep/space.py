@@ -309,12 +309,15 @@ def read_toml(path: Path, what: str) -> dict:
 
 
 def resolve_base(base: str, space_path: Path) -> Path:
-    """A base recipe path as written (from the working directory), else beside the study file."""
+    """A base recipe path as written (from the working directory), else from the study file's
+    folder or one above it (configs/sweeps/x.toml names configs/ptb_small_cpu.toml)."""
     p = Path(base)
     if p.is_absolute() or p.is_file():
         return p.resolve()
-    beside = space_path.parent / p
-    return beside.resolve() if beside.is_file() else p
+    for folder in space_path.resolve().parents:
+        if (folder / p).is_file():
+            return (folder / p).resolve()
+    return p
 
 
 def load_spec(path: str | Path, base: str | None = None) -> Spec:
@@ -391,7 +394,9 @@ def load_spec(path: str | Path, base: str | None = None) -> Spec:
     by_key = {p.key: p for p in spec.params}
     for i, point in enumerate(enqueue):
         where = f"[[enqueue]] #{i + 1}"
-        point = _flatten(point)
+        point = _flatten(point) if isinstance(point, dict) else {}
+        if not point:
+            raise UserError(f"{where} is empty: give it keys of the space, e.g. \"optim.lr\" = 30.")
         for key, value in point.items():
             if key not in by_key:
                 raise UserError(f"{where}: {key} is not in the space.{closest(key, by_key)}")

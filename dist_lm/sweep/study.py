@@ -13,6 +13,7 @@ from the final record. A crash, a config the trainer refuses or a NaN fails that
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from .space import Spec, closest, load_spec
 
 POLL_S = 0.2  # how often a running trial's metrics.jsonl is read
 STOP_GRACE_S = 10.0  # SIGTERM, then this long before SIGKILL
+ORPHAN_AFTER = datetime.timedelta(seconds=60)  # RUNNING without a worker: one that died at once
 SPEC_COPY = "study.toml"  # the study file as the study directory last ran it
 STUDY_INFO = "study.json"  # where the base recipe and the storage were resolved to
 
@@ -182,12 +184,20 @@ def recover(study, spec: Spec) -> list[int]:
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     requeue = []
+    now = datetime.datetime.now()
     for t in trials:
-        owner = t.user_attrs.get("worker") or {}
-        if t.state == TrialState.RUNNING and owner.get("host") == host \
-                and owner.get("pid") != os.getpid() and not _pid_alive(int(owner.get("pid", 0))):
+        owner = t.user_attrs.get("worker")
+        if t.state != TrialState.RUNNING:
+            dead = False
+        elif owner is None:  # its worker died between Optuna's ask and our first write
+            dead = t.datetime_start is not None and now - t.datetime_start > ORPHAN_AFTER
+        else:
+            dead = owner.get("host") == host and owner.get("pid") != os.getpid() \
+                and not _pid_alive(int(owner.get("pid", 0)))
+        if dead:
             storage.set_trial_user_attr(t._trial_id, "fail_reason",
-                                        f"interrupted: its dist-lm sweep (pid {owner['pid']}) died")
+                                        f"interrupted: its dist-lm sweep ({owner or 'unknown'}) "
+                                        f"died")
             try:
                 storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -303,9 +313,9 @@ class TrialRunner:
         import optuna
 
         spec, n = self.spec, trial.number
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         point = spec.suggest(trial)
         run_dir = (self.study_dir / "trials" / str(n)).resolve()
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("point", point)
         for stale in ("fail_reason", "interrupted"):  # a re-queued trial inherits its original's
@@ -453,13 +463,18 @@ def sweep_command(space: str, study_dir: str | None = None, workers: int = 0, tr
         for s, handler in old.items():
             signal.signal(s, handler)
         logging.getLogger("optuna.study._optimize").removeFilter(quiet)
-        if stop.is_set():
-            recover(study, spec)  # the trials stopped here go back into the queue
+        if stop.is_set():  # the trials stopped here go back into the queue
+            requeued = recover(study, spec)
+            if requeued:
+                print(f"dist-lm: stopped; trial(s) {', '.join(map(str, requeued))} re-queued "
+                      f"for the next `dist-lm sweep {space}`", file=sys.stderr, flush=True)
     done = study.get_trials(deepcopy=False)
     states = {s: sum(1 for t in done if t.state.name == s) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    interrupted = len(retried_numbers(done))
     best = ""
     if states["COMPLETE"]:
         best = f"; best: trial {study.best_trial.number}, {study.best_value:.4g}"
     print(f"dist-lm: study {spec.name}: {states['COMPLETE']} complete, {states['PRUNED']} "
-          f"pruned, {states['FAIL']} failed{best}. Report: dist-lm sweep report {sdir}",
-          flush=True)
+          f"pruned, {states['FAIL']} failed"
+          f"{f' ({interrupted} interrupted, re-queued)' if interrupted else ''}{best}. "
+          f"Report: dist-lm sweep report {sdir}", flush=True)
