@@ -176,9 +176,9 @@ class MetricsSink:
 
         self.wandb = wandb_init(wandb, mode, cfg, self.run_dir, config=to_dict(cfg),
                                 tags=list(cfg.log.tags) or None)
-        where = self.wandb.dir if mode == "offline" else getattr(self.wandb, "url", "") or mode
-        how = (f"; upload with `wandb sync {Path(self.wandb.dir).parent}`" if mode == "offline"
-               else "")
+        local = Path(self.wandb.dir).parent  # wandb.dir is the run's files/ subdirectory
+        where = local if mode == "offline" else getattr(self.wandb, "url", "") or local
+        how = f"; upload with `wandb sync {local}`" if mode == "offline" else ""
         print(f"dist-lm: W&B {mode} run {self.wandb.id} in {where}{how}", flush=True)
 
     def progress(self, n: int = 1, **postfix) -> None:
@@ -279,6 +279,9 @@ def summarize(run_dir: str | Path, rows: list[dict]) -> dict:
         vals = [r[key] for r in rows if key in r]
         if vals:
             out[key] = vals[-1]
+    hit = [r for r in evals if r.get("event") == "target"]
+    if hit:  # train.target_ppl / target_bpc: the first validation that reached it
+        out["time_to_target_s"], out["tokens_to_target"] = hit[0]["elapsed_s"], hit[0]["tokens"]
     if train:
         out["tokens_per_s"] = sum(r["tokens_per_s"] for r in train) / len(train)
         out["tokens_per_s_per_device"] = sum(r.get("tokens_per_s_per_device", 0) for r in train) / len(train)
@@ -293,7 +296,8 @@ def compare_command(runs: list[str], out: str | None = None, metric: str = "vali
     rows = [summarize(r, records[r]) for r in runs]
     rows.sort(key=lambda r: r.get(metric, math.inf))
     cols = ["run", "steps"] + [c for c in ("valid_ppl", "final_valid_ppl", "test_ppl", "valid_bpc",
-                                           "final_valid_bpc", "test_bpc", "tokens_per_s",
+                                           "final_valid_bpc", "test_bpc", "time_to_target_s",
+                                           "tokens_to_target", "tokens_per_s",
                                            "tokens_per_s_per_device")
                                if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -33,9 +33,9 @@ else
 fi
 
 # The small PTB recipe (configs/ptb_small_cpu.toml), stopped after $MINUTES minutes; a
-# validation pass and a checkpoint close the run. Starts afresh (no --resume).
-rm -rf "$RUN"
-run dist-lm train configs/ptb_small_cpu.toml --train.run_dir="$RUN" \
+# validation pass and a checkpoint close the run. Starts afresh (--overwrite replaces an
+# earlier quickstart run in $RUN).
+run dist-lm train configs/ptb_small_cpu.toml --train.run_dir="$RUN" --overwrite \
   --train.max_seconds=$((MINUTES * 60)) --train.epochs=1000 --log.every_steps=50
 # train ends with validation and test perplexity; `eval` is how a finished run is scored later
 run dist-lm eval "$RUN" --split test

@@ -79,6 +79,11 @@ def test_cross_field_validation():
         load_config(None, {"model.dropout": 1.5})
     with pytest.raises(UserError, match="dist.zero_stage"):
         load_config(None, {"dist.zero_stage": 4})
+    with pytest.raises(UserError, match="dist.zero_stage must be 0, 1 or 2"):
+        load_config(None, {"dist.zero_stage": 3})  # the engine cannot run it: refused up front
+    with pytest.raises(UserError, match="whole epoch"):
+        load_config(None, {"schedule.milestones": [1.5]})
+    assert load_config(None, {"schedule.milestones": [0.5, 12]}).schedule.milestones == [0.5, 12]
 
 
 def test_json_round_trip(tmp_path):

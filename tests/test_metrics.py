@@ -63,3 +63,26 @@ def test_baselines(tmp_path, monkeypatch):
         changed[i] = other
         assert baseline_key(*changed) != k  # model, vocab, micro, bptt, dtype, device: all count
     assert json.loads((tmp_path / "b.json").read_text())[k]["source"] == "test"
+
+
+def test_wandb_dir_is_each_runs_own_and_one_line(tmp_path, monkeypatch, capsys):
+    """Two runs in one process each write W&B files into their own run directory (nothing
+    sticks to the first), and W&B says one line per run."""
+    from dist_lm.runs import new_run_id
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    ids = []
+    for name in ("a", "b"):
+        rd = tmp_path / name
+        rd.mkdir()
+        ids.append(new_run_id(rd))
+        sink = MetricsSink(rd, Config(), enabled=True)
+        sink.log({"step": 1, "loss": 1.0})
+        sink.close()
+        assert list((rd / "wandb").glob(f"offline-run-*-{ids[-1]}")), name
+    assert ids[0] != ids[1]
+    out = capsys.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if "wandb" in ln.lower()]
+    assert len(lines) == 2 and all("wandb sync" in ln for ln in lines), lines

@@ -204,3 +204,24 @@ def test_scaling_efficiency_needs_a_matching_recorded_baseline(tmp_path, ptb_sli
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_time_budget_holds_across_sigkill_and_resume(tmp_path, ptb_slice):
+    """train.max_seconds with the real clock: killed mid-run and resumed, the run's training
+    time over both processes stops within one step of the budget, and elapsed_s continues."""
+    rd = tmp_path / "run"
+    args = (f"train.run_dir={rd}", "train.max_steps=0", "train.epochs=100000",
+            "train.max_seconds=4", "checkpoint.every_steps=20")
+    p = run(tmp_path, "part", 1, ptb_slice, *args, kill=50, check=False)
+    assert p.returncode != 0
+    st = torch.load(list_checkpoints(rd)[-1] / "trainer.pt", weights_only=True)
+    assert st["trainer"]["step"] == 40 and 0 < st["trainer"]["elapsed"] < 4
+    run(tmp_path, "part", 1, ptb_slice, *args, "resume=auto")
+    rows = metrics(rd)
+    steps = [(r["step"], r["elapsed_s"]) for r in rows if "loss" in r and "valid_loss" not in r]
+    assert [s for s, _ in steps] == list(range(1, len(steps) + 1))  # each step once
+    el = [e for _, e in steps]
+    assert all(b > a for a, b in zip(el, el[1:]))  # continuous over the resume, no restart at 0
+    assert el[-2] < 4.0 <= el[-1]  # stopped by the budget, within one step of it
+    final = rows[-1]
+    assert final["final"] and final["stop"] == "max_seconds" and final["train_seconds"] >= 4.0

@@ -288,6 +288,12 @@ def test_target_ppl_stops_and_records_time_to_target(tmp_path, ptb_slice):
     assert final["stop"] == "target" and tr.step == hit["step"] < 200
     assert final["time_to_target_s"] == pytest.approx(10.0 * hit["step"])
     assert final["tokens_to_target"] == hit["tokens"] and hit["event"] == "target"
+    from dist_lm.metrics import compare_command
+
+    compare_command([str(tmp_path)], out=str(tmp_path / "cmp"))
+    table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
+    col = table[0].split(" | ").index("time_to_target_s")  # a "time to target" column
+    assert float(table[2].split(" | ")[col]) == pytest.approx(10.0 * hit["step"], rel=1e-3)
 
 
 def test_batch_geometry_errors(tmp_path, ptb_slice):
@@ -336,3 +342,17 @@ def test_single_device_runs_record_a_baseline_only_when_asked(tmp_path, ptb_slic
     tr3 = make_trainer(tiny_config(tmp_path / "c", ptb_slice, **{"train.bptt": 10}))
     assert tr3._baseline_key() != tr2._baseline_key()
     assert not any("scaling_efficiency" in r for r in metrics(tmp_path / "b"))
+
+
+def test_data_shard_url_reads_the_same_streams(tmp_path, ptb_slice):
+    """data.shard_url (any WebDataset URL; here a pipe: command) feeds the same windows as the
+    local shards: the trained parameters are identical."""
+    over = {"train.max_steps": 5, "train.variable_bptt": True}
+    a = make_trainer(tiny_config(tmp_path / "a", ptb_slice, **over))
+    a.fit()
+    b = make_trainer(tiny_config(tmp_path / "b", ptb_slice, **over,
+                                 **{"data.shard_url": f"pipe:cat {ptb_slice}/{{name}}"}))
+    assert b.train_loader.shard_url is not None
+    b.fit()
+    for k, v in a.module.state_dict().items():
+        assert torch.equal(b.module.state_dict()[k], v), k
