@@ -11,7 +11,8 @@ gradient and weight gradient of every gate matrix and of the tied softmax, same 
 else): no implementation of that model's step can be faster, so LSTM step time / that time is
 the ceiling on the QRNN/LSTM ratio on the machine at hand. On CPU two final rows time the
 models' replacements of torch ops alone: keep_mask weight drop against F.dropout, softmax_nll
-against F.cross_entropy.
+against F.cross_entropy; then the loss of the full, adaptive and hierarchical softmax heads at
+V = 10k, 33k and 267k (see _head_rows).
 """
 
 from __future__ import annotations
@@ -71,6 +72,55 @@ def run(quick: bool = False) -> list[dict]:
                      "ratio": tps[k] / tps[lstm]})
     if dev.type == "cpu":
         rows += _replacement_rows(quick)
+        rows += _head_rows(quick)
+    return rows
+
+
+# Head rows: (V, N tokens); N shrinks with V so that the full softmax's step stays near a second.
+HEAD_SIZES = ((10_000, 1400), (33_278, 700), (267_735, 140))
+WT103_CUTOFFS = [2800, 20000, 76000]
+
+
+def _head_rows(quick: bool) -> list[dict]:
+    """Forward + backward of the loss alone for the three large-vocabulary heads, tied, d=400,
+    on CPU, interleaved per vocabulary size: full softmax (the baseline), adaptive softmax (the
+    WikiText-103 cutoffs that fall inside V: [2800] at 10k, [2800, 20000] at 33k, all three at
+    267k) and hierarchical softmax (about sqrt(V) classes). Targets are Zipf-distributed
+    (p(id) ~ 1/(id+1), so low ids are frequent, as the adaptive head assumes); N tokens per step
+    as HEAD_SIZES says (70x20 at 10k, 700 at 33k, 140 at 267k; a quarter of that with --quick).
+    Ratio = softmax time / head time."""
+    from ..models.heads import AdaptiveHead, HierarchicalHead, SoftmaxHead, default_classes
+
+    d, rows = 400, []
+    for vocab, n in HEAD_SIZES:
+        n = n // 4 if quick else n
+        g = torch.Generator().manual_seed(0)
+        emb = torch.empty(vocab, d).uniform_(-0.1, 0.1, generator=g).requires_grad_()
+        h = (torch.randn(n, 1, d, generator=g) * 0.5).requires_grad_()
+        zipf = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+        targets = torch.multinomial(zipf, n, replacement=True, generator=g).view(n, 1)
+        cuts = [c for c in WT103_CUTOFFS if c < vocab]
+        heads = {"softmax": SoftmaxHead(d, vocab, tied=True),
+                 f"adaptive {cuts}": AdaptiveHead(d, vocab, cuts, tied=True),
+                 f"hierarchical ({default_classes(vocab)} classes)":
+                     HierarchicalHead(d, vocab, default_classes(vocab), tied=True)}
+
+        def step(head):
+            def f():
+                emb.grad = h.grad = None
+                head.zero_grad(set_to_none=True)
+                head.nll(h, targets, emb).mean().backward()
+            return f
+
+        med = _interleaved({k: step(m) for k, m in heads.items()}, reps=2 if quick else 5)
+        full = med["softmax"]
+        rows.append({"name": f"head loss fwd+bwd cpu V={vocab} N={n} d={d}: softmax",
+                     "value": full * 1e3, "unit": "ms"})
+        for k in list(heads)[1:]:
+            rows.append({"name": f"head loss fwd+bwd cpu V={vocab} N={n} d={d}: {k} vs softmax",
+                         "value": med[k] * 1e3, "unit": "ms", "baseline": full * 1e3,
+                         "ratio": full / med[k]})
+        del emb, h, heads
     return rows
 
 
