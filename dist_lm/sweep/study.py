@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import random
 import shlex
 import signal
 import socket
@@ -73,21 +74,27 @@ def open_storage(url: str, spec: Spec):
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    try:
-        if "://" not in url:
-            Path(url).parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(url))
-        # Optuna 4.9 renamed failed_trial_callback (and its Retry* class); accept both
-        name = "heartbeat_stale_trial_callback" if hasattr(
-            optuna.storages, "RetryHeartbeatStaleTrialCallback") else "failed_trial_callback"
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=spec.heartbeat, grace_period=2 * spec.heartbeat,
-            **{name: retry_callback(spec)})
-    except Exception as exc:  # SQLAlchemy, driver and OS errors all mean "cannot open it"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot open the study storage {url}: {first}. Give a writable "
-                        f"journal file path or an SQLAlchemy URL such as "
-                        f"sqlite:///sweeps/study.db.") from None
+    # Optuna 4.9 renamed failed_trial_callback (and its Retry* class); accept both
+    name = "heartbeat_stale_trial_callback" if hasattr(
+        optuna.storages, "RetryHeartbeatStaleTrialCallback") else "failed_trial_callback"
+    for attempt in range(3):
+        try:
+            if "://" not in url:
+                Path(url).parent.mkdir(parents=True, exist_ok=True)
+                return JournalStorage(JournalFileBackend(url))
+            with _quiet_experimental():
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=spec.heartbeat, grace_period=2 * spec.heartbeat,
+                    **{name: retry_callback(spec)})
+        except Exception as exc:  # SQLAlchemy, driver and OS errors all mean "cannot open it"
+            # ... except "table already exists": two sweeps created a new database at once
+            if "already exists" in str(exc) and attempt < 2:
+                time.sleep(0.5 + random.random())
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot open the study storage {url}: {first}. Give a writable "
+                            f"journal file path or an SQLAlchemy URL such as "
+                            f"sqlite:///sweeps/study.db.") from None
 
 
 def retry_callback(spec: Spec):
