@@ -372,12 +372,17 @@ def test_killed_study_continues_and_requeues_the_interrupted_trial(tmp_path, bas
     # a lost storage numbers trials from 0 again: trial 0's old run dir is overwritten, not
     # refused and not appended to
     (sdir / "study.journal").unlink()
+    f.write_text(f.read_text().replace("seed = 5", "seed = 6"))  # another point this time
     res = sweep(f, "--dir", sdir, "--trials", 1, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert load(sdir, "kill").get_trials()[0].state == TrialState.COMPLETE
+    (t0,) = load(sdir, "kill").get_trials()
+    assert t0.state == TrialState.COMPLETE and t0.params != trials[0].params
     rows = records(sdir / "trials" / "0")
-    assert sum(1 for r in rows if r.get("final")) == 1
-    assert (sdir / "trials" / "0" / "metrics.jsonl").read_bytes() != first
+    assert [r["step"] for r in rows if "valid_loss" in r and not r.get("final")] == [5, 10, 15, 20]
+    finals = [r for r in rows if r.get("final")]
+    assert len(finals) == 1 and finals[0]["valid_ppl"] == t0.value  # the new run's, not the old
+    cfg = json.loads((sdir / "trials" / "0" / "config.json").read_text())
+    assert cfg["optim"]["lr"] == t0.params["optim.lr"]
 
 
 @pytest.mark.slow

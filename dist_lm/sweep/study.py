@@ -183,7 +183,8 @@ def _pid_alive(pid: int) -> bool:
 def recover(study, spec: Spec) -> list[int]:
     """Fail the RUNNING trials whose `dist-lm sweep` on this host is gone (killed, machine
     rebooted), and re-queue them and any interrupted trial not yet re-queued, with Optuna's
-    retry callback. RDB storages also do this across machines through heartbeats."""
+    retry callback; returns the numbers re-queued. RDB storages also do this across machines
+    through heartbeats."""
     import optuna
     from optuna.trial import TrialState
 
@@ -213,10 +214,13 @@ def recover(study, spec: Spec) -> list[int]:
         elif t.state == TrialState.FAIL and t.user_attrs.get("interrupted") \
                 and t.number not in retried:
             requeue.append(t)
-    callback = retry_callback(spec)
+    callback, done = retry_callback(spec), []
     for t in requeue:
-        callback(study, storage.get_trial(t._trial_id))
-    return [t.number for t in requeue]
+        before = len(study.get_trials(deepcopy=False))
+        callback(study, storage.get_trial(t._trial_id))  # a no-op past study.retries
+        if len(study.get_trials(deepcopy=False)) > before:
+            done.append(t.number)
+    return done
 
 
 class _StopWhenDone:
@@ -261,16 +265,26 @@ def _last_line(path: Path) -> str:
 
 
 class _Follower:
-    """New complete lines of a JSONL file that another process appends to."""
+    """New complete lines of a JSONL file that another process appends to. A file that is
+    there at the start (an earlier attempt's, which `--overwrite` removes) is skipped; a file
+    replaced or truncated later is read from its beginning."""
 
     def __init__(self, path: Path):
-        self.path, self.offset, self.partial = path, 0, ""
+        self.path, self.partial = path, ""
+        try:
+            st = os.stat(path)
+            self.inode, self.offset = st.st_ino, st.st_size
+        except FileNotFoundError:
+            self.inode, self.offset = None, 0
 
     def records(self) -> list[dict]:
         try:
-            with open(self.path, encoding="utf-8") as f:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_ino != self.inode or st.st_size < self.offset:
+                    self.inode, self.offset, self.partial = st.st_ino, 0, ""
                 f.seek(self.offset)
-                text = f.read()
+                text = f.read().decode("utf-8", errors="replace")
                 self.offset = f.tell()
         except FileNotFoundError:
             return []
@@ -351,7 +365,7 @@ class TrialRunner:
                 for rec in follower.records():
                     step = int(rec.get("step", 0))
                     for name in ("loss", "valid_loss"):
-                        if name in rec and not math.isfinite(rec[name]):
+                        if isinstance(rec.get(name), float) and not math.isfinite(rec[name]):
                             raise self.fail(trial, f"diverged: {name} = {rec[name]} at step {step}")
                     if rec.get("final"):
                         final = rec
