@@ -405,3 +405,21 @@ def test_two_sweep_processes_share_one_sqlite_study(tmp_path, base, env):
     assert dirs[0] and dirs[1] and not dirs[0] & dirs[1]  # both worked, no number twice
     assert dirs[0] | dirs[1] == {0, 1, 2, 3}
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
+
+
+@pytest.mark.slow
+def test_a_trial_can_run_under_torchrun(tmp_path, base, env):
+    launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
+    f = study_file(tmp_path / "s.toml", base, f'name = "ddp"\ntrials = 1\nlauncher = "{launcher}"',
+                   LR_DROPOUT, '[fixed]\n"dist.engine" = "ddp"\n')
+    f.write_text(f.read_text().replace("steps = 20", "steps = 10"))
+    sdir = tmp_path / "study"
+    res = sweep(f, "--dir", sdir, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (t,) = load(sdir, "ddp").get_trials()
+    assert t.state == TrialState.COMPLETE and sorted(t.intermediate_values) == [5, 10]
+    rows = records(sdir / "trials" / "0")
+    train = [r for r in rows if "tokens_per_s" in r]
+    assert train and train[-1]["tokens_per_s"] == pytest.approx(
+        2 * train[-1]["tokens_per_s_per_device"])  # two ranks
+    assert json.loads((sdir / "trials" / "0" / "config.json").read_text())["dist"]["engine"] == "ddp"
