@@ -103,3 +103,36 @@ def test_model_window2_handles_a_change_of_batch_size():
     small = x[:, :2]
     got = model(small, out.hidden, small).nll  # b 4 -> 2: fresh state for the new b
     torch.testing.assert_close(got, model(small, model.init_hidden(2), small).nll)
+
+
+def test_training_zoneout_draws_the_masks_the_unfused_layer_drew():
+    """Same seed, same generator order: the fused layer's output and gradients equal the unfused
+    sequence (chunk, sigmoid, dropout.zoneout_mask, forget_mult, output gate) it replaced."""
+    import torch.nn.functional as F
+
+    from dist_lm.kernels import forget_mult
+    from dist_lm.models.dropout import weight_drop, zoneout_mask
+
+    torch.manual_seed(0)
+    layer = QRNNLayer(6, 35, window=2, zoneout=0.3, wdrop=0.4).train()
+    x = torch.randn(8, 3, 6)
+    hidden = (torch.randn(1, 3, 35), torch.randn(1, 3, 6))
+
+    def unfused():
+        source = torch.cat([x, torch.cat([hidden[1], x[:-1]], 0)], 2)
+        z, f, o = F.linear(source, weight_drop(layer.weight_raw, 0.4, True), layer.bias).chunk(3, 2)
+        c = forget_mult(zoneout_mask(torch.sigmoid(f), 0.3, True), torch.tanh(z), hidden[0][0])
+        return torch.sigmoid(o) * c, (c[-1:],)
+
+    results = []
+    for fn in (lambda: layer(x, hidden), unfused):
+        torch.manual_seed(7)
+        layer.zero_grad()
+        h, new = fn()
+        (h * torch.linspace(-1, 1, h.numel()).view_as(h)).sum().backward()
+        results.append((h.detach(), new[0].detach(), layer.weight_raw.grad.clone()))
+    assert type(layer(x, hidden)[0].grad_fn).__name__ == "_FusedCPUBackward"
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(8)
+    assert not torch.allclose(layer(x, hidden)[0], results[0][0])  # a new draw, new masks

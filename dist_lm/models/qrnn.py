@@ -1,9 +1,10 @@
 """One QRNN layer (Bradbury et al.; salesforce/pytorch-qrnn's QRNNLayer with output gate).
 
 One matmul computes the gates of all timesteps from the window of inputs (x_t alone, or
-[x_t, x_{t-1}] for window 2), then
+[x_t, x_{t-1}] for window 2), then one fused op (dist_lm.kernels.qrnn_fused: Triton on CUDA, a C
+kernel on CPU, the unfused torch sequence as reference and fallback) computes
     z = tanh(.), f = sigmoid(.) (zoneout optional), o = sigmoid(.)
-    c_t = f_t z_t + (1 - f_t) c_{t-1}     (ForgetMult: Triton on CUDA, fast CPU path otherwise)
+    c_t = f_t z_t + (1 - f_t) c_{t-1}
     h_t = o_t c_t
 DropConnect `wdrop` applies to the whole gate matrix, as the reference wraps `linear` in
 WeightDrop. The hidden state is (c [1, b, H],) or, for window 2, (c, x_prev [1, b, input_size]):
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels.forget_mult import forget_mult
-from .dropout import weight_drop, zoneout_mask
+from ..kernels.qrnn_fused import qrnn_fused
+from .dropout import keep_mask, weight_drop
 
 
 class QRNNLayer(nn.Module):
@@ -52,6 +53,20 @@ class QRNNLayer(nn.Module):
         c = torch.zeros(1, b, self.hidden_size, **kw)
         return (c, torch.zeros(1, b, self.input_size, **kw)) if self.window == 2 else (c,)
 
+    def _zoneout(self, y: Tensor) -> tuple[Tensor | None, float]:
+        """The zoneout (mask, scale) on f, as dropout.zoneout_mask applies it: training keeps f
+        with probability 1-p (the same draw from the same generator: keep_mask on CPU,
+        bernoulli_ of a tensor of y's dtype elsewhere), eval scales it by 1-p."""
+        p = self.zoneout
+        if p == 0.0:
+            return None, 1.0
+        if not self.training:
+            return None, 1.0 - p
+        shape = (y.size(0), y.size(1), self.hidden_size)
+        if y.device.type != "cpu":
+            return y.new_empty(shape).bernoulli_(1 - p), 1.0
+        return keep_mask(shape, 1 - p), 1.0
+
     def forward(self, x: Tensor, hidden: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         if self.window == 2:
             prev = hidden[1].to(x.dtype)
@@ -59,9 +74,8 @@ class QRNNLayer(nn.Module):
         else:
             source = x
         w = weight_drop(self.weight_raw, self.wdrop, self.training)
-        z, f, o = F.linear(source, w, self.bias).chunk(3, dim=2)
-        f = zoneout_mask(torch.sigmoid(f), self.zoneout, self.training)
-        c = forget_mult(f, torch.tanh(z), hidden[0][0])
-        h = torch.sigmoid(o) * c
+        y = F.linear(source, w, self.bias)  # [T, b, 3H]: z | f | o pre-activations
+        mask, scale = self._zoneout(y)
+        h, c = qrnn_fused(y, hidden[0][0], mask, scale)
         new_hidden = (c[-1:],) if self.window == 1 else (c[-1:], x[-1:])
         return h, new_hidden

@@ -1,0 +1,117 @@
+"""The fused QRNN step: gate nonlinearities, zoneout, forget-mult and output gate as one op.
+
+    from dist_lm.kernels import qrnn_fused
+    h, c = qrnn_fused(y, c0, mask, scale)
+
+y [T, b, 3H] is the gate matmul's output, the z | f | o pre-activations along the last dim (as
+QRNNLayer's F.linear makes them); c0 [b, H] the previous carry (None: zeros); mask [T, b, H]
+the zoneout keep-mask on f (bool or 0/1 floats; None: no mask) and scale a factor on f (eval-mode
+zoneout: 1 - p). Per lane:
+
+    z = tanh(y_z), f = sigmoid(y_f) * mask * scale, o = sigmoid(y_o)
+    c_t = f_t z_t + (1 - f_t) c_{t-1},   h_t = o_t c_t
+
+Returns h and c, both [T, b, H] in y's dtype (c[-1] is the next carry; c may take a gradient).
+
+Implementations of one op:
+  qrnn_fused_reference  the unfused sequence QRNNLayer ran before (chunk, sigmoid, mask, tanh,
+                        the forget_mult op, output gate) with autograd through it: tests, and
+                        the fallback for dtypes/devices the kernels below do not take
+  CUDA                  qrnn_fused_triton.py: forward and backward kernels, fp32 carry
+  CPU (fp32)            torch's tanh/sigmoid (one pass), then qrnn_cpu.py's C kernel for the rest,
+                        forward and backward; reference path where no C compiler is found
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .forget_mult import forget_mult
+
+
+def qrnn_fused_reference(y: Tensor, c0: Tensor | None = None, mask: Tensor | None = None,
+                         scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    z, f, o = y.chunk(3, dim=2)
+    f = torch.sigmoid(f)
+    if mask is not None:
+        f = f * mask.to(f.dtype)
+    if scale != 1.0:
+        f = f * scale
+    c = forget_mult(f, torch.tanh(z), c0)
+    return torch.sigmoid(o) * c, c
+
+
+class _FusedCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, c0, mask, scale):
+        from . import qrnn_cpu
+
+        ctx.set_materialize_grads(False)  # c's gradient is usually None: no [T, b, H] of zeros
+        H = y.size(2) // 3
+        act = torch.empty_like(y)
+        torch.tanh(y[..., :H], out=act[..., :H])
+        torch.sigmoid(y[..., H:], out=act[..., H:])
+        h, c = qrnn_cpu.forward(act, c0, mask, scale)
+        ctx.save_for_backward(act, c0, c)
+        ctx.scale = scale
+        return h, c
+
+    @staticmethod
+    def backward(ctx, gh, gc):
+        from . import qrnn_cpu
+
+        act, c0, c = ctx.saved_tensors
+        if gh is None:
+            gh = torch.zeros_like(c)
+        dy, dc0 = qrnn_cpu.backward(gh.float(), None if gc is None else gc.float(), act, c0, c,
+                                    ctx.scale)
+        return dy, dc0, None, None
+
+
+class _FusedTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, c0, mask, scale):
+        from .qrnn_fused_triton import qrnn_fused_triton_forward
+
+        ctx.set_materialize_grads(False)
+        h, c = qrnn_fused_triton_forward(y, c0, mask, scale)
+        ctx.save_for_backward(y, c0, mask, c)
+        ctx.scale = scale
+        return h, c
+
+    @staticmethod
+    def backward(ctx, gh, gc):
+        from .qrnn_fused_triton import qrnn_fused_triton_backward
+
+        y, c0, mask, c = ctx.saved_tensors
+        if gh is None:
+            gh = torch.zeros_like(c)
+        dy, dc0 = qrnn_fused_triton_backward(gh, gc, y, c0, mask, c, ctx.scale)
+        return dy, dc0, None, None
+
+
+def _cpu_kernel_available() -> bool:
+    from . import qrnn_cpu
+
+    return qrnn_cpu.library() is not None
+
+
+def qrnn_fused(y: Tensor, c0: Tensor | None = None, mask: Tensor | None = None,
+               scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """h, c for gate pre-activations y [T, b, 3H] (see the module docstring)."""
+    if y.dim() != 3 or y.size(2) % 3:
+        raise ValueError(f"qrnn_fused expects y of shape [T, b, 3H]; got {tuple(y.shape)}")
+    T, b, H = y.size(0), y.size(1), y.size(2) // 3
+    if mask is not None and mask.shape != (T, b, H):
+        raise ValueError(f"zoneout mask of shape {tuple(mask.shape)} for y {tuple(y.shape)}; "
+                         f"expected {(T, b, H)}")
+    if c0 is None:
+        c0 = y.new_zeros(b, H, dtype=torch.float32 if y.is_cuda else y.dtype)
+    c0 = c0.reshape(b, H)
+    if y.is_cuda:
+        return _FusedTriton.apply(y.contiguous(), c0.contiguous(), mask, float(scale))
+    if (y.device.type == "cpu" and y.dtype == torch.float32 and c0.dtype == torch.float32
+            and _cpu_kernel_available()):
+        return _FusedCPU.apply(y.contiguous(), c0.contiguous(), mask, float(scale))
+    return qrnn_fused_reference(y, c0, mask, scale)
