@@ -87,8 +87,9 @@ def open_storage(url: str, spec: Spec):
                     url, heartbeat_interval=spec.heartbeat, grace_period=2 * spec.heartbeat,
                     **{name: retry_callback(spec)})
         except Exception as exc:  # SQLAlchemy, driver and OS errors all mean "cannot open it"
-            # ... except "table already exists": two sweeps created a new database at once
-            if "already exists" in str(exc) and attempt < 2:
+            # ... except that two sweeps creating a new database at once race on its tables
+            # ("already exists", "UNIQUE constraint failed"): the loser tries again
+            if "://" in url and attempt < 2:
                 time.sleep(0.5 + random.random())
                 continue
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
