@@ -261,3 +261,11 @@ def test_hierarchical_classes_out_of_range_is_a_user_error():
     with pytest.raises(UserError, match="hsm_classes"):
         build_model(ModelConfig(emb_size=4, hidden_size=4, n_layers=1, head="hierarchical",
                                 hsm_classes=V + 1), V)
+
+
+def test_hierarchical_head_is_a_config_choice():
+    from dist_lm.config import load_config
+    cfg = load_config(None, {"model.head": "hierarchical", "model.hsm_classes": 5,
+                             "model.emb_size": 4, "model.hidden_size": 4, "model.n_layers": 1})
+    model = build_model(cfg.model, V)
+    assert isinstance(model.head, HierarchicalHead) and model.head.n_classes == 5
