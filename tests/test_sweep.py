@@ -208,6 +208,13 @@ def test_cli_refuses_bad_space_storage_and_pruner_before_any_trial(tmp_path, bas
     assert_clean_failure(res, "cannot open the study storage sqlite:////no/such/dir/s.db")
     assert not (tmp_path / "g" / "trials").exists()
 
+    taken = tmp_path / "taken"  # another study's directory: its trial dirs are not ours
+    taken.mkdir()
+    (taken / "study.json").write_text('{"name": "other"}')
+    res = sweep(good, "--dir", taken, env=env, cwd=tmp_path)
+    assert_clean_failure(res, "holds study 'other', not 'g'")
+    assert sorted(p.name for p in taken.iterdir()) == ["study.json"]
+
     bad_pruner = study_file(tmp_path / "p.toml", base,
                             'name = "p"\npruner = { kind = "median", n_startup = 2 }', LR_DROPOUT)
     res = sweep(bad_pruner, "--dir", tmp_path / "p", env=env, cwd=tmp_path)

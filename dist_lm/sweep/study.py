@@ -32,7 +32,7 @@ from typing import Any
 
 from ..config import load_config
 from ..errors import UserError
-from ..fileio import write_text_atomic
+from ..fileio import read_json, write_text_atomic
 from .space import Spec, closest, load_spec
 
 POLL_S = 0.2  # how often a running trial's metrics.jsonl is read
@@ -301,6 +301,17 @@ class _Follower:
         return out
 
 
+def _ranks(launcher: list[str]) -> int:
+    """Processes per trial that a torchrun-style launcher starts (--nproc_per_node N)."""
+    for i, arg in enumerate(launcher):
+        for flag in ("--nproc_per_node", "--nproc-per-node"):
+            value = arg[len(flag) + 1:] if arg.startswith(flag + "=") else (
+                launcher[i + 1] if arg == flag and i + 1 < len(launcher) else None)
+            if value is not None and value.isdigit():
+                return max(1, int(value))
+    return 1
+
+
 def _objective_key(spec: Spec, rec: dict) -> str | None:
     if spec.objective != "valid":
         return spec.objective if spec.objective in rec else None
@@ -314,8 +325,8 @@ class TrialRunner:
         self.spec, self.study_dir, self.stop = spec, study_dir, stop
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
             (os.cpu_count() or 1)
-        self.threads = str(max(1, cores // max(1, workers)))
         self.launcher = shlex.split(spec.launcher) if spec.launcher else [sys.executable]
+        self.threads = str(max(1, cores // (max(1, workers) * _ranks(self.launcher))))
 
     def command(self, number: int, point: dict[str, Any], run_dir: Path) -> list[str]:
         spec = self.spec
@@ -441,6 +452,11 @@ def sweep_command(space: str, study_dir: str | None = None, workers: int = 0, tr
     workers = workers or spec.workers
     spec.trials = trials or spec.trials
     sdir = Path(study_dir) if study_dir else default_dir(spec)
+    if (sdir / STUDY_INFO).is_file():  # its trials/N would be overwritten by another study's
+        other = read_json(sdir / STUDY_INFO, "remove it or give another --dir").get("name")
+        if other != spec.name:
+            raise UserError(f"{sdir} holds study {other!r}, not {spec.name!r}; give another "
+                            f"--dir (or the same study.name).")
     url = storage_url(spec, sdir, storage)
     study = open_study(spec, url)  # a bad storage fails here, before any trial
     sdir.mkdir(parents=True, exist_ok=True)
