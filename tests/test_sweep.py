@@ -170,6 +170,11 @@ choices = [[0.0, 0.999], [0.9, 0.999]]
 """)
     spec = load_spec(f)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    first = {"model.arch": "qrnn", "model.qrnn_window": 1, "optim.betas": [0.0, 0.999]}
+    study.enqueue_trial(spec.optuna_params(first))
+    trial = study.ask()
+    assert spec.suggest(trial) == first  # an enqueued point comes back as written
+    study.tell(trial, 1.0)
     seen = set()
     for _ in range(12):
         trial = study.ask()

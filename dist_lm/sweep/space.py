@@ -186,6 +186,12 @@ class Spec:
                 point[p.key] = p.suggest(trial)
         return point
 
+    def optuna_params(self, point: dict[str, Any]) -> dict[str, Any]:
+        """A point as Optuna stores it (list choices as their JSON text), for enqueue_trial."""
+        by_key = {p.key: p for p in self.params}
+        return {k: json.dumps(v) if any(isinstance(c, list) for c in by_key[k].choices) else v
+                for k, v in point.items()}
+
     def overrides(self, point: dict[str, Any]) -> dict[str, Any]:
         return {**self.fixed, **self.budget_overrides(), **point}
 

@@ -465,7 +465,7 @@ def sweep_command(space: str, study_dir: str | None = None, workers: int = 0, tr
         {"name": spec.name, "space": str(Path(space).resolve()), "base": str(spec.base),
          "storage": url}, indent=2) + "\n")
     for point in spec.enqueue:
-        study.enqueue_trial(point, skip_if_exists=True)
+        study.enqueue_trial(spec.optuna_params(point), skip_if_exists=True)
 
     requeued = recover(study, spec)
     if requeued:
