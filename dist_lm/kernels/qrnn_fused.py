@@ -18,8 +18,8 @@ Implementations of one op:
                         the forget_mult op, output gate) with autograd through it: tests, and
                         the fallback for dtypes/devices the kernels below do not take
   CUDA                  qrnn_fused_triton.py: forward and backward kernels, fp32 carry
-  CPU (fp32)            torch's tanh/sigmoid (one pass), then qrnn_cpu.py's C kernel for the rest,
-                        forward and backward; reference path where no C compiler is found
+  CPU (fp32)            qrnn_cpu.py: a C kernel, forward and backward, one pass over T per lane;
+                        the reference path where no C compiler is found
 """
 
 from __future__ import annotations
@@ -48,12 +48,9 @@ class _FusedCPU(torch.autograd.Function):
         from . import qrnn_cpu
 
         ctx.set_materialize_grads(False)  # c's gradient is usually None: no [T, b, H] of zeros
-        H = y.size(2) // 3
-        act = torch.empty_like(y)
-        torch.tanh(y[..., :H], out=act[..., :H])
-        torch.sigmoid(y[..., H:], out=act[..., H:])
-        h, c = qrnn_cpu.forward(act, c0, mask, scale)
-        ctx.save_for_backward(act, c0, c)
+        mask = qrnn_cpu.byte_mask(mask)
+        h, c = qrnn_cpu.forward(y, c0, mask, scale)
+        ctx.save_for_backward(y, c0, mask, c)
         ctx.scale = scale
         return h, c
 
@@ -61,11 +58,11 @@ class _FusedCPU(torch.autograd.Function):
     def backward(ctx, gh, gc):
         from . import qrnn_cpu
 
-        act, c0, c = ctx.saved_tensors
+        y, c0, mask, c = ctx.saved_tensors
         if gh is None:
             gh = torch.zeros_like(c)
-        dy, dc0 = qrnn_cpu.backward(gh.float(), None if gc is None else gc.float(), act, c0, c,
-                                    ctx.scale)
+        dy, dc0 = qrnn_cpu.backward(gh.float(), None if gc is None else gc.float(), y, c0, mask,
+                                    c, ctx.scale)
         return dy, dc0, None, None
 
 
