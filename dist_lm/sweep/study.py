@@ -82,10 +82,12 @@ def open_storage(url: str, spec: Spec):
             if "://" not in url:
                 Path(url).parent.mkdir(parents=True, exist_ok=True)
                 return JournalStorage(JournalFileBackend(url))
+            # SQLite: wait for another sweep's write lock instead of failing after 5 s
+            engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
             with _quiet_experimental():
                 return optuna.storages.RDBStorage(
-                    url, heartbeat_interval=spec.heartbeat, grace_period=2 * spec.heartbeat,
-                    **{name: retry_callback(spec)})
+                    url, engine_kwargs=engine, heartbeat_interval=spec.heartbeat,
+                    grace_period=2 * spec.heartbeat, **{name: retry_callback(spec)})
         except Exception as exc:  # SQLAlchemy, driver and OS errors all mean "cannot open it"
             # ... except that two sweeps creating a new database at once race on its tables
             # ("already exists", "UNIQUE constraint failed"): the loser tries again
@@ -226,7 +228,8 @@ def recover(study, spec: Spec) -> list[int]:
 
 class _StopWhenDone:
     """Stop after `trials` counted trials: finished ones that were not interrupted, plus
-    the ones running now (on any worker), once nothing is waiting in the queue."""
+    the ones running now (on any worker), once nothing is waiting in the queue. Workers that
+    finish at the same moment may each start one more (as with Optuna's MaxTrialsCallback)."""
 
     def __init__(self, trials: int):
         self.trials = trials
