@@ -149,7 +149,7 @@ def test_empty_enqueue_point_is_refused(tmp_path, base):
         load_spec(f)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "sweeps").glob("*.toml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs/sweeps").glob("*.toml")))
 def test_example_study_files_are_valid(name):
     spec = load_spec(REPO / "configs" / "sweeps" / name)
     assert spec.base.is_file() and spec.params and spec.trials > 1
@@ -434,4 +434,5 @@ def test_a_trial_can_run_under_torchrun(tmp_path, base, env):
     train = [r for r in rows if "tokens_per_s" in r]
     assert train and train[-1]["tokens_per_s"] == pytest.approx(
         2 * train[-1]["tokens_per_s_per_device"])  # two ranks
-    assert json.loads((sdir / "trials" / "0" / "config.json").read_text())["dist"]["engine"] == "ddp"
+    cfg = json.loads((sdir / "trials" / "0" / "config.json").read_text())
+    assert cfg["dist"]["engine"] == "ddp"

@@ -25,6 +25,8 @@ PLOTS = {  # file -> (title, optuna.visualization.matplotlib function)
     "intermediate.png": ("Validation during the trials (pruned ones stop early)",
                          "plot_intermediate_values"),
 }
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -180,7 +182,8 @@ def report_command(study_dir: str, top: int = 10, storage: str | None = None) ->
             value = t.intermediate_values[step] if step is not None else None
             lines.append(f"| {t.number} | {_fmt(step)} | {_fmt(value)} |")
     if failed:
-        lines += ["", "## Failed trials", "", "| trial | reason | re-queued |", "| ---: | --- | --- |"]
+        lines += ["", "## Failed trials", "", "| trial | reason | re-queued |",
+                  "| ---: | --- | --- |"]
         for t in failed:
             reason = (t.user_attrs.get("fail_reason") or "").replace("|", "\\|")
             lines.append(f"| {t.number} | {reason} | {'yes' if t.number in retried else ''} |")

@@ -340,7 +340,8 @@ def load_spec(path: str | Path, base: str | None = None) -> Spec:
                         f"trials, budget).")
     for key in st:
         if key not in STUDY_KEYS:
-            raise UserError(f"study file {path}: unknown key study.{key}.{closest(key, STUDY_KEYS)}")
+            raise UserError(f"study file {path}: unknown key study.{key}."
+                            f"{closest(key, STUDY_KEYS)}")
     for key in ("name", "base"):
         if not isinstance(st.get(key), str) or not st[key]:
             raise UserError(f"study file {path}: study.{key} is required ({STUDY_KEYS[key]}).")

@@ -413,9 +413,9 @@ class TrialRunner:
             raise self.fail(trial, f"no final record in {run_dir / 'metrics.jsonl'}")
         key = _objective_key(spec, final)
         if key is None:
-            raise self.fail(trial, f"the final record has no {spec.objective} "
-                                   f"(it has {', '.join(k for k in final if k.startswith('valid'))})"
-                                   f"; set study.objective")
+            has = ", ".join(k for k in final if k.startswith("valid"))
+            raise self.fail(trial, f"the final record has no {spec.objective} (it has {has}); "
+                                   f"set study.objective")
         value = float(final[key])
         if not math.isfinite(value):
             raise self.fail(trial, f"diverged: final {key} = {value}")
@@ -447,8 +447,6 @@ def default_dir(spec: Spec) -> Path:
 def sweep_command(space: str, study_dir: str | None = None, workers: int = 0, trials: int = 0,
                   storage: str | None = None) -> None:
     """Run (or continue) the study that `space` describes; see dist_lm.__main__.sweep."""
-    import optuna
-
     spec = load_spec(space)
     if workers < 0 or trials < 0:
         raise UserError("--workers and --trials must be >= 0 (0 keeps the study file's value).")
