@@ -132,6 +132,9 @@ BAD_SPACES = [
     ('[space."train.run_dir"]\ntype = "categorical"\nchoices = ["a", "b"]', "set by the sweep"),
     ('[space."optim.lr"]\ntype = "loguniform"\nlow = 1\nhigh = 5\n[[enqueue]]\n"optim.wd" = 1',
      "not in the space"),
+    ('[space."model.dropout"]\ntype = "uniform"\nlow = 0.2\nhigh = 1.5',
+     "model.dropout = 1.5 is refused by the config: model.dropout must be in [0, 1)"),
+    ('[space."model.n_layers"]\ntype = "int"\nlow = 0\nhigh = 3', "model.n_layers must be >= 1"),
 ]
 
 
@@ -141,6 +144,15 @@ def test_bad_space_is_one_clear_error(tmp_path, base, space, needle):
     with pytest.raises(UserError, match=None) as err:
         load_spec(f)
     assert needle in str(err.value)
+
+
+def test_budget_becomes_train_overrides(tmp_path, base):
+    for budget, expect in (("steps = 30", {"train.max_steps": 30}),
+                           ("epochs = 2", {"train.epochs": 2, "train.max_steps": 0}),
+                           ("seconds = 90", {"train.max_seconds": 90.0, "train.max_steps": 0})):
+        f = study_file(tmp_path / "s.toml", base, 'name = "b"', LR_DROPOUT)
+        f.write_text(f.read_text().replace("steps = 20", budget))
+        assert load_spec(f).budget_overrides() == {**expect, "train.eval_every_steps": 5}
 
 
 def test_empty_enqueue_point_is_refused(tmp_path, base):

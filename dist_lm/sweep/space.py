@@ -417,7 +417,22 @@ def load_spec(path: str | Path, base: str | None = None) -> Spec:
     spec.base_table = _flatten(read_toml(spec.base, "base config"))
     cfg = load_config(spec.base, {**spec.fixed, **spec.budget_overrides()})  # base + fixed valid
     spec.base_values = _flatten(to_dict(cfg))
+    _check_ends(spec)
     return spec
+
+
+def _check_ends(spec: Spec) -> None:
+    """Each bound and choice must pass the config's own checks (model.dropout < 1, ...), with
+    the key's conditions holding."""
+    for p in spec.params:
+        ends = p.choices if p.type == "categorical" else [p.low, p.high]
+        cond = {k: v[0] for k, v in p.when.items()}
+        for value in ends:
+            try:
+                load_config(spec.base, {**spec.overrides(cond), p.key: value})
+            except UserError as exc:
+                raise UserError(f"[space.\"{p.key}\"]: {p.key} = {value!r} is refused by the "
+                                f"config: {exc}") from None
 
 
 def _check_order(params: list[Param]) -> None:
