@@ -229,3 +229,16 @@ def test_triton_kernels_compile_to_vector_loads_when_bh_is_not_a_multiple_of_16(
     res = subprocess.run([sys.executable, "-c", PTX_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
+
+
+def test_unfused_switch_runs_the_reference_inside_the_block_only():
+    from dist_lm.kernels.qrnn_fused import unfused
+
+    y, c0, _, _, _ = case(3, 2, 5)
+    y.requires_grad_()
+    with unfused():
+        h, _ = qrnn_fused(y, c0)
+        assert type(h.grad_fn).__name__ == "MulBackward0"  # sigmoid(o) * c of the reference
+    h2, _ = qrnn_fused(y, c0)
+    assert type(h2.grad_fn).__name__ == "_FusedCPUBackward"
+    torch.testing.assert_close(h, h2, rtol=1e-5, atol=1e-6)

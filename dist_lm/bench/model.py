@@ -6,10 +6,13 @@ window 2 on the first layer) and a QRNN with the LSTM's sizes. Batch 20 streams 
 training mode with the default dropouts and weight drop. The optimizer step is left out (it is
 the same elementwise update for both). On a GPU the same figures are measured on the device.
 
-A last row times the matrix multiplies of the awd-lstm-lm QRNN's step alone (forward, input
+The awd-lstm-lm QRNN runs twice: with its fused elementwise op (kernels/qrnn_fused.py, what
+training uses) and with that op's unfused reference (the torch sequence it replaced), so one run
+shows both. A last row times the matrix multiplies of that model's step alone (forward, input
 gradient and weight gradient of every gate matrix and of the tied softmax, same shapes, nothing
 else): no implementation of that model's step can be faster, so LSTM step time / that time is
-the ceiling on the QRNN/LSTM ratio on the machine at hand. On CPU two final rows time the
+the ceiling on the QRNN/LSTM ratio on the machine at hand; the "of its GEMM ceiling" rows give
+each QRNN PTB step's tokens/s as a fraction of it. On CPU two final rows time the
 models' replacements of torch ops alone: keep_mask weight drop against F.dropout, softmax_nll
 against F.cross_entropy; then the loss of the full, adaptive and hierarchical softmax heads at
 V = 10k, 33k and 267k (see _head_rows).
@@ -17,9 +20,12 @@ V = 10k, 33k and 267k (see _head_rows).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..config import ModelConfig
+from ..kernels.qrnn_fused import unfused
 from ..models import build_model, detach_hidden
 from .kernels import _interleaved
 
@@ -31,6 +37,8 @@ MODELS = {
                                                qrnn_window=2),
     "qrnn (400/1150x3, window 2)": ModelConfig(arch="qrnn", qrnn_window=2),
 }
+UNFUSED = FLOOR + ", elementwise unfused"  # the same model on qrnn_fused's reference path
+MODELS[UNFUSED] = MODELS[FLOOR]
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -46,10 +54,11 @@ def run(quick: bool = False) -> list[dict]:
         params[name] = sum(p.numel() for p in model.parameters())
         state = {"h": model.init_hidden(b)}
 
-        def step(model=model, state=state):
-            model.zero_grad(set_to_none=True)
-            out = model(x, state["h"], y)
-            (out.nll.mean() + out.ar + out.tar).backward()
+        def step(model=model, state=state, name=name):
+            with unfused() if name == UNFUSED else contextlib.nullcontext():
+                model.zero_grad(set_to_none=True)
+                out = model(x, state["h"], y)
+                (out.nll.mean() + out.ar + out.tar).backward()
             state["h"] = detach_hidden(out.hidden)
 
         steps[name] = step
@@ -70,6 +79,11 @@ def run(quick: bool = False) -> list[dict]:
         rows.append({"name": f"train step {dev.type} {k} {params[k] / 1e6:.1f}M vs lstm",
                      "value": tps[k], "unit": "tokens/s", "baseline": tps[lstm],
                      "ratio": tps[k] / tps[lstm]})
+    ceiling = tps[FLOOR + " GEMMs alone"]
+    for k in (FLOOR, UNFUSED):
+        rows.append({"name": f"train step {dev.type} {k}: fraction of its GEMM ceiling",
+                     "value": tps[k], "unit": "tokens/s", "baseline": ceiling,
+                     "ratio": tps[k] / ceiling})
     if dev.type == "cpu":
         rows += _replacement_rows(quick)
         rows += _head_rows(quick)

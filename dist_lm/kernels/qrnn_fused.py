@@ -24,6 +24,9 @@ Implementations of one op:
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 from torch import Tensor
 
@@ -88,6 +91,21 @@ class _FusedTriton(torch.autograd.Function):
         return dy, dc0, None, None
 
 
+_switch = threading.local()  # .unfused: set inside `unfused()`
+
+
+@contextlib.contextmanager
+def unfused():
+    """Inside the block qrnn_fused runs as qrnn_fused_reference (the unfused sequence the layer
+    ran before): for benchmarks that compare both in one process."""
+    before = getattr(_switch, "unfused", False)
+    _switch.unfused = True
+    try:
+        yield
+    finally:
+        _switch.unfused = before
+
+
 def _cpu_kernel_available() -> bool:
     from . import qrnn_cpu
 
@@ -106,6 +124,8 @@ def qrnn_fused(y: Tensor, c0: Tensor | None = None, mask: Tensor | None = None,
     if c0 is None:
         c0 = y.new_zeros(b, H, dtype=torch.float32 if y.is_cuda else y.dtype)
     c0 = c0.reshape(b, H)
+    if getattr(_switch, "unfused", False):
+        return qrnn_fused_reference(y, c0, mask, scale)
     if y.is_cuda:
         return _FusedTriton.apply(y.contiguous(), c0.contiguous(), mask, float(scale))
     if (y.device.type == "cpu" and y.dtype == torch.float32 and c0.dtype == torch.float32
