@@ -232,6 +232,12 @@ def test_cli_refuses_bad_space_storage_and_pruner_before_any_trial(tmp_path, bas
     assert_clean_failure(res, "holds study 'other', not 'g'")
     assert sorted(p.name for p in taken.iterdir()) == ["study.json"]
 
+    no_launcher = study_file(tmp_path / "l.toml", base, 'name = "l"\nlauncher = "nosuchrun -n 2"',
+                             LR_DROPOUT)
+    res = sweep(no_launcher, "--dir", tmp_path / "l", env=env, cwd=tmp_path)
+    assert_clean_failure(res, "study.launcher: 'nosuchrun' is not a command")
+    assert not (tmp_path / "l").exists()
+
     bad_pruner = study_file(tmp_path / "p.toml", base,
                             'name = "p"\npruner = { kind = "median", n_startup = 2 }', LR_DROPOUT)
     res = sweep(bad_pruner, "--dir", tmp_path / "p", env=env, cwd=tmp_path)

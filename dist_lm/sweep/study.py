@@ -20,6 +20,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -452,6 +453,10 @@ def sweep_command(space: str, study_dir: str | None = None, workers: int = 0, tr
         raise UserError("--workers and --trials must be >= 0 (0 keeps the study file's value).")
     workers = workers or spec.workers
     spec.trials = trials or spec.trials
+    if spec.launcher and not shutil.which(shlex.split(spec.launcher)[0]):
+        raise UserError(f"study.launcher: {shlex.split(spec.launcher)[0]!r} is not a command "
+                        f"found on PATH (e.g. launcher = \"torchrun --standalone "
+                        f"--nproc_per_node 2\").")
     sdir = Path(study_dir) if study_dir else default_dir(spec)
     if (sdir / STUDY_INFO).is_file():  # its trials/N would be overwritten by another study's
         other = read_json(sdir / STUDY_INFO, "remove it or give another --dir").get("name")
