@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import UserError
+from .errors import Stopped, UserError
 
 
 def prepare(corpus: str, out: str | None = None, data_dir: str | None = None,
@@ -250,6 +250,10 @@ def main(argv: list[str] | None = None) -> None:
         rank = os.environ.get("RANK", "0")
         prefix = "dist-lm: error: " if rank == "0" else f"dist-lm [rank {rank}]: error: "
         print(prefix + str(exc), file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except Stopped as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dist-lm: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("dist-lm: interrupted", file=sys.stderr)

@@ -185,6 +185,10 @@ class TrainConfig:
     wall-clock time and tokens it took are recorded (time to target)."""
     target_bpc: float = 0.0
     """Stop when validation bits per character reach this value (character corpora)."""
+    max_bad_steps: int = 10
+    """A step whose loss or gradient norm is NaN/inf is not applied (counted and logged); after
+    this many in a row the run stops, naming the last good checkpoint. -1 turns the check off
+    (it costs one host sync per step)."""
 
 
 @dataclass

@@ -53,7 +53,24 @@ def init_distributed(device: torch.device, backend: str = "auto") -> None:
         backend = default_backend(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend=backend)
+        return
+    # Under torchrun, the keys of each attempt get their own prefix: after an elastic restart
+    # (--max-restarts) with --standalone, torch 2.13's agent store still held the previous
+    # attempt's gloo addresses, and every rank of the new attempt dialled the dead ranks
+    # ("connectFullMesh failed ... Connection refused"). Same store as env:// would build.
+    import datetime
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0,
+                          timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"dist-lm/attempt-{restart}",
+                                                                    store),
+                            rank=rank, world_size=world)
 
 
 def barrier() -> None:

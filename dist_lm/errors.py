@@ -9,3 +9,13 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class Stopped(Exception):
+    """Training stopped on request (SIGTERM / SIGINT) after writing a checkpoint: resumable.
+
+    The CLI prints the message and exits with code 75 (EX_TEMPFAIL, "try again"), which a
+    cluster's requeue logic can tell apart from a failure.
+    """
+
+    exit_code = 75

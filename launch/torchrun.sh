@@ -7,6 +7,8 @@
 # train.global_batch is the total number of streams over all ranks: keep it to reproduce a
 # single-GPU recipe exactly, or scale it with --schedule.base_batch (linear scaling rule) and
 # --schedule.warmup_steps. Resume is automatic (RESUME=auto) and needs the same world size.
+# Elastic restarts: torchrun restarts every rank when one dies (MAX_RESTARTS times, default 3),
+# and with --resume auto the job continues from its last complete checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: launch/torchrun.sh CONFIG [--overrides]}; shift
@@ -17,15 +19,17 @@ RDZV_ENDPOINT=${RDZV_ENDPOINT:-127.0.0.1:29500}
 RDZV_ID=${RDZV_ID:-dist-lm}
 RESUME=${RESUME:-auto}
 TORCHRUN=${TORCHRUN:-torchrun}
+MAX_RESTARTS=${MAX_RESTARTS:-3}
 
 if [ "$NNODES" = 1 ]; then
-  launch=($TORCHRUN --standalone --nnodes 1 --nproc_per_node "$NPROC")
+  launch=($TORCHRUN --standalone --nnodes 1 --nproc_per_node "$NPROC" --max-restarts "$MAX_RESTARTS")
 else
   launch=($TORCHRUN --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC"
-          --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "$RDZV_ID")
+          --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "$RDZV_ID"
+          --max-restarts "$MAX_RESTARTS")
 fi
 cmd=("${launch[@]}" -m dist_lm train "$CONFIG" --dist.engine=ddp)
 [ -n "$RESUME" ] && cmd+=(--resume="$RESUME")
 cmd+=("$@")
-echo "+ ${cmd[*]}"
+printf '+'; printf ' %q' "${cmd[@]}"; echo  # shell-quoted: the line can be copied as is
 exec "${cmd[@]}"

@@ -20,7 +20,8 @@ from train_helpers import make_trainer, metrics, tiny_config
 
 from dist_lm.errors import UserError
 from dist_lm.eval.windows import evaluate_stream
-from dist_lm.runs import RunLock, find_checkpoint, list_checkpoints, read_marker, run_id, step_of
+from dist_lm.runs import (RunLock, checkpoint_files, find_checkpoint, list_checkpoints,
+                          read_marker, run_id, step_of)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,14 +115,17 @@ def applied_lrs(tr):
     return rec
 
 
-class StepClock:
-    """Ten seconds per optimizer step (and none for anything else): a deterministic clock."""
+def step_clock(tr):
+    """A deterministic clock for `tr`: ten seconds per optimizer step of this process, counted
+    from the moment the step starts (nothing else takes time)."""
+    started, inner = [0], tr.train_step
 
-    def __init__(self):
-        self.tr = None
+    def counting(inputs, targets):
+        started[0] += 1
+        return inner(inputs, targets)
 
-    def __call__(self):
-        return 10.0 * (self.tr.step if self.tr is not None else 0)
+    tr.train_step = counting
+    tr.clock = lambda: 10.0 * started[0]
 
 
 def test_epoch_milestones_take_effect_exactly_at_the_epoch_boundary(tmp_path, ptb_slice):
@@ -153,9 +157,8 @@ def test_applied_lr_is_schedule_of_progress_times_seq_len_over_bptt(tmp_path, pt
         over.update({"schedule.kind": "cosine", "schedule.min_lr": 0.3})
     else:
         over.update({"schedule.kind": "constant", "schedule.warmup_steps": 5})
-    clock = StepClock()
-    tr = make_trainer(tiny_config(tmp_path, ptb_slice, **over), clock=clock)
-    clock.tr = tr
+    tr = make_trainer(tiny_config(tmp_path, ptb_slice, **over))
+    step_clock(tr)
     rec = applied_lrs(tr)
     final = tr.fit()
     assert final["stop"] == "max_seconds" and len(rec) == 30
@@ -186,24 +189,13 @@ def test_time_budget_holds_across_resume(tmp_path, ptb_slice):
     rd = tmp_path / "run"
     over = {"train.max_steps": 0, "train.epochs": 1000, "train.max_seconds": 200.0,
             "checkpoint.every_steps": 4}
-    clock = StepClock()
-    tr = make_trainer(tiny_config(rd, ptb_slice, **{**over, "train.max_seconds": 80.0}),
-                      clock=clock)
-    clock.tr = tr
+    tr = make_trainer(tiny_config(rd, ptb_slice, **{**over, "train.max_seconds": 80.0}))
+    step_clock(tr)
     tr.fit()  # a first leg stopped after 8 steps (80 s)
     st = torch.load(list_checkpoints(rd)[-1] / "trainer.pt", weights_only=True)
     assert st["trainer"]["elapsed"] == pytest.approx(80.0)
-    clock2 = StepClock()
-    tr2 = make_trainer(tiny_config(rd, ptb_slice, **over), clock=clock2)
-    clock2.tr = None  # the new process's clock starts where it starts
-    base = {"v": None}
-
-    def clock_fn():
-        if base["v"] is None:
-            base["v"] = tr2.step
-        return 10.0 * (tr2.step - base["v"])
-
-    tr2.clock = clock_fn
+    tr2 = make_trainer(tiny_config(rd, ptb_slice, **over))
+    step_clock(tr2)  # a new process: its clock starts at 0 again
     final = tr2.fit(resume="auto")
     assert final["stop"] == "max_seconds" and final["step"] == 20  # 8 + 12 steps = 200 s
     elapsed = [r["elapsed_s"] for r in metrics(rd) if "loss" in r and "valid_loss" not in r]
@@ -276,12 +268,11 @@ def test_finetune_stops_at_first_nonmonotone(tmp_path, ptb_slice):
 
 
 def test_target_ppl_stops_and_records_time_to_target(tmp_path, ptb_slice):
-    clock = StepClock()
     cfg = tiny_config(tmp_path, ptb_slice, **{"train.max_steps": 200,
                                               "train.eval_every_steps": 5,
                                               "train.target_ppl": 60.0, "optim.lr": 3.0})
-    tr = make_trainer(cfg, clock=clock)
-    clock.tr = tr
+    tr = make_trainer(cfg)
+    step_clock(tr)
     final = tr.fit()
     vals = [r for r in metrics(tmp_path) if "valid_ppl" in r and not r.get("final")]
     hit = next(r for r in vals if r["valid_ppl"] <= 60.0)
@@ -319,6 +310,9 @@ def test_checkpoint_of_another_format_is_refused(tmp_path, ptb_slice):
     st = torch.load(ck / "trainer.pt", weights_only=True)
     st["format"] = 1
     torch.save(st, ck / "trainer.pt")
+    marker = read_marker(ck)  # a whole checkpoint of another version: its digests match
+    marker["files"] = checkpoint_files(ck)
+    (ck / "DONE").write_text(json.dumps(marker))
     with pytest.raises(UserError, match="checkpoint format 1.*finetune_from"):
         make_trainer(tiny_config(rd, ptb_slice, **{"train.max_steps": 4})).fit(resume="auto")
 

@@ -9,8 +9,9 @@
         rank-00000.pt     per rank: format version, rank, and the state_dict() of every per-rank
                           piece: StreamLoader position, hidden states, torch (and CUDA) RNG
         DONE              written by rank 0 after a barrier, last: without it the step does not
-                          exist. JSON: {"format", "step", "best_step"} (the best validation's step,
-                          which `eval` and `load_run` use by default)
+                          exist. JSON: {"format", "step", "best_step", "files"}: the best
+                          validation's step (what `eval` and `load_run` use by default) and the
+                          size and sha256 of every file above, checked before anything is loaded
 
 Every piece is Stateful (state_dict() / load_state_dict() with plain values and tensors), so
 no field is copied by hand: a new piece of state is one more entry in the Trainer's dicts.
@@ -29,7 +30,8 @@ import torch
 
 from ..distributed import barrier
 from ..errors import UserError
-from ..runs import MARKER, list_checkpoints, load_tensor_file, step_dir_name, step_of
+from ..runs import (MARKER, checkpoint_files, list_checkpoints, load_tensor_file, step_dir_name,
+                    step_of)
 
 FORMAT = 2  # 1: the first layout (hand-wired trainer fields); 2: Stateful pieces + JSON marker
 
@@ -40,11 +42,41 @@ class Stateful(Protocol):
     def load_state_dict(self, sd: dict) -> None: ...
 
 
+class _Writer:
+    """A file for torch.save that keeps the OSError of a failed write: torch reports a full
+    disk or a size limit only as an opaque RuntimeError ('unexpected pos ...')."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def save_file(obj, path: Path) -> None:
-    """torch.save under a temporary name, then rename: a file is either whole or absent."""
+    """torch.save under a temporary name, then rename: a file is either whole or absent. A
+    failed write is the OSError that caused it."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            w = _Writer(f)
+            try:
+                torch.save(obj, w)
+            except RuntimeError:
+                if w.error is not None:
+                    raise w.error from None
+                raise
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def rank_file(rank: int) -> str:
@@ -85,27 +117,43 @@ class Checkpointer:
         self.shared, self.per_rank, self.meta = shared, per_rank, meta
 
     def save(self, step: int, *, averaged: dict | None, best_step: int, keep_last: int) -> Path:
+        """Write step_dir; a failed write (disk full, permissions) removes the partial step and
+        is one UserError: the previous checkpoints stay as they were."""
         step_dir = self.root / step_dir_name(step)
+        try:
+            if self.rank == 0:
+                if step_dir.exists():  # left over from a run killed while writing: start clean
+                    shutil.rmtree(step_dir)
+                step_dir.mkdir(parents=True)
+            barrier()
+            if self.rank == 0:
+                save_file(self.model.state_dict(), step_dir / "model.pt")
+                if averaged is not None:
+                    save_file(averaged, step_dir / "averaged.pt")
+                save_file({"format": FORMAT, **self.meta,
+                           **{k: v.state_dict() for k, v in self.shared.items()}},
+                          step_dir / "trainer.pt")
+            self.engine.save(step_dir, self.rank)
+            save_file({"format": FORMAT, "rank": self.rank,
+                       **{k: v.state_dict() for k, v in self.per_rank.items()}},
+                      step_dir / rank_file(self.rank))
+            barrier()  # every rank has finished writing
+            if self.rank == 0:
+                marker = {"format": FORMAT, "step": step, "best_step": best_step,
+                          "files": checkpoint_files(step_dir)}
+                tmp = step_dir / (MARKER + ".tmp")
+                tmp.write_text(json.dumps(marker) + "\n")
+                os.replace(tmp, step_dir / MARKER)
+        except OSError as exc:
+            if self.rank == 0:
+                shutil.rmtree(step_dir, ignore_errors=True)
+            done = list_checkpoints(self.root.parent)
+            prev = (f"--resume auto continues from {done[-1]}, which is intact" if done else
+                    "no earlier checkpoint exists")
+            raise UserError(f"cannot write checkpoint {step_dir}: {exc.strerror or exc}"
+                            f"{' (' + exc.filename + ')' if exc.filename else ''}; free disk "
+                            f"space or fix the permissions of train.run_dir, then {prev}.") from None
         if self.rank == 0:
-            if step_dir.exists():  # left over from a run killed while writing: start clean
-                shutil.rmtree(step_dir)
-            step_dir.mkdir(parents=True)
-        barrier()
-        if self.rank == 0:
-            save_file(self.model.state_dict(), step_dir / "model.pt")
-            if averaged is not None:
-                save_file(averaged, step_dir / "averaged.pt")
-            save_file({"format": FORMAT, **self.meta,
-                       **{k: v.state_dict() for k, v in self.shared.items()}},
-                      step_dir / "trainer.pt")
-        self.engine.save(step_dir, self.rank)
-        save_file({"format": FORMAT, "rank": self.rank,
-                   **{k: v.state_dict() for k, v in self.per_rank.items()}},
-                  step_dir / rank_file(self.rank))
-        barrier()  # every rank has finished writing
-        if self.rank == 0:
-            marker = {"format": FORMAT, "step": step, "best_step": best_step}
-            (step_dir / MARKER).write_text(json.dumps(marker) + "\n")
             prune(self.root.parent, keep_last, {step, best_step})
         barrier()
         return step_dir

@@ -8,6 +8,8 @@ The Trainer only ever calls:
     engine.backward(loss, last)   # one micro-batch; `loss` is the mean over this rank's micro-batch
     engine.step(clip) -> norm     # all-reduce (DDP/DS), clip over all parameters, optimizer step;
                                   # the norm may be a 0-dim device tensor (no host sync per step)
+    engine.clip(clip) -> norm     # local/DDP (can_skip): the step in two halves, so the Trainer
+    engine.apply() / engine.skip()  # can leave out a non-finite step without touching any state
     engine.save(step_dir) / engine.load(step_dir)   # optimizer state (the model is saved by the trainer)
 
 Loss normalisation: each rank's micro-batch loss is its mean over m streams; local and DDP
@@ -53,14 +55,27 @@ class LocalEngine:
         with self._sync_context(last):
             (loss / self.accum).backward()
 
-    def step(self, clip: float) -> torch.Tensor:
+    can_skip = True
+
+    def clip(self, clip: float) -> torch.Tensor:
+        """The gradient norm over every parameter (the softmax head's included), clipped to
+        `clip` when > 0; a 0-dim device tensor."""
         params = [p for p in self.module.parameters() if p.grad is not None]
-        if clip > 0:  # the norm is over every parameter, the softmax head's included
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        if clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, clip)
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+
+    def apply(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def skip(self) -> None:
+        """Drop this step's gradients: parameters and optimizer state stay as they are."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, clip: float) -> torch.Tensor:
+        norm = self.clip(clip)
+        self.apply()
         return norm
 
     def save(self, step_dir: Path, rank: int) -> None:
@@ -163,6 +178,7 @@ class DeepSpeedEngine:
             optimizer=client_opt, config=self.ds_config, dist_init_required=False)
 
     set_lr = LocalEngine.set_lr  # DeepSpeed's optimizer exposes the same param_groups
+    can_skip = False  # its step() reduces, clips and steps as one; the Trainer stops instead
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself

@@ -32,17 +32,24 @@ import torch
 
 from .. import distributed as D
 from ..config import Config, load_config, to_dict
-from ..errors import UserError
+from ..errors import Stopped, UserError
 from ..metrics import (MetricsSink, ThroughputMeter, baseline_key, device_kind,
                        perplexity_fields, read_baseline, record_baseline)
-from ..runs import (RunLock, clear_run, find_checkpoint, holds_run, list_checkpoints,
-                    load_tensor_file, new_run_id, run_id, step_dir_name, write_run_files)
+from ..runs import (RunLock, clear_run, find_checkpoint, first_whole, holds_run,
+                    list_checkpoints, load_tensor_file, new_run_id, run_id, step_dir_name,
+                    write_run_files)
 from .checkpoint import Checkpointer, RNGState
 from .engines import build_engine
 from .optim import NTASGD, LRSchedule, ParamAverager, uses_averaging
 
-# Fault injection for the resume tests: SIGKILL this process right after this optimizer step.
+# Fault injection for the fault tests (tests/test_faults.py): SIGKILL this process right after
+# this optimizer step, and a NaN loss at the listed steps (1-based, comma-separated; a step
+# listed k times fails its first k attempts); on rank DIST_LM_FAULT_RANK only when set, and
+# only in torchrun's first attempt (not after its restart).
 KILL_ENV = "DIST_LM_FAULT_KILL_AT_STEP"
+NAN_ENV = "DIST_LM_FAULT_NAN_AT_STEPS"
+FAULT_RANK_ENV = "DIST_LM_FAULT_RANK"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def train_command(config: str, resume: str | None = None, overwrite: bool = False,
@@ -172,6 +179,10 @@ class Trainer:
         self.elapsed = 0.0  # training seconds of the run, over every resume
         self.best_val, self.best_step, self.last_val_step = math.inf, -1, -1
         self.target_step, self.target_elapsed, self.target_tokens = -1, 0.0, 0
+        self.bad_steps = 0  # non-finite steps left out, over the run
+        self.bad_run = 0    # ... in a row, now
+        self.signalled = 0  # the stop signal every rank agreed on (0: none)
+        self._signal = 0    # the one this process received
         self.hidden = None
         self.last_saved = -1
         self.checkpointer = Checkpointer(
@@ -185,7 +196,7 @@ class Trainer:
     # ---- state ---------------------------------------------------------------------------
 
     _COUNTERS = ("step", "epoch", "epoch_step", "tokens", "best_step", "last_val_step",
-                 "target_step", "target_tokens")
+                 "target_step", "target_tokens", "bad_steps", "bad_run")
 
     def state_dict(self) -> dict:
         return {**{k: getattr(self, k) for k in self._COUNTERS}, "elapsed": self.elapsed,
@@ -226,15 +237,32 @@ class Trainer:
         self.engine.set_lr(lr)
         return lr
 
-    def _tick(self) -> None:
-        """Advance self.elapsed to now. A time-bounded run on several ranks takes the slowest
-        rank's clock, so every rank makes the same lr and stop decisions (a host sync per step,
-        only when train.max_seconds is set)."""
-        now = self._elapsed0 + (self.clock() - self._t0)
-        if self.world > 1 and self.cfg.train.max_seconds:
-            buf = torch.tensor([now], dtype=torch.float64, device=self.device)
-            now = float(D.all_reduce_max(buf)[0])  # note: a CPU-GPU sync point
-        self.elapsed = now
+    def _tick(self, agree: bool = True) -> None:
+        """Advance self.elapsed to now; on several ranks to the slowest rank's clock (a
+        collective), so every rank's stop and checkpoint decisions stay the same."""
+        self.elapsed = self._elapsed0 + (self.clock() - self._t0)
+        if agree and self.world > 1:
+            buf = torch.tensor([self.elapsed], dtype=torch.float64, device=self.device)
+            self.elapsed = float(D.all_reduce_max(buf)[0])
+
+    def _agree(self, bad: torch.Tensor | None) -> bool:
+        """Once per step, before the optimizer step: the clock, a stop signal and whether the
+        step is non-finite, agreed over ranks (the slowest clock, any rank's signal or bad
+        step), so every rank takes the same lr, skip and stop decisions. Returns True when the
+        step must be left out. Note: a CPU-GPU sync point (skipped entirely when nothing needs
+        it: one rank, max_bad_steps = -1)."""
+        self._tick(agree=False)  # agreed below, with the rest
+        if self.world == 1 and bad is None:
+            self.signalled = self._signal
+            return False
+        buf = torch.stack([torch.tensor(self.elapsed, dtype=torch.float64, device=self.device),
+                           torch.tensor(float(self._signal), dtype=torch.float64,
+                                        device=self.device),
+                           (bad if bad is not None else torch.zeros((), device=self.device))
+                           .to(torch.float64)])
+        elapsed, sig, skip = D.all_reduce_max(buf).tolist()
+        self.elapsed, self.signalled = elapsed, int(sig)
+        return skip > 0
 
     def init_hidden(self):
         return [self.module.init_hidden(self.micro) for _ in range(self.accum)]
@@ -274,6 +302,10 @@ class Trainer:
     def stop_reason(self) -> str | None:
         """The one stop decision; the same on every rank (its inputs are)."""
         t = self.cfg.train
+        if self.signalled:
+            return "signal"
+        if t.max_bad_steps >= 0 and self.bad_run > t.max_bad_steps:
+            return "non-finite"
         if t.max_steps and self.step >= t.max_steps:
             return "max_steps"
         if not t.max_steps and self.epoch >= t.epochs:
@@ -301,9 +333,14 @@ class Trainer:
         if resume and overwrite:
             raise UserError("--resume and --overwrite contradict each other: --resume continues "
                             "the run in train.run_dir, --overwrite deletes it; pass one.")
-        if resume == "auto":
+        if resume == "auto":  # the newest checkpoint whose files verify; damaged ones skipped
             ckpts = list_checkpoints(run_dir)
-            return ckpts[-1] if ckpts else None
+            found = first_whole(ckpts[::-1])
+            if ckpts and found is None:
+                raise UserError(f"every checkpoint in {run_dir} is damaged (their files no longer "
+                                f"match the digests DONE recorded); restore them from a copy, or "
+                                f"start afresh with --overwrite.")
+            return found
         if resume:
             return find_checkpoint(resume, "latest")
         if holds_run(run_dir) and not overwrite:
@@ -364,9 +401,14 @@ class Trainer:
         self.meter = ThroughputMeter(self.world)
         self.baseline = self._baseline()
         self.kill_at = int(os.environ.get(KILL_ENV, "0"))
+        self.nan_at = [int(x) for x in os.environ.get(NAN_ENV, "").split(",") if x.strip()]
+        if (os.environ.get(FAULT_RANK_ENV, str(self.rank)) != str(self.rank)
+                or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
+            self.kill_at, self.nan_at = 0, []  # another rank's fault, or torchrun's restart
         self.run_tps: list[float] = []
         self.interval = self._new_interval()
         self._elapsed0, self._t0 = self.elapsed, self.clock()
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         try:
             while self.stop_reason() is None:
                 if self.hidden is None:
@@ -382,12 +424,43 @@ class Trainer:
                     wait_t0 = time.perf_counter()
                 else:  # the epoch ran to its end
                     self._end_epoch()
+            if self.stop_reason() in ("signal", "non-finite"):
+                self._stop_early()
             return self._finish()
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.train_loader.close()  # a stop mid-epoch leaves shard readers (pipe:) open
             sink.close()
             if self.rank == 0:
                 self.lock.release()
+
+    def _on_signal(self, signum, frame) -> None:
+        """SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, checkpoint, exit resumable.
+        A second signal acts at once (the default handlers are back)."""
+        self._signal = signum
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+
+    def _stop_early(self) -> None:
+        """A stop on a signal checkpoints the step every rank agreed on and raises Stopped
+        (exit 75: resumable); too many non-finite steps in a row is a UserError naming the step
+        and the last good checkpoint (the run stops rather than rolling back with a lowered lr:
+        which lr would help is the user's call, and `--resume` from that checkpoint with
+        --optim.lr=... is one command)."""
+        if self.stop_reason() == "signal":
+            if self.last_saved != self.step:
+                self.save()
+            name = signal.Signals(self.signalled).name
+            raise Stopped(f"stopped by {name} at step {self.step}; checkpoint "
+                          f"{Path(self.cfg.train.run_dir) / 'checkpoints' / step_dir_name(self.step)}"
+                          f" written; continue with --resume auto")
+        last = list_checkpoints(self.cfg.train.run_dir)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+        raise UserError(f"{self.bad_run} optimizer steps in a row had a non-finite loss or "
+                        f"gradient norm, the last at step {self.step + 1}; none was applied and "
+                        f"the run stopped ({where}). Lower --optim.lr or --optim.clip and resume "
+                        f"from it with --resume auto, or raise --train.max_bad_steps.")
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor):
         """One optimizer step over this rank's streams; returns (lr, seq_len, grad norm)."""
@@ -395,27 +468,58 @@ class Trainer:
 
         seq_len = inputs.shape[0]
         lr = self.set_lr(seq_len)
+        check = self.cfg.train.max_bad_steps >= 0
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        hidden = list(self.hidden)
         for j in range(self.accum):
             cols = slice(j * self.micro, (j + 1) * self.micro)
             with torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
                 out = self.engine.model(inputs[:, cols], self.hidden[j], targets[:, cols])
                 nll = out.nll.float().mean()
+                if self.step + 1 in self.nan_at and j == 0:  # fault injection (tests): one
+                    self.nan_at.remove(self.step + 1)  # NaN attempt per listed occurrence
+                    nll = nll * float("nan")
                 loss = nll + out.ar + out.tar
             self.engine.backward(loss, last=j == self.accum - 1)
-            self.hidden[j] = detach_hidden(out.hidden)
-            self.interval["loss"] = self.interval["loss"] + nll.detach().double() / self.accum
-        gnorm = self.engine.step(self.cfg.optim.clip)
+            hidden[j] = detach_hidden(out.hidden)
+            step_loss = step_loss + loss.detach().double() / self.accum
+        if self.engine.can_skip:
+            gnorm = self.engine.clip(self.cfg.optim.clip)
+            bad = ~(torch.isfinite(gnorm) & torch.isfinite(step_loss)) if check else None
+            if self._agree(bad):
+                return self._skip_step(lr, seq_len)
+            self.engine.apply()
+        else:  # DeepSpeed steps as one: a non-finite loss is caught before it, and stops the run
+            if self._agree(~torch.isfinite(step_loss) if check else None):
+                self.bad_run = self.cfg.train.max_bad_steps + 1
+                return self._skip_step(lr, seq_len)
+            gnorm = self.engine.step(self.cfg.optim.clip)
+        self.bad_run = 0
+        self.hidden = hidden
+        self.interval["loss"] = self.interval["loss"] + step_loss
         if self.ntasgd.averaging:
             self.averager.update()
         self.step += 1
         self.epoch_step += 1
         self.tokens += seq_len * self.cfg.train.global_batch
-        self._tick()
         return lr, seq_len, gnorm
+
+    def _skip_step(self, lr: float, seq_len: int):
+        """A non-finite step: nothing applied (parameters, optimizer state, averages, hidden
+        states and counters as before it), counted and logged. The window is consumed (the
+        loader moves on), so the next step sees the next window."""
+        self.engine.skip() if self.engine.can_skip else None
+        self.bad_steps += 1
+        self.bad_run += 1
+        self.sink.log({"step": self.step, "event": "non-finite", "skipped_steps": self.bad_steps,
+                       "in_a_row": self.bad_run, "seq_len": seq_len, "lr": lr})
+        return lr, seq_len, None
 
     def _after_step(self, lr: float, seq_len: int, gnorm, wait: float) -> None:
         """Log, validate and checkpoint at their intervals; the SIGKILL fault injection."""
         cfg = self.cfg
+        if gnorm is None:  # a left-out step: nothing to log or save
+            return
         self.interval["n"] += 1
         self.interval["gnorm"] = self.interval["gnorm"] + gnorm
         self.meter.add(seq_len * cfg.train.global_batch, wait)
@@ -426,6 +530,8 @@ class Trainer:
             self.sink.log(rec)
             self.sink.progress(0, loss=rec["loss"])
             self.interval = self._new_interval()
+        if self.signalled:  # stopping on a signal: the checkpoint comes next, nothing slow now
+            return
         if cfg.train.eval_every_steps and self.step % cfg.train.eval_every_steps == 0:
             self._validate()
             self.module.train()
