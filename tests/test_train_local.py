@@ -350,3 +350,35 @@ def test_data_shard_url_reads_the_same_streams(tmp_path, ptb_slice):
     b.fit()
     for k, v in a.module.state_dict().items():
         assert torch.equal(b.module.state_dict()[k], v), k
+
+
+# ---- a failed start writes nothing; the final records tell the truth ----------------------
+
+def test_failed_start_writes_nothing(tmp_path, ptb_slice):
+    """A damaged shard or a bad --resume value stops train before config.json, vocab.json or
+    metrics.jsonl exist (and a directory the run would have created does not appear)."""
+    from _data_helpers import corrupt_copy
+
+    bad = corrupt_copy(ptb_slice, tmp_path / "bad-shards", "test-000000.tar", 700)
+    rd = tmp_path / "run"
+    with pytest.raises(UserError, match="test-000000.tar"):
+        make_trainer(tiny_config(rd, bad)).fit()
+    assert not rd.exists()
+    with pytest.raises(UserError, match="does not exist"):
+        make_trainer(tiny_config(rd, ptb_slice)).fit(resume=str(tmp_path / "nowhere"))
+    assert not rd.exists()
+
+
+def test_final_records_count_the_end_of_run_validation_and_real_epochs(tmp_path, ptb_slice):
+    """Stopped by max_steps mid-epoch: the end-of-run validation is in W&B's best_valid_* (the
+    summary), the final epoch is the fraction reached, and config.json names the corpus the
+    shards were prepared from (data.corpus said "ptb")."""
+    tr = make_trainer(tiny_config(tmp_path, ptb_slice, **{"train.max_steps": 10}))
+    final = tr.fit()
+    vals = [r for r in metrics(tmp_path) if "valid_loss" in r and not r.get("final")]
+    assert [r["step"] for r in vals] == [10]  # no epoch ended: only the end-of-run validation
+    assert tr.sink.summary["best_valid_ppl"] == pytest.approx(vals[0]["valid_ppl"])
+    assert final["epoch"] == pytest.approx(10 / tr.steps_per_epoch) and 0 < final["epoch"] < 1
+    corpus = json.loads((tmp_path / "config.json").read_text())["data"]["corpus"]
+    manifest = json.loads((ptb_slice / "manifest.json").read_text())
+    assert corpus == manifest["corpus"] != "ptb"

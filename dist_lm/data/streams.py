@@ -345,6 +345,19 @@ class StreamLoader:
         self.position = int(sd["position"])
         self._drop_readers()
 
+    def check(self) -> None:
+        """Verify this split's local shards now (sha256 against the manifest, tar structure), so
+        that a damaged shard stops a run before it writes anything; the indexes built here are
+        cached for the reads. Shards behind a shard_url are checked as they stream."""
+        if self.shard_url is not None:
+            return
+        reader = _LocalReader(self.layout, self.check_sha256, max_open=1)
+        try:
+            for s in range(len(self.layout.shards)):
+                reader._shard(s)
+        finally:
+            reader.close()
+
     def close(self) -> None:
         self._drop_readers()
 

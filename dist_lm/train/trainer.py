@@ -149,6 +149,10 @@ class Trainer:
                                    t.variable_bptt)
         self.valid_loader, self.valid_reduce = self._eval_loader(cfg.data.valid_split,
                                                                  cfg.data.eval_batch_size)
+        self.test_loader, self.test_reduce = self._eval_loader(cfg.data.test_split,
+                                                               cfg.data.test_batch_size)
+        for split_loader in (self.train_loader, self.valid_loader, self.test_loader):
+            split_loader.check()  # a damaged shard stops the run before anything is written
 
         # model: identical parameters on every rank, then a per-rank dropout generator
         torch.manual_seed(t.seed)
@@ -629,9 +633,8 @@ class Trainer:
             self.save()
         best = self.best_step if self.best_step >= 0 else self.step  # < 0: validation was NaN
         best_dir = Path(cfg.train.run_dir) / "checkpoints" / step_dir_name(best)
-        test_loader, reduce = self._eval_loader(cfg.data.test_split, cfg.data.test_batch_size)
         with self._weights_of(best_dir):
-            test = self.evaluate_plain(test_loader, reduce)
+            test = self.evaluate_plain(self.test_loader, self.test_reduce)
         rec = {"step": self.step, "epoch": self.epoch_f(), "final": True, "stop": reason,
                "best_step": self.best_step, "valid_loss": self.best_val,
                **perplexity_fields(self.best_val, self.char_level, "valid_"), "test_loss": test,
