@@ -414,6 +414,31 @@ def test_killed_study_continues_and_requeues_the_interrupted_trial(tmp_path, bas
 
 
 @pytest.mark.slow
+def test_a_trainer_stopped_from_outside_is_run_again(tmp_path, base, env):
+    """A preempted trainer (SIGTERM: it checkpoints and exits 75) is re-queued at once."""
+    f = study_file(tmp_path / "s.toml", base, 'name = "pre"\ntrials = 1', LR_DROPOUT)
+    f.write_text(f.read_text().replace("steps = 20", "steps = 60"))  # a few seconds of steps
+    sdir = tmp_path / "study"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_lm", "sweep", str(f), "--dir",
+                             str(sdir)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: records(sdir / "trials" / "0"), 120, "trial 0 to train")
+        (pid,) = _processes_with(str(sdir / "trials" / "0"))
+        os.kill(pid, signal.SIGTERM)  # the trainer only, as a cluster's preemption would
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    trials = load(sdir, "pre").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE], err[-3000:]
+    assert trials[0].user_attrs["fail_reason"].startswith("interrupted")
+    assert trials[1].params == trials[0].params
+    assert trials[1].system_attrs["retry_history"] == [0]
+
+
+@pytest.mark.slow
 def test_two_sweep_processes_share_one_sqlite_study(tmp_path, base, env):
     f = study_file(tmp_path / "s.toml", base, 'name = "shared"\ntrials = 3\n'
                    'sampler = { kind = "random" }', LR_DROPOUT)

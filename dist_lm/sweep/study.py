@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import load_config
-from ..errors import UserError
+from ..errors import Stopped, UserError
 from ..fileio import read_json, write_text_atomic
 from .space import Spec, closest, load_spec
 
@@ -405,6 +405,10 @@ class TrialRunner:
         finally:
             _terminate(proc)
         rc = proc.returncode
+        if rc == Stopped.exit_code:  # stopped from outside (preempted), checkpointed: run it again
+            trial.set_user_attr("interrupted", True)
+            retry_callback(spec)(trial.study, trial.study._storage.get_trial(trial._trial_id))
+            raise self.fail(trial, f"interrupted: {_last_line(err_path) or 'the trainer stopped'}")
         if rc != 0:
             last = _last_line(err_path)
             if rc < 0:
