@@ -212,18 +212,25 @@ def library() -> ctypes.CDLL | None:
 
 
 def _parallel(fn, args: list, T: int, B: int, H: int) -> None:
-    """fn(*args, T, B, H, b0, b1, j0, j1) over torch.get_num_threads() parts of the b x H lanes:
-    whole rows of b when there are enough, else column ranges of each row."""
+    """fn(*args, T, B, H, b0, b1, j0, j1) over the b x H lanes on torch.get_num_threads() threads,
+    in a few parts per thread (whole rows of b when there are enough, else column ranges of each
+    row), taken from one queue: a thread that the OS preempts on a shared machine delays its
+    current part, not a whole half of the work."""
     global _pool
     n = max(1, min(torch.get_num_threads(), B * H // 1024 or 1))
     if n == 1:
         fn(*args, T, B, H, 0, B, 0, H)
         return
-    if B >= n:
-        parts = [(B * i // n, B * (i + 1) // n, 0, H) for i in range(n)]
+    k = 4 * n  # parts
+    if B >= k:
+        parts = [(B * i // k, B * (i + 1) // k, 0, H) for i in range(k)]
     else:
-        parts = [(bi, bi + 1, H * i // n, H * (i + 1) // n) for bi in range(B) for i in range(n)]
-    if _pool is None or _pool._max_workers < n:
+        per_row = -(-k // B)
+        parts = [(bi, bi + 1, H * i // per_row, H * (i + 1) // per_row)
+                 for bi in range(B) for i in range(per_row)]
+    if _pool is None or _pool._max_workers != n:  # first call, or torch's thread count changed
+        if _pool is not None:
+            _pool.shutdown(wait=False)
         _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="dist-lm-qrnn")
     for fut in [_pool.submit(fn, *args, T, B, H, *p) for p in parts]:
         fut.result()
