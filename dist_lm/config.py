@@ -168,7 +168,11 @@ class TrainConfig:
     device: str = "auto"
     """cpu, cuda or auto (cuda when available)."""
     bf16: bool = False
-    """bf16 autocast on GPU."""
+    """bf16 autocast for the matmul-heavy parts (DeepSpeed: its bf16 mode). LSTM layers keep
+    fp32 (see docs/training.md, "Precision"); averages and loss sums stay fp32."""
+    tf32: bool = True
+    """TF32 for fp32 matmuls and cuDNN on CUDA (Ampere and newer): several times the fp32
+    matmul rate at about 1e-3 relative precision. No effect on CPU."""
     finetune: bool = False
     """Finetune stage: averaged SGD from the start, stop at the first non-monotone validation."""
     finetune_from: str = ""

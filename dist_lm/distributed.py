@@ -51,6 +51,10 @@ def init_distributed(device: torch.device, backend: str = "auto") -> None:
         return
     if backend == "auto":
         backend = default_backend(device)
+    if backend == "nccl":
+        why = nccl_refusal(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
+        if why:
+            raise UserError(why)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
@@ -71,6 +75,22 @@ def init_distributed(device: torch.device, backend: str = "auto") -> None:
     dist.init_process_group(backend=backend, store=dist.PrefixStore(f"dist-lm/attempt-{restart}",
                                                                     store),
                             rank=rank, world_size=world)
+
+
+def nccl_refusal(local_world: int, devices: int) -> str | None:
+    """Why NCCL cannot run `local_world` ranks on `devices` GPUs of one node (NCCL refuses two
+    ranks on one GPU: "Duplicate GPU detected"), or None."""
+    if local_world <= devices:
+        return None
+    return (f"{local_world} ranks on this node but only {devices} GPU(s): NCCL refuses two ranks "
+            f"on one GPU; start at most {devices} per node, or pass --dist.backend=gloo.")
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN (train.tf32); only CUDA devices have it."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def barrier() -> None:

@@ -159,3 +159,13 @@ def test_param_averager_keeps_fp32_mean_of_bf16_params():
     for n, a in avg.avg.items():
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), ref[n] / (steps - 1), rtol=0, atol=1e-5)
+    # evaluating with the average (swap in, swap out) leaves the fp32 mean as it was, although
+    # the bf16 parameters held it only rounded meanwhile
+    kept = {n: a.clone() for n, a in avg.avg.items()}
+    live = {n: p.detach().clone() for n, p in m.named_parameters()}
+    avg.swap()
+    for n, p in m.named_parameters():
+        assert torch.equal(p, kept[n].to(torch.bfloat16))
+    avg.swap()
+    for n, p in m.named_parameters():
+        assert torch.equal(p, live[n]) and torch.equal(avg.avg[n], kept[n])

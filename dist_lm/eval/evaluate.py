@@ -236,7 +236,8 @@ def evaluate_run(run, split: str = "test", protocol: str = "reference", batch_si
             table = cache_search(run.model, loader_for(cfg.data.valid_split, vb), cache.window,
                                  cache.normalize)
             if world > 1:  # each rank searched its own streams: combine the sums
-                nll = torch.tensor([r["nll"] for r in table], dtype=torch.float64)
+                nll = torch.tensor([r["nll"] for r in table], dtype=torch.float64,
+                                   device=device)  # NCCL reduces CUDA tensors only
                 all_reduce_sum(nll)
                 for r, v in zip(table, nll.tolist()):
                     r["nll"] = v / world

@@ -44,7 +44,8 @@ def _sum_over_windows(model, loader, window_nll, reduce: bool) -> tuple[float, i
             s = window_nll(out, targets)
             total = s if total is None else total + s  # no host sync per window
             count += targets.numel()
-    device = total.device if total is not None else torch.device("cpu")
+    # on the model's device: NCCL reduces CUDA tensors only (also when this rank had no window)
+    device = total.device if total is not None else next(model.parameters()).device
     buf = torch.tensor([0.0 if total is None else float(total), float(count)],
                        dtype=torch.float64, device=device)
     if reduce:

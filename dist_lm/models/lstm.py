@@ -99,12 +99,26 @@ class WeightDropRNN(nn.Module):
         return (z, z.clone()) if self.mode == "LSTM" else (z,)
 
     def forward(self, x: Tensor, hidden: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The layer picks its own precision: fp32, outside any autocast. CUDA's autocast
+        wrapper for cuDNN RNNs casts to fp16 whatever dtype the autocast asked for (bf16
+        included), with no loss scaling, and AWD-LSTM's small gradients underflow there; in
+        fp32, cuDNN still runs the RNN's matmuls on tensor cores as TF32 (train.tf32)."""
+        low = self.weight_ih_l0.dtype != torch.float32  # e.g. DeepSpeed's bf16 parameters
+        if not (low or torch.is_autocast_enabled(x.device.type)):
+            return self._run(x, hidden, cast=False)
+        with torch.autocast(x.device.type, enabled=False):
+            out, h = self._run(x.float(), tuple(v.float() for v in hidden), cast=low)
+        return out.to(x.dtype), h  # the output in the input's dtype, the carry in fp32
+
+    def _run(self, x: Tensor, hidden: tuple[Tensor, ...],
+             cast: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
         w_hh = weight_drop(self.weight_hh_l0_raw, self.wdrop, self.training)
         weights = [self.weight_ih_l0, w_hh, self.bias_ih_l0, self.bias_hh_l0]
-        if x.is_cuda and torch.backends.cudnn.enabled and not torch.is_autocast_enabled():
-            # (under autocast cuDNN's autocast wrapper casts and re-flattens the weights itself)
+        if cast:
+            weights = [w.float() for w in weights]
+        if x.is_cuda and torch.backends.cudnn.enabled:
             layout = _cudnn_layout(self.mode, self.input_size, self.hidden_size, x.device,
-                                   self.weight_ih_l0.dtype)
+                                   weights[0].dtype)
             if layout is not None:
                 weights = _flat_weights(weights, layout)
         if self.mode == "LSTM":

@@ -101,7 +101,8 @@ class DDPEngine(LocalEngine):
         # (broadcast_buffers is deprecated there), older torch only knows broadcast_buffers
         flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
                 else "broadcast_buffers")
-        self.model = DDP(module, device_ids=ids, **{flag: False})
+        # gradient_as_bucket_view: .grad are views of the all-reduce buckets (no copy per step)
+        self.model = DDP(module, device_ids=ids, gradient_as_bucket_view=True, **{flag: False})
 
     def _sync_context(self, last: bool):
         return contextlib.nullcontext() if last else self.model.no_sync()
@@ -121,12 +122,14 @@ def deepspeed_config(cfg: Config, world_size: int, micro: int, accum: int) -> di
         "train_batch_size": micro * accum * world_size,
         "gradient_clipping": float(o.clip),
         "zero_optimization": {"stage": int(cfg.dist.zero_stage)},
-        "bf16": {"enabled": bool(cfg.train.bf16 and torch.cuda.is_available())},
+        "bf16": {"enabled": bool(cfg.train.bf16)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         # SGD and the other client optimizers are not on DeepSpeed's tested list for ZeRO
         "zero_allow_untested_optimizer": True,
     }
+    if cfg.train.bf16:  # accumulate micro-batch gradients in fp32, not in bf16
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if o.name in ("adam", "adamw"):
         ds["optimizer"] = {"type": "AdamW" if o.name == "adamw" else "Adam",
                            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,

@@ -167,8 +167,9 @@ class Trainer:
             torch.cuda.manual_seed(t.seed + 1000 * self.rank)
         self.engine = build_engine(module, cfg, self.device, self.world, self.accum, self.micro)
         self.module = self.engine.module
-        self.autocast = (self.device.type == "cuda" and t.bf16 and cfg.dist.engine != "deepspeed")
-        self.dtype = "bf16" if t.bf16 and self.device.type == "cuda" else "fp32"
+        self.autocast = t.bf16 and cfg.dist.engine != "deepspeed"  # DeepSpeed: its bf16 mode
+        self.dtype = "bf16" if t.bf16 else "fp32"
+        D.set_tf32(self.device, t.tf32)
 
         # optimisation state
         self.averager = ParamAverager(self.module)
@@ -477,7 +478,7 @@ class Trainer:
         hidden = list(self.hidden)
         for j in range(self.accum):
             cols = slice(j * self.micro, (j + 1) * self.micro)
-            with torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 out = self.engine.model(inputs[:, cols], self.hidden[j], targets[:, cols])
                 nll = out.nll.float().mean()
                 if self.step + 1 in self.nan_at and j == 0:  # fault injection (tests): one
