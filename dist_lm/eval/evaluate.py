@@ -329,7 +329,7 @@ def _log_wandb(run, res: dict) -> None:
 def eval_command(path: str, split: str = "test", protocol: str = "reference",
                  batch_size: int = 0, options: dict | None = None) -> None:
     """`dist-lm eval`: load, evaluate (plain / cache / dynamic), print, write JSON (rank 0)."""
-    from ..distributed import init_distributed, is_initialized, is_main, pick_device
+    from ..distributed import init_distributed, is_initialized, is_main, pick_device, set_tf32
     from ..runs import find_checkpoint, load_run, read_run_config
 
     general, cache, dyn = parse_options(dict(options or {}))
@@ -340,6 +340,7 @@ def eval_command(path: str, split: str = "test", protocol: str = "reference",
         raise UserError(f"unknown split '{split}'; choose {cfg.data.valid_split} or "
                         f"{cfg.data.test_split}.")
     device = pick_device(general.get("device", "cpu"))
+    set_tf32(device, cfg.train.tf32)  # as the run trained
     init_distributed(device, cfg.dist.backend)
     try:
         run = load_run(ckpt, device=device, averaged=general.get("averaged", True))
