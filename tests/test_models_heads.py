@@ -269,3 +269,21 @@ def test_hierarchical_head_is_a_config_choice():
                              "model.emb_size": 4, "model.hidden_size": 4, "model.n_layers": 1})
     model = build_model(cfg.model, V)
     assert isinstance(model.head, HierarchicalHead) and model.head.n_classes == 5
+
+
+def test_adaptive_plan_counts_equal_bincount_without_calling_it(monkeypatch):
+    """The adaptive head's per-cluster counts (queued without a host sync: CUDA's bincount
+    reads min/max back first) equal torch.bincount's on random clusters, empty ones included."""
+    from dist_lm.models.heads import _Plan
+
+    g = torch.Generator().manual_seed(0)
+    cluster = torch.randint(0, 3, (500,), generator=g)  # cluster 3 of 4 stays empty
+    want = torch.bincount(cluster, minlength=4).tolist()
+
+    def refuse(*a, **k):
+        raise AssertionError("bincount called")
+
+    monkeypatch.setattr(torch, "bincount", refuse)
+    plan = _Plan(cluster, 4)
+    assert plan.counts() == want and want[3] == 0
+    assert torch.equal(cluster[plan.order], torch.sort(cluster, stable=True).values)

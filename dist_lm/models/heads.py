@@ -111,7 +111,10 @@ class _Plan:
     def __init__(self, cluster: Tensor, n_clusters: int):
         self.cluster = cluster
         self.order = torch.argsort(cluster, stable=True)
-        counts = torch.bincount(cluster, minlength=n_clusters)
+        # scatter_add_, not bincount: CUDA's bincount reads the input's min and max back to the
+        # host first (two syncs per forward); this count queues without waiting
+        counts = torch.zeros(n_clusters, dtype=torch.long, device=cluster.device).scatter_add_(
+            0, cluster, torch.ones_like(cluster))
         if counts.is_cuda:
             self._host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
             self._host.copy_(counts, non_blocking=True)
