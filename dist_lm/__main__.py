@@ -143,17 +143,20 @@ def score(path: str, file: str, per: str = "line", out: str | None = None) -> No
     score_command(path, file, per=per, out=out)
 
 
-def bench(group: str = "all", json: str | None = None, quick: bool = False) -> None:
+def bench(group: str = "all", json: str | None = None, quick: bool = False,
+          dry: bool = False) -> None:
     """Measure speed in one process and print a table.
 
     Args:
-      group: data, kernels, model, train, eval or all.
+      group: data, kernels, model, train, eval or all; or gpu (checks and figures for a GPU
+        machine, under 8 minutes; exits non-zero when a check fails).
       json: also write each figure as {"name", "value", "unit", "baseline", "ratio"}.
       quick: smaller sizes (a smoke run of the benchmark code, not a measurement).
+      dry: gpu only: every section at tiny sizes on the CPU (a rehearsal, no GPU needed).
     """
     from .bench import bench_command
 
-    bench_command(group, json_path=json, quick=quick)
+    bench_command(group, json_path=json, quick=quick, dry=dry)
 
 
 def compare(*runs: str, out: str | None = None, metric: str = "valid_ppl") -> None:

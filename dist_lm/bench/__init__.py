@@ -3,6 +3,7 @@
 Each group module (data, kernels, model, train, eval) has `run(quick: bool) -> list[dict]`
 returning figures {"name", "value", "unit"} plus "baseline" and "ratio" where a figure
 is compared against something measured in the same run. docs/benchmarks.md records them.
+`gpu` (not part of `all`) is the GPU machine's checks and figures (gpu.py; `--dry` on CPU).
 """
 
 from __future__ import annotations
@@ -53,11 +54,19 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bench_command(group: str = "all", json_path: str | None = None, quick: bool = False) -> None:
+def bench_command(group: str = "all", json_path: str | None = None, quick: bool = False,
+                  dry: bool = False) -> None:
+    if group == "gpu":  # checks as well as figures, its own JSON and exit code (bench/gpu.py)
+        from .gpu import gpu_command
+
+        return gpu_command(json_path, dry=dry)
+    if dry:
+        raise UserError("--dry applies to `dist-lm bench gpu` only.")
     groups = GROUPS if group == "all" else (group,)
     for g in groups:
         if g not in GROUPS:
-            raise UserError(f"unknown benchmark group '{g}'; choose one of {', '.join(GROUPS)} or all.")
+            raise UserError(f"unknown benchmark group '{g}'; choose one of {', '.join(GROUPS)}, "
+                            f"all, or gpu.")
     rows: list[dict] = []
     started = time.time()
     for g in groups:
