@@ -1,4 +1,4 @@
-"""Heads: tied adaptive softmax (split cross-entropy), mixture of softmaxes, hierarchical softmax."""
+"""Heads: tied adaptive softmax (split cross-entropy), mixture of softmaxes, hierarchical."""
 
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ def test_hierarchical_log_prob_is_a_distribution_and_loss_matches_it(tied):
 @pytest.mark.parametrize("n_classes", [1, 6, 7, V])
 def test_hierarchical_equals_a_plain_two_level_softmax_in_value_and_gradient(n_classes):
     torch.manual_seed(5)
-    head = HierarchicalHead(6, V, n_classes, tied=True)
+    head = HierarchicalHead(6, V, n_classes, tied=True, class_grad_scale=1.0)
     randomize(head)
     emb = torch.randn(V, 6, requires_grad=True)
     h = torch.randn(4, 3, 6, requires_grad=True)
@@ -287,3 +287,23 @@ def test_adaptive_plan_counts_equal_bincount_without_calling_it(monkeypatch):
     plan = _Plan(cluster, 4)
     assert plan.counts() == want and want[3] == 0
     assert torch.equal(cluster[plan.order], torch.sort(cluster, stable=True).values)
+
+
+def test_hierarchical_class_grad_scale_scales_only_the_class_layer_gradients():
+    torch.manual_seed(6)
+    plain = HierarchicalHead(6, V, 7, tied=True, class_grad_scale=1.0)
+    randomize(plain)
+    scaled = HierarchicalHead(6, V, 7, tied=True)  # default scale
+    scaled.load_state_dict(plain.state_dict())
+    assert scaled.class_grad_scale == 0.03
+    emb, h = torch.randn(V, 6, requires_grad=True), torch.randn(4, 3, 6, requires_grad=True)
+    targets = torch.randint(0, V, (4, 3))
+    grads = {}
+    for name, head in (("plain", plain), ("scaled", scaled)):
+        nll = head.nll(h, targets, emb)
+        grads[name] = torch.autograd.grad(nll.sum(), [emb, h, head.bias, head.class_weight,
+                                                      head.class_bias])
+        grads[name + " nll"] = nll
+    torch.testing.assert_close(grads["scaled nll"], grads["plain nll"])  # same function
+    for i, (a, b) in enumerate(zip(grads["scaled"], grads["plain"])):
+        torch.testing.assert_close(a, b * 0.03 if i >= 3 else b)

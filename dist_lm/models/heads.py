@@ -365,6 +365,19 @@ class _WithinClassNLL(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times `scale` in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g * ctx.scale, None
+
+
 class HierarchicalHead(Head):
     """Class-based two-level softmax (Goodman 2001; Mikolov et al. 2011):
     p(w | h) = p(class(w) | h) * p(w | class(w), h), with
@@ -382,9 +395,17 @@ class HierarchicalHead(Head):
     padded within-class softmax (static shapes, see _WithinClassNLL) at its minimum cost;
     equal-mass bins would make tail classes far larger than S, and every class would be padded
     to the largest.
+
+    `class_grad_scale` multiplies the gradients of the class layer (an SGD learning rate of
+    lr * scale for it alone; Adam-type optimizers normalise it away). Measured on PTB small
+    (configs/ptb_small_cpu.toml, SGD lr 30, clip 0.25): at scale 1 the loss stalls near 7.7
+    (valid ppl 1150 after an epoch, against 326 for the full softmax); at 0.03 it learns at
+    the full softmax's pace (docs/benchmarks.md). The class softmax has few outputs that each
+    carry much probability, so a step that suits the word vectors overshoots it.
     """
 
-    def __init__(self, in_size: int, vocab_size: int, n_classes: int, tied: bool):
+    def __init__(self, in_size: int, vocab_size: int, n_classes: int, tied: bool,
+                 class_grad_scale: float = 0.03):
         super().__init__()
         if not 1 <= n_classes <= vocab_size:
             raise ValueError(f"n_classes={n_classes} must lie in [1, {vocab_size}]")
@@ -393,12 +414,17 @@ class HierarchicalHead(Head):
         self._output_layer(vocab_size, in_size, tied)
         self.class_weight = nn.Parameter(torch.zeros(self.n_classes, in_size))
         self.class_bias = nn.Parameter(torch.zeros(self.n_classes))
+        self.class_grad_scale = class_grad_scale
 
     def extra_repr(self) -> str:
-        return f"classes={self.n_classes}, class_size={self.class_size}, tied={self.tied}"
+        return (f"classes={self.n_classes}, class_size={self.class_size}, tied={self.tied}, "
+                f"class_grad_scale={self.class_grad_scale}")
 
     def _class_logits(self, h: Tensor) -> Tensor:
-        return F.linear(h, self.class_weight.to(h.dtype), self.class_bias.to(h.dtype)).float()
+        u, a, k = self.class_weight, self.class_bias, self.class_grad_scale
+        if k != 1.0:
+            u, a = _ScaleGrad.apply(u, k), _ScaleGrad.apply(a, k)
+        return F.linear(h, u.to(h.dtype), a.to(h.dtype)).float()
 
     def nll(self, h: Tensor, targets: Tensor, weight: Tensor | None, plan=None) -> Tensor:
         w = self._weight(weight)
