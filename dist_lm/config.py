@@ -55,7 +55,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "lstm"
-    """Recurrent layer type: lstm, qrnn or gru."""
+    """Recurrent layer type: lstm, qrnn, gru or cell (a searched cell, model.cell)."""
     emb_size: int = 400
     """Embedding size (also the last layer's output size when weights are tied)."""
     hidden_size: int = 1150
@@ -95,6 +95,9 @@ class ModelConfig:
     """QRNN convolution window (1 or 2) for the first layer; later layers use 1."""
     zoneout: float = 0.0
     """QRNN zoneout on the forget gate."""
+    cell: str = ""
+    """model.arch=cell: the cell's genotype, one ACT:PRED per node, e.g. "tanh:0 relu:1 relu:1
+    identity:2" (docs/search.md; `dist-lm search` writes one)."""
 
 
 @dataclass
@@ -251,7 +254,7 @@ class Config:
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "model.arch": ("lstm", "qrnn", "gru"),
+    "model.arch": ("lstm", "qrnn", "gru", "cell"),
     "model.head": ("softmax", "adaptive", "mos", "hierarchical"),
     "optim.name": ("sgd", "asgd", "adam", "adamw", "amsgrad", "rmsprop", "adagrad",
                    "adadelta", "momentum"),

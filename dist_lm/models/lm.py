@@ -138,13 +138,24 @@ def build_model(cfg, vocab_size: int) -> RNNLanguageModel:
         raise UserError(f"model.hsm_classes={cfg.hsm_classes} must lie in [1, {vocab_size}] "
                         f"(the vocabulary size), or be 0 for about sqrt({vocab_size}).")
     hierarchical = cfg.head == "hierarchical"
+    cell = cfg.arch == "cell"
+    if cell:  # checked before anything is built: a bad genotype is one UserError
+        from .cell import parse_genotype
+
+        genotype = parse_genotype(cfg.cell)
     model = RNNLanguageModel(
-        vocab_size, arch=cfg.arch, emb_size=cfg.emb_size, hidden_size=cfg.hidden_size,
+        vocab_size, arch="gru" if cell else cfg.arch, emb_size=cfg.emb_size,
+        hidden_size=cfg.hidden_size,
         n_layers=cfg.n_layers, tie_weights=cfg.tie_weights, dropout=cfg.dropout,
         dropouth=cfg.dropouth, dropouti=cfg.dropouti, dropoute=cfg.dropoute, wdrop=cfg.wdrop,
         ar=cfg.ar, tar=cfg.tar, head="softmax" if hierarchical else cfg.head,
         cutoffs=list(cfg.cutoffs), n_experts=cfg.n_experts, mos_latent=cfg.mos_latent,
         dropoutl=cfg.dropoutl, qrnn_window=cfg.qrnn_window, zoneout=cfg.zoneout)
+    if cell:  # the same stack with cell layers in place of the (placeholder) GRU layers
+        from .cell import cell_layers
+
+        model.arch = "cell"
+        model.rnns = cell_layers([cfg.emb_size] + model.layer_sizes, genotype, cfg.wdrop)
     if hierarchical:  # built here, in place of the softmax head (same input size and tying)
         n_classes = cfg.hsm_classes or default_classes(vocab_size)
         model.head = HierarchicalHead(model.layer_sizes[-1], vocab_size, n_classes,
