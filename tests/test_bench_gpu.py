@@ -162,3 +162,43 @@ def test_kernel_check_fails_a_wrong_kernel_output(monkeypatch):
     monkeypatch.setattr(gpu, "_fused_run", one_wrong)
     row = gpu.check_fused(*args)
     assert not row["ok"] and row["worst"] == "do"
+
+
+def test_sync_counter_counts_the_window_of_steps_in_a_real_trainer_run(tmp_path, monkeypatch):
+    """_SyncCounter's window on a real (CPU) Trainer run: CUDA's sync debug mode cannot run on
+    this machine, so a stand-in for torch.cuda.set_sync_debug_mode records the mode and each
+    step warns twice the way CUDA's does while it is "warn"; the counter must see exactly the
+    steps start+1 .. start+n and leave the mode off."""
+    import warnings
+
+    from dist_lm.config import load_config
+    from dist_lm.train.trainer import Trainer
+
+    mode = {"now": 0, "history": []}
+
+    def set_mode(m):
+        mode["now"] = m
+        mode["history"].append(m)
+
+    monkeypatch.setattr(gpu.torch.cuda, "set_sync_debug_mode", set_mode)
+    plan = gpu.Plan(dry=True)
+    data = gpu.zipf_corpus(tmp_path / "data", 120, gpu._corpus_sizes(plan, 4, 12, 2))
+    cfg = load_config(str(gpu.CONFIGS / "ptb_awd_lstm.toml"),
+                      gpu._common(plan, tmp_path / "run", data, 6, 3))
+    tr = Trainer(cfg)
+    inner = tr.train_step
+    seen = []
+
+    def step(inputs, targets):
+        if mode["now"] == "warn":
+            seen.append(tr.step + 1)
+            for _ in range(2):
+                warnings.warn("called a synchronizing CUDA operation")
+        return inner(inputs, targets)
+
+    tr.train_step = step
+    counter = gpu._SyncCounter(tr, 1, 3)
+    tr.fit()
+    assert seen == [2, 3, 4]
+    assert counter.per_step() == 2.0
+    assert mode["history"] == ["warn", 0]
