@@ -196,6 +196,24 @@ def sweep(space: str, target: str | None = None, dir: str | None = None, workers
                   storage=storage, top=top)
 
 
+def search(config: str, resume: str | None = None, overwrite: bool = False,
+           random: bool = False, **overrides) -> None:
+    """Search a recurrent cell (ENAS): shared weights and a controller, then derive the best
+    cell into RUN_DIR/cell.toml, a config for `dist-lm train` (docs/search.md).
+
+    Args:
+      config: TOML recipe (the base of the derived config), e.g. configs/ptb_small_cpu.toml.
+      resume: 'auto' (the latest search checkpoint in train.run_dir) or a checkpoint file.
+      overwrite: delete the previous search's outputs in train.run_dir and start afresh.
+      random: random-search baseline: cells sampled uniformly, same budget.
+      overrides: dotted config keys, e.g. --search.n_nodes=8 --search.rounds=20.
+    """
+    from .search import search_command
+
+    search_command(config, resume=resume, overwrite=overwrite, random=random,
+                   overrides=overrides)
+
+
 COMMANDS = {
     "prepare": prepare,
     "verify": verify,
@@ -206,6 +224,7 @@ COMMANDS = {
     "bench": bench,
     "compare": compare,
     "sweep": sweep,
+    "search": search,
 }
 
 

@@ -235,6 +235,45 @@ class CheckpointConfig:
 
 
 @dataclass
+class SearchConfig:
+    n_nodes: int = 12
+    """Architecture search (`dist-lm search`): nodes per cell (ENAS: 12)."""
+    rounds: int = 10
+    """Search rounds; each trains the shared weights, then the controller."""
+    shared_steps: int = 200
+    """Shared-weight optimizer steps per round on the training stream, each with a newly
+    sampled cell (ENAS: one epoch)."""
+    controller_steps: int = 50
+    """Controller steps per round: one sampled cell scored on the next validation window each
+    (ENAS: 2000)."""
+    max_seconds: float = 0.0
+    """Stop the search (then derive) after this much wall-clock time, summed over resumes;
+    0 means no limit."""
+    controller_hidden: int = 100
+    """Controller LSTM size (ENAS: 100)."""
+    controller_lr: float = 3.5e-4
+    """Controller Adam learning rate (ENAS: 3.5e-4)."""
+    temperature: float = 5.0
+    """Controller logits are divided by this before the tanh squash (ENAS: 5)."""
+    tanh_constant: float = 2.5
+    """Controller logits become tanh_constant * tanh(logits) (ENAS: 2.5); 0 turns it off."""
+    entropy_weight: float = 1e-4
+    """Entropy bonus weight in the controller's REINFORCE loss (ENAS: 1e-4)."""
+    baseline_decay: float = 0.99
+    """Decay of the exponential moving average reward baseline (ENAS: 0.99)."""
+    reward_c: float = 80.0
+    """Reward = reward_c / validation perplexity of the sampled cell (ENAS: 80)."""
+    derive_samples: int = 20
+    """Cells sampled from the trained controller (or uniformly, search.random) at the end;
+    the best on validation, with the shared weights, is the found cell."""
+    derive_windows: int = 0
+    """Validation windows each derived cell is scored on; 0 means the whole split."""
+    random: bool = False
+    """Random-search baseline: cells sampled uniformly from the space everywhere (shared
+    training and derive), no controller learning; same budget."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -244,6 +283,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def shards_dir(self) -> Path:
         """The prepared corpus directory for this config."""
