@@ -168,3 +168,43 @@ def test_cell_trains_through_the_trainer_and_resumes_bit_exactly(tmp_path, ptb_s
     assert c.step == 8
     for k, v in a.module.state_dict().items():
         assert torch.equal(c.module.state_dict()[k], v), k
+    # the run's model through the evaluation API: plain, cache, dynamic, generate, score
+    from dist_lm.api import evaluate, generate, load_run, score_text
+
+    run = load_run(tmp_path / "a")
+    assert run.model.arch == "cell"
+    plain = evaluate(run, split="valid", batch_size=2)
+    cached = evaluate(run, split="valid", batch_size=2,
+                      cache={"window": 20, "theta": 0.5, "lambdah": 0.1})
+    # (lr 1e-3 diverges for this cell: its relu and identity nodes are unbounded; docs/search.md)
+    dynamic = evaluate(run, split="valid", batch_size=2, dynamic={"lr": 2e-4, "decay": 0.0})
+    for res in (plain, cached, dynamic):
+        assert 1.0 < res["ppl"] < 1e4
+    assert cached["nll"] != plain["nll"] and dynamic["nll"] != plain["nll"]
+    text = generate(run, prompt="the", length=5, seed=1)
+    assert text == generate(run, prompt="the", length=5, seed=1)
+    rec = score_text(run, "the company said\n")[0]
+    assert len(rec["logprobs"]) >= 3 and rec["total"] < 0
+
+
+def test_cell_under_ddp_equals_the_local_run(tmp_path, ptb_slice):
+    """One rank under the DDP engine (a process group of one, gloo) trains the cell to the
+    same parameters as the local engine (DDP's hooks see every cell parameter used)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    over = {**CELL, "train.max_steps": 3}
+    local = make_trainer(tiny_config(tmp_path / "local", ptb_slice, **over))
+    local.fit()
+    helper = Path(__file__).with_name("train_helpers.py")
+    args = [f"{k}={v}" for k, v in over.items()]
+    r = subprocess.run([sys.executable, str(helper), str(tmp_path / "out"),
+                        f"data.shards={ptb_slice}", f"train.run_dir={tmp_path / 'ddp'}",
+                        "dist.engine=ddp", "dist.backend=gloo", *args],
+                       capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    params = torch.load(tmp_path / "out.rank0.pt", weights_only=True)["params"]
+    for k, v in local.module.state_dict().items():
+        torch.testing.assert_close(params[k], v, rtol=1e-6, atol=1e-7)
