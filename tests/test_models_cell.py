@@ -208,3 +208,25 @@ def test_cell_under_ddp_equals_the_local_run(tmp_path, ptb_slice):
     params = torch.load(tmp_path / "out.rank0.pt", weights_only=True)["params"]
     for k, v in local.module.state_dict().items():
         torch.testing.assert_close(params[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_cell_layer_keeps_fp32_under_autocast_and_with_bf16_parameters():
+    """As the LSTM layers: computed in fp32 (the carry fp32), the output in the input's dtype."""
+    torch.manual_seed(4)
+    g = parse_genotype("tanh:0 relu:1 identity:1")
+    layer = CellLayer(4, 6, g)
+    x = torch.randn(5, 2, 4)
+    want, (want_h,) = layer(x, layer.init_hidden(2))
+    with torch.autocast("cpu", torch.bfloat16):
+        got, (h,) = layer(x, layer.init_hidden(2))
+    assert got.dtype == torch.float32 and h.dtype == torch.float32
+    torch.testing.assert_close(got, want)  # no bf16 rounding anywhere inside
+    low = CellLayer(4, 6, g)
+    low.load_state_dict(layer.state_dict())
+    low = low.to(torch.bfloat16)
+    out, (h,) = low(x.bfloat16(), low.init_hidden(2))
+    assert out.dtype == torch.bfloat16 and h.dtype == torch.float32
+    ref = CellLayer(4, 6, g)
+    ref.load_state_dict({k: v.float() for k, v in low.state_dict().items()})
+    ref_out, _ = ref(x.bfloat16().float(), ref.init_hidden(2))
+    torch.testing.assert_close(out.float(), ref_out, rtol=1e-2, atol=1e-2)
