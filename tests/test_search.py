@@ -215,3 +215,30 @@ def test_cli_search_resume_and_bad_cell(tmp_path, ptb_slice):
         "dist-lm: error: model.cell: node 2 ('gelu:1') has unknown activation 'gelu'; use one "
         "of tanh, relu, identity, sigmoid (e.g. \"tanh:0 relu:1 relu:1 identity:2\")."]
     assert not (tmp_path / "bad").exists()
+
+
+def test_sigterm_checkpoints_and_the_search_resumes(tmp_path, ptb_slice):
+    """SIGTERM mid-search: the step finishes, a checkpoint is written, Stopped (exit 75) is
+    raised; --resume auto then finishes the search."""
+    import signal
+
+    from dist_lm.errors import Stopped
+
+    cfg = tiny_config(tmp_path / "s", ptb_slice, **SEARCH)
+    s = Search(cfg)
+    step = s.one_step
+
+    def one_step():
+        rec = step()
+        if s.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return rec
+
+    s.one_step = one_step
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stopped, match="SIGTERM at step 2.*--resume auto"):
+        s.run()
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handlers are restored
+    assert [p.name for p in s.checkpoints()] == ["search-00000002.pt"]
+    r = Search(tiny_config(tmp_path / "s", ptb_slice, **SEARCH))
+    assert r.run(resume="auto")["event"] == "derived" and r.step == 10
