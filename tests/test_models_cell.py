@@ -187,9 +187,12 @@ def test_cell_trains_through_the_trainer_and_resumes_bit_exactly(tmp_path, ptb_s
     assert len(rec["logprobs"]) >= 3 and rec["total"] < 0
 
 
-def test_cell_under_ddp_equals_the_local_run(tmp_path, ptb_slice):
-    """One rank under the DDP engine (a process group of one, gloo) trains the cell to the
-    same parameters as the local engine (DDP's hooks see every cell parameter used)."""
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_cell_under_ddp_and_deepspeed_equals_the_local_run(tmp_path, ptb_slice, engine):
+    """One rank under the DDP or DeepSpeed engine (a process group of one, gloo) trains the
+    cell to the same parameters as the local engine (DDP's hooks and DeepSpeed's optimizer
+    see every cell parameter used)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -201,7 +204,7 @@ def test_cell_under_ddp_equals_the_local_run(tmp_path, ptb_slice):
     args = [f"{k}={v}" for k, v in over.items()]
     r = subprocess.run([sys.executable, str(helper), str(tmp_path / "out"),
                         f"data.shards={ptb_slice}", f"train.run_dir={tmp_path / 'ddp'}",
-                        "dist.engine=ddp", "dist.backend=gloo", *args],
+                        f"dist.engine={engine}", "dist.backend=gloo", *args],
                        capture_output=True, text=True, timeout=120,
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]

@@ -190,6 +190,7 @@ def _cli(*args, cwd):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_search_resume_and_bad_cell(tmp_path, ptb_slice):
     conf = tmp_path / "search.toml"
     conf.write_text(f'[data]\nshards = "{ptb_slice}"\n')
