@@ -243,3 +243,18 @@ def test_sigterm_checkpoints_and_the_search_resumes(tmp_path, ptb_slice):
     assert [p.name for p in s.checkpoints()] == ["search-00000002.pt"]
     r = Search(tiny_config(tmp_path / "s", ptb_slice, **SEARCH))
     assert r.run(resume="auto")["event"] == "derived" and r.step == 10
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("search.n_nodes", 0, "search.n_nodes must be >= 1"),
+    ("search.derive_windows", -1, "search.derive_windows must be >= 0"),
+    ("search.reward_c", 0, "search.reward_c must be > 0"),
+    ("search.baseline_decay", 1.0, r"search.baseline_decay must be in \[0, 1\)"),
+    ("dist.engine", "ddp", "runs on one device"),
+])
+def test_bad_search_settings_are_one_clear_error(tmp_path, ptb_slice, key, value, match):
+    from dist_lm.errors import UserError
+
+    with pytest.raises(UserError, match=match):
+        Search(tiny_config(tmp_path / "s", ptb_slice, **{**SEARCH, key: value}))
+    assert not (tmp_path / "s").exists()

@@ -82,6 +82,13 @@ class Search:
                             "search.shared_steps, search.controller_steps >= 0.")
         if s.derive_samples < 1:
             raise UserError("search.derive_samples must be >= 1.")
+        for name in ("derive_windows", "max_seconds", "temperature", "tanh_constant",
+                     "entropy_weight"):
+            if getattr(s, name) < 0:
+                raise UserError(f"search.{name} must be >= 0; got {getattr(s, name)}.")
+        for name in ("controller_hidden", "controller_lr", "reward_c"):
+            if getattr(s, name) <= 0:
+                raise UserError(f"search.{name} must be > 0; got {getattr(s, name)}.")
         if not 0.0 <= s.baseline_decay < 1.0:
             raise UserError(f"search.baseline_decay must be in [0, 1); got {s.baseline_decay}.")
         self.cfg, self.base_config = cfg, base_config
