@@ -182,6 +182,10 @@ def test_derived_config_trains_and_random_search_uses_the_same_budget(tmp_path, 
 
     with pytest.raises(UserError, match="already holds a run"):
         Search(cfg).run()
+    # resuming a random search as an ENAS search (or the reverse) is refused
+    enas = tiny_config(tmp_path / "r", ptb_slice, **SEARCH)
+    with pytest.raises(UserError, match="written with search.random=True, this run has False"):
+        Search(enas).run(resume="auto")
 
 
 def _cli(*args, cwd):
@@ -200,14 +204,16 @@ def test_cli_search_resume_and_bad_cell(tmp_path, ptb_slice):
                                        "log.wandb_mode": "disabled", "log.progress": False,
                                        "search.rounds": 1,
                                        "train.run_dir": str(tmp_path / "run")}.items()]
-    r = _cli("search", str(conf), *over, cwd=tmp_path)
+    r = _cli("search", str(conf), *over, "--random", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "run" / "cell.toml").is_file()
+    assert "random search" in (tmp_path / "run" / "cell.toml").read_text()
     assert (tmp_path / "run" / "checkpoints" / "search-00000005.pt").is_file()
-    r = _cli("search", str(conf), *over, "--search.rounds=2", "--resume=auto", cwd=tmp_path)
+    r = _cli("search", str(conf), *over, "--search.rounds=2", "--resume=auto", "--random",
+             cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout
-    assert json.loads((tmp_path / "run" / "derive.json").read_text())["step"] == 10
+    derived = json.loads((tmp_path / "run" / "derive.json").read_text())
+    assert derived["step"] == 10 and derived["random"] is True
     r = _cli("train", str(conf), "--model.arch=cell", "--model.cell=tanh:0 gelu:1",
              "--train.global_batch=4", "--train.bptt=12", "--data.eval_batch_size=2",
              f"--train.run_dir={tmp_path / 'bad'}", cwd=tmp_path)
