@@ -264,3 +264,11 @@ def test_bad_search_settings_are_one_clear_error(tmp_path, ptb_slice, key, value
     with pytest.raises(UserError, match=match):
         Search(tiny_config(tmp_path / "s", ptb_slice, **{**SEARCH, key: value}))
     assert not (tmp_path / "s").exists()
+
+
+def test_time_budget_stops_the_search_and_derives(tmp_path, ptb_slice):
+    s = Search(tiny_config(tmp_path / "t", ptb_slice, **{**SEARCH, "search.max_seconds": 1e-9}))
+    res = s.run()
+    assert s.step == 1 and res["event"] == "derived"
+    assert [p.name for p in s.checkpoints()] == ["search-00000001.pt"]
+    assert load_config(tmp_path / "t" / "cell.toml").model.cell == res["cell"]
