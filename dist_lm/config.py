@@ -173,6 +173,9 @@ class TrainConfig:
     bf16: bool = False
     """bf16 autocast for the matmul-heavy parts (DeepSpeed: its bf16 mode). LSTM layers keep
     fp32 (see docs/training.md, "Precision"); averages and loss sums stay fp32."""
+    compile: bool = False
+    """torch.compile the model (dynamic shapes: one compile for every BPTT length; the LSTM
+    kernel itself is left uncompiled). Local and DDP engines."""
     tf32: bool = True
     """TF32 for fp32 matmuls and cuDNN on CUDA (Ampere and newer): several times the fp32
     matmul rate at about 1e-3 relative precision. No effect on CPU."""

@@ -128,3 +128,42 @@ def test_nccl_refuses_more_ranks_than_gpus_naming_gloo():
     assert nccl_refusal(2, 2) is None and nccl_refusal(1, 8) is None
     why = nccl_refusal(2, 1)
     assert "--dist.backend=gloo" in why and "2 ranks" in why and "1 GPU" in why
+
+
+def test_compile_traces_around_the_lstm_and_once_for_every_bptt_length(tmp_path, ptb_slice):
+    """train.compile: the Trainer's model is torch.compile'd with dynamic shapes; the LSTM
+    kernel is never traced (it would be unrolled per timestep) and windows of other lengths
+    compile nothing new. A recording backend (no code generation) stands in for inductor, whose
+    C++ build takes minutes on this CPU; dynamo's tracing and guards are the real ones."""
+    import torch._dynamo
+    from train_helpers import make_trainer, tiny_config
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    tr = make_trainer(tiny_config(tmp_path, ptb_slice, **{"train.compile": True,
+                                                          "train.max_steps": 14,
+                                                          "train.variable_bptt": True}))
+    assert tr.engine.model is not tr.module  # the compiled wrapper
+    tr.engine.model = torch.compile(tr.module, backend=record, dynamic=True)
+    seen, inner = [], tr.train_step
+
+    def spy(inputs, targets):
+        n = len(graphs)
+        out = inner(inputs, targets)
+        seen.append((inputs.shape[0], len(graphs) - n))
+        return out
+
+    tr.train_step = spy
+    tr.fit()
+    # the first windows may specialise once (a layer of another shape, a slice offset that
+    # happened to equal the batch); after them, no window length compiles anything new
+    later = seen[3:]
+    assert len({t for t, _ in later}) >= 3 and all(new == 0 for _, new in later), seen
+    ops = {str(n.target) for g in graphs for n in g.graph.nodes}
+    assert not any("lstm" in op.lower() for op in ops), ops
+    torch._dynamo.reset()

@@ -110,6 +110,9 @@ class WeightDropRNN(nn.Module):
             out, h = self._run(x.float(), tuple(v.float() for v in hidden), cast=low)
         return out.to(x.dtype), h  # the output in the input's dtype, the carry in fp32
 
+    # torch.compile (train.compile) leaves the kernel call alone: traced, the cuDNN LSTM would be
+    # unrolled per timestep, and each BPTT length would compile again
+    @torch.compiler.disable
     def _run(self, x: Tensor, hidden: tuple[Tensor, ...],
              cast: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
         w_hh = weight_drop(self.weight_hh_l0_raw, self.wdrop, self.training)

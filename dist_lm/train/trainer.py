@@ -167,6 +167,12 @@ class Trainer:
             torch.cuda.manual_seed(t.seed + 1000 * self.rank)
         self.engine = build_engine(module, cfg, self.device, self.world, self.accum, self.micro)
         self.module = self.engine.module
+        if t.compile:
+            if cfg.dist.engine == "deepspeed":
+                raise UserError("train.compile works with dist.engine=local or ddp; DeepSpeed "
+                                "compiles through its own config. Drop --train.compile.")
+            # dynamic: window lengths vary every step (variable BPTT), one graph serves them all
+            self.engine.model = torch.compile(self.engine.model, dynamic=True)
         self.autocast = t.bf16 and cfg.dist.engine != "deepspeed"  # DeepSpeed: its bf16 mode
         self.dtype = "bf16" if t.bf16 else "fp32"
         D.set_tf32(self.device, t.tf32)
