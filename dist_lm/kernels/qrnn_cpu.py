@@ -212,10 +212,10 @@ def library() -> ctypes.CDLL | None:
 
 
 def _parallel(fn, args: list, T: int, B: int, H: int) -> None:
-    """fn(*args, T, B, H, b0, b1, j0, j1) over the b x H lanes on torch.get_num_threads() threads,
-    in a few parts per thread (whole rows of b when there are enough, else column ranges of each
-    row), taken from one queue: a thread that the OS preempts on a shared machine delays its
-    current part, not a whole half of the work."""
+    """fn(*args, T, B, H, b0, b1, j0, j1) over the b x H lanes on torch.get_num_threads() threads
+    (the calling one and n-1 pool threads), in a few parts per thread (whole rows of b when there
+    are enough, else column ranges of each row) taken in turn: a thread that the OS preempts on
+    a shared machine delays its current part, not a fixed share of the work."""
     global _pool
     n = max(1, min(torch.get_num_threads(), B * H // 1024 or 1))
     if n == 1:
@@ -228,11 +228,23 @@ def _parallel(fn, args: list, T: int, B: int, H: int) -> None:
         per_row = -(-k // B)
         parts = [(bi, bi + 1, H * i // per_row, H * (i + 1) // per_row)
                  for bi in range(B) for i in range(per_row)]
-    if _pool is None or _pool._max_workers != n:  # first call, or torch's thread count changed
+    todo, lock = iter(parts), threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                part = next(todo, None)
+            if part is None:
+                return
+            fn(*args, T, B, H, *part)
+
+    if _pool is None or _pool._max_workers != n - 1:  # first call, or a new thread count
         if _pool is not None:
             _pool.shutdown(wait=False)
-        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="dist-lm-qrnn")
-    for fut in [_pool.submit(fn, *args, T, B, H, *p) for p in parts]:
+        _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="dist-lm-qrnn")
+    helpers = [_pool.submit(work) for _ in range(n - 1)]
+    work()
+    for fut in helpers:
         fut.result()
 
 
