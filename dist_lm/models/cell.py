@@ -24,6 +24,11 @@ them act on functions of h_{t-1}), one mask per forward, shared by every timeste
 weight drop. With `shared=True` the layer is a supernet layer: it holds one matrix per (node,
 predecessor) pair, and `set_genotype` picks which cell the next forward runs (ENAS's shared
 weights); a fixed layer holds one matrix per node.
+
+The time loop is one autograd Function (`_CellRecurrence`) with a hand-written backward: no
+per-op autograd records inside the loop, and each weight gradient is one matmul over all
+timesteps (tests/test_models_cell.py checks values and gradients against a plain per-timestep
+implementation).
 """
 
 from __future__ import annotations
@@ -166,13 +171,14 @@ class CellLayer(nn.Module):
         return (torch.zeros(1, b, self.hidden_size, device=device or p.device,
                             dtype=dtype or p.dtype),)
 
-    def _node_matrices(self, g: Genotype) -> list[Tensor]:
-        """Node l's [2H, H] matrix for nodes 2..N (DropConnect applied)."""
-        if self.shared:
-            return [weight_drop(self.node_weights[l - 2][g.preds[l - 1] - 1], self.wdrop,
-                                self.training) for l in range(2, self.n_nodes + 1)]
-        w = weight_drop(self.weight_nodes, self.wdrop, self.training)
-        return list(w.unbind(0))
+    def _node_stack(self, g: Genotype) -> Tensor:
+        """Nodes 2..N's [2H, H] matrices as one [N-1, 2H, H] tensor (DropConnect applied)."""
+        if not self.shared:
+            return weight_drop(self.weight_nodes, self.wdrop, self.training)
+        if self.n_nodes == 1:
+            return self.weight_hh.new_zeros(0, 2 * self.hidden_size, self.hidden_size)
+        return torch.stack([weight_drop(self.node_weights[l - 2][g.preds[l - 1] - 1], self.wdrop,
+                                        self.training) for l in range(2, self.n_nodes + 1)])
 
     def forward(self, x: Tensor, hidden: tuple[Tensor]) -> tuple[Tensor, tuple[Tensor]]:
         """fp32 outside any autocast (as the LSTM layers: the carry stays fp32); the output in
@@ -188,28 +194,103 @@ class CellLayer(nn.Module):
         g = self.genotype
         if g is None:
             raise RuntimeError("shared cell layer has no genotype set (call set_genotype)")
-        H = self.hidden_size
         w_ih = self.weight_ih
         w_hh = weight_drop(self.weight_hh, self.wdrop, self.training)
-        nodes = self._node_matrices(g)
+        nodes = self._node_stack(g)
         if cast:
-            w_ih, w_hh, nodes = w_ih.float(), w_hh.float(), [w.float() for w in nodes]
+            w_ih, w_hh, nodes = w_ih.float(), w_hh.float(), nodes.float()
         xs = F.linear(x, w_ih)  # [T, b, 2H]: every timestep's input part at once
+        out = _CellRecurrence.apply(xs, h, w_hh, nodes, g)
+        return out, (out[-1:],)
+
+
+def _act_grad(name: str, a: Tensor) -> Tensor | float:
+    """d act / d pre-activation, from the activation's output."""
+    if name == "tanh":
+        return 1 - a * a
+    if name == "sigmoid":
+        return a * (1 - a)
+    if name == "relu":
+        return (a > 0).to(a.dtype)
+    return 1.0
+
+
+class _CellRecurrence(torch.autograd.Function):
+    """The cell over T steps, with a hand-written backward: the time loop runs without autograd
+    (a dozen small ops per node and step otherwise, each recorded), and each weight gradient is
+    one matmul over all timesteps instead of one per step.
+
+    xs [T, b, 2H] node 1's input part (x_t W_ih^T), h0 [b, H], w_hh [2H, H], nodes [N-1, 2H, H];
+    returns the outputs [T, b, H] (the last one is the next hidden state). Each node keeps its
+    gate c, its activation a and its state per step for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, xs, h0, w_hh, nodes, g):
+        T, b, H2 = xs.shape
+        H, N = H2 // 2, g.n_nodes
         ends = g.loose_ends()
-        outs = []
-        for t in range(x.size(0)):
-            s = xs[t] + F.linear(h, w_hh)
-            c = torch.sigmoid(s[:, :H])
-            states = [h + c * (activation(g.acts[0], s[:, H:]) - h)]
-            for l in range(2, self.n_nodes + 1):
-                prev = states[g.preds[l - 1] - 1]
-                s = F.linear(prev, nodes[l - 2])
-                c = torch.sigmoid(s[:, :H])
-                states.append(prev + c * (activation(g.acts[l - 1], s[:, H:]) - prev))
-            h = states[ends[0] - 1] if len(ends) == 1 else \
-                torch.stack([states[i - 1] for i in ends]).mean(0)
-            outs.append(h)
-        return torch.stack(outs), (h.unsqueeze(0),)
+        C = xs.new_empty(T, N, b, H)
+        A = xs.new_empty(T, N, b, H)
+        S = xs.new_empty(T, N, b, H)
+        out = xs.new_empty(T, b, H)
+        h = h0
+        for t in range(T):
+            prev = h
+            s = torch.addmm(xs[t], prev, w_hh.t())
+            for l in range(1, N + 1):
+                if l > 1:
+                    prev = S[t, g.preds[l - 1] - 1]
+                    s = prev @ nodes[l - 2].t()
+                c = torch.sigmoid(s[:, :H], out=C[t, l - 1])
+                a = activation(g.acts[l - 1], s[:, H:])
+                A[t, l - 1] = a
+                torch.lerp(prev, a, c, out=S[t, l - 1])  # prev + c (a - prev)
+            h = S[t, ends[0] - 1] if len(ends) == 1 else S[t, [e - 1 for e in ends]].mean(0)
+            out[t] = h
+        ctx.g = g
+        ctx.save_for_backward(h0, w_hh, nodes, C, A, S, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h0, w_hh, nodes, C, A, S, out = ctx.saved_tensors
+        g = ctx.g
+        T, N, b, H = S.shape
+        ends = g.loose_ends()
+        ds_all = grad_out.new_zeros(T, N, b, 2 * H)  # d pre-activations, per step and node
+        dh = torch.zeros_like(h0)                      # from the step after
+        grad_out = grad_out.contiguous()
+        for t in range(T - 1, -1, -1):
+            d_out = (grad_out[t] + dh) / len(ends)
+            dstate: list = [None] * N
+            for e in ends:
+                dstate[e - 1] = d_out
+            h_prev = h0 if t == 0 else out[t - 1]
+            for l in range(N, 0, -1):
+                gl = dstate[l - 1]
+                if gl is None:
+                    continue
+                prev = h_prev if l == 1 else S[t, g.preds[l - 1] - 1]
+                c, a = C[t, l - 1], A[t, l - 1]
+                ds = ds_all[t, l - 1]
+                torch.mul(gl * (a - prev), c * (1 - c), out=ds[:, :H])
+                torch.mul(gl * c, _act_grad(g.acts[l - 1], a), out=ds[:, H:])
+                w = w_hh if l == 1 else nodes[l - 2]
+                dprev = torch.addmm(gl * (1 - c), ds, w)
+                if l == 1:
+                    dh = dprev
+                else:
+                    j = g.preds[l - 1] - 1
+                    dstate[j] = dprev if dstate[j] is None else dstate[j] + dprev
+        h_prev = torch.cat([h0.unsqueeze(0), out[:-1]])              # [T, b, H]
+        d_xs = ds_all[:, 0]
+        d_w_hh = d_xs.reshape(-1, 2 * H).t() @ h_prev.reshape(-1, H)
+        d_nodes = torch.zeros_like(nodes)
+        for l in range(2, N + 1):
+            src = S[:, g.preds[l - 1] - 1].reshape(-1, H)
+            d_nodes[l - 2] = ds_all[:, l - 1].reshape(-1, 2 * H).t() @ src
+        return d_xs, dh, d_w_hh, d_nodes, None
 
 
 def cell_layers(sizes: list[int], genotype: Genotype | None, wdrop: float, n_nodes: int = 0,
