@@ -242,3 +242,31 @@ def test_unfused_switch_runs_the_reference_inside_the_block_only():
     h2, _ = qrnn_fused(y, c0)
     assert type(h2.grad_fn).__name__ == "_FusedCPUBackward"
     torch.testing.assert_close(h, h2, rtol=1e-5, atol=1e-6)
+
+
+def _forked_child(queue):
+    torch.set_num_threads(2)  # the parent's pool exists; its threads do not in here
+    y, c0, mask, gh, gc = case(4, 3, 700, zoneout=True, seed=6)
+    h, _ = qrnn_fused(y, c0, mask)
+    queue.put(float(h.sum()))
+
+
+def test_cpu_kernel_runs_in_a_forked_child():
+    import multiprocessing as mp
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y, c0, mask, _, _ = case(4, 3, 700, zoneout=True, seed=6)
+        want = float(qrnn_fused(y, c0, mask)[0].sum())  # the parent's pool is created here
+    finally:
+        torch.set_num_threads(old)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_forked_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung (a stale thread pool)")
+    assert child.exitcode == 0 and queue.get(timeout=5) == want

@@ -149,10 +149,18 @@ void qrnn_bwd(const float *y, const float *c0, const uint8_t *mask, const float 
 
 # -fno-trapping-math lets gcc if-convert (and so vectorise) the clamp in exp_gate; results are
 # the same IEEE ones
-FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-std=c99", "-lm"]
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared", "-std=c99"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
 _pool: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:  # a forked child has the pool object but none of its threads
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def cache_dir() -> Path:
@@ -181,8 +189,8 @@ def _build() -> ctypes.CDLL | None:
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             src, out = Path(tmp) / "qrnn_cpu.c", Path(tmp) / "qrnn_cpu.so"
             src.write_text(SOURCE)
-            res = subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], capture_output=True,
-                                 text=True)
+            res = subprocess.run([cc, *FLAGS, str(src), "-o", str(out), "-lm"],
+                                 capture_output=True, text=True)
             if res.returncode != 0:
                 warnings.warn(f"dist-lm: the fused QRNN CPU kernel did not build ({cc}: "
                               f"{res.stderr.strip()[:300]}); using the unfused torch path")
