@@ -1,5 +1,5 @@
-"""Custom ops for the recurrent layers: ForgetMult (QRNN) with CPU and Triton kernels, and the fused
-QRNN step (gates + zoneout + forget-mult + output gate) with a C kernel on CPU and Triton on CUDA."""
+"""Custom ops for the recurrent layers: ForgetMult (QRNN) with CPU and Triton kernels, and the
+fused QRNN step (gates + zoneout + forget-mult + output gate): a C kernel on CPU, Triton on CUDA."""
 
 from .forget_mult import forget_mult, forget_mult_reference
 from .qrnn_fused import qrnn_fused, qrnn_fused_reference
