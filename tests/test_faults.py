@@ -10,7 +10,6 @@ uninterrupted run; no complete checkpoint is ever lost.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket

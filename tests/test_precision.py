@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from _eval_helpers import one_thread  # noqa: F401  (autouse: tiny models, one thread)

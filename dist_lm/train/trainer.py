@@ -282,11 +282,12 @@ class Trainer:
     def averaging(self) -> bool:
         return self.ntasgd.averaging and self.averager.count > 0
 
-    def evaluate(self, loader, reduce: bool) -> float:
-        """Mean NLL over a split; with the averaged weights once NT-ASGD averaging is on."""
+    def evaluate(self, loader, reduce: bool, averaged: bool = True) -> float:
+        """Mean NLL over a split; with the averaged weights once NT-ASGD averaging is on (unless
+        `averaged` is False: the module's weights as they are)."""
         from ..eval.windows import evaluate_stream
 
-        ctx = self._swapped() if self.averaging else contextlib.nullcontext()
+        ctx = self._swapped() if averaged and self.averaging else contextlib.nullcontext()
         with ctx:
             total, count = evaluate_stream(self.module, loader, reduce=reduce)
         return total / max(1, count)
@@ -641,7 +642,7 @@ class Trainer:
         best = self.best_step if self.best_step >= 0 else self.step  # < 0: validation was NaN
         best_dir = Path(cfg.train.run_dir) / "checkpoints" / step_dir_name(best)
         with self._weights_of(best_dir):
-            test = self.evaluate_plain(self.test_loader, self.test_reduce)
+            test = self.evaluate(self.test_loader, self.test_reduce, averaged=False)
         rec = {"step": self.step, "epoch": self.epoch_f(), "final": True, "stop": reason,
                "best_step": self.best_step, "valid_loss": self.best_val,
                **perplexity_fields(self.best_val, self.char_level, "valid_"), "test_loss": test,
@@ -652,13 +653,6 @@ class Trainer:
         self.sink.set_summary(**{k: v for k, v in rec.items() if k.startswith(("test_", "valid_"))})
         self._record_baseline()
         return rec
-
-    def evaluate_plain(self, loader, reduce: bool) -> float:
-        """Mean NLL with the module's weights as they are (no averaging swap)."""
-        from ..eval.windows import evaluate_stream
-
-        total, count = evaluate_stream(self.module, loader, reduce=reduce)
-        return total / max(1, count)
 
     # ---- scaling efficiency --------------------------------------------------------------
 
