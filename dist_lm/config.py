@@ -133,10 +133,20 @@ class ScheduleConfig:
     """Decay factor at each milestone / plateau."""
     patience: int = 0
     """Plateau schedule: validation checks without improvement before decaying."""
-    warmup_steps: int = 0
-    """Linear warmup steps from 0 to the base learning rate."""
+    scaling: str = ""
+    """Large-batch lr rule for r = train.global_batch / schedule.base_batch: none (lr as
+    given), linear (lr * r, Goyal et al. 2017) or sqrt (lr * sqrt(r), You et al. 2019); empty:
+    linear when schedule.base_batch is set (the old behaviour), else none. docs/scaling.md."""
     base_batch: int = 0
-    """Linear scaling rule: lr *= global_batch / base_batch; 0 disables scaling."""
+    """The global batch the recipe's lr is tuned for; 0: the config file's train.global_batch
+    (before command-line overrides), so --train.global_batch=N on a recipe scales from it."""
+    warmup_steps: int = -1
+    """Linear warmup steps from 0 to the (scaled) peak learning rate; -1 derives them from the
+    batch ratio and schedule.warmup_base_steps (none when the lr is not raised)."""
+    warmup_base_steps: int = 100
+    """Derived warm-up (schedule.warmup_steps = -1) when a rule raises the lr (r > 1): sqrt
+    warms up over this many steps (r times its tokens), linear over ceil(this / r) steps (the
+    same tokens); see docs/scaling.md."""
     min_lr: float = 0.0
     """Lower bound for cosine, cyclic and plateau schedules."""
     cycle_steps: int = 2000
@@ -159,7 +169,11 @@ class TrainConfig:
     global_batch: int = 80
     """Total number of streams over all ranks (AWD-LSTM's batch_size)."""
     micro_batch: int = 0
-    """Streams per rank per forward pass; 0 means global_batch / world_size (no accumulation)."""
+    """Streams per rank per forward pass (the rest is gradient accumulation); 0 chooses the
+    largest divisor of global_batch / world_size whose windows fit train.max_micro_tokens."""
+    max_micro_tokens: int = 0
+    """Cap on the tokens of one forward pass (micro batch x longest window) when
+    train.micro_batch = 0; 0: 16384 on CPU, 65536 on CUDA; -1: no cap (one pass per rank)."""
     bptt: int = 70
     """Base truncated-BPTT window length."""
     variable_bptt: bool = True
@@ -462,11 +476,48 @@ def load_config(path: str | os.PathLike | None = None,
             raise UserError(f"config file {p} is not valid TOML: {exc}. Fix the file.") from None
         for key, value in _flatten(table).items():
             _set(cfg, key, value)
+    given = dict.fromkeys(_flatten(table), 1) if path is not None else {}  # key -> 1 file, 2 CLI
+    file_batch = cfg.train.global_batch  # the recipe's, before command-line overrides
     for key, value in (overrides or {}).items():
-        _set(cfg, key.replace("-", "_") if "." in key else key, value)
+        key = key.replace("-", "_") if "." in key else key
+        _set(cfg, key, value)
+        given[key] = 2
     validate(cfg)
+    _resolve_scaling_keys(cfg, file_batch, given)
     return cfg
 
+
+def _resolve_scaling_keys(cfg: Config, file_batch: int, given: dict[str, int]) -> None:
+    """Make the large-batch keys explicit (config.json then records what the run used) and
+    refuse the combinations that contradict each other. schedule.base_batch 0 becomes the
+    config file's train.global_batch (the recipe's: a user moving it from 1 GPU to 8 raises
+    train.global_batch and expects the lr to scale from the recipe). schedule.scaling unset
+    keeps the old meaning: linear when schedule.base_batch was set (with warm-up only when
+    schedule.warmup_steps gives it), else none. `given`: where each key was set (1 the file,
+    2 the command line); the command line wins over the file, a contradiction within one of
+    them is refused."""
+    s = cfg.schedule
+    fixed, derive = given.get("schedule.warmup_steps", 0), given.get("schedule.warmup_base_steps", 0)
+    if fixed and fixed == derive and s.warmup_steps >= 0:
+        raise UserError("schedule.warmup_steps and schedule.warmup_base_steps are both set: "
+                        "warmup_steps fixes the warm-up, warmup_base_steps derives it from the "
+                        "batch ratio; drop one of them.")
+    if derive > fixed:  # e.g. the file fixes the warm-up, the command line asks to derive it
+        s.warmup_steps = -1
+    if not s.scaling:
+        if s.base_batch > 0:
+            s.scaling = "linear"
+            if s.warmup_steps < 0 and not derive:
+                s.warmup_steps = 0  # exactly what base_batch alone did before
+        else:
+            s.scaling = "none"
+    if s.scaling == "none" and derive and derive >= given.get("schedule.scaling", 0):
+        raise UserError("schedule.warmup_base_steps derives the warm-up of a raised lr, and "
+                        "schedule.scaling is none, which raises nothing; set "
+                        "--schedule.scaling=linear or sqrt, or give a plain warm-up with "
+                        "--schedule.warmup_steps=N.")
+    if s.base_batch == 0:
+        s.base_batch = file_batch
 
 def validate(cfg: Config) -> None:
     """Cross-field checks, with the key to change named in the message."""
@@ -497,16 +548,34 @@ def validate(cfg: Config) -> None:
         raise UserError("train.max_seconds, train.max_steps and train.epochs must be >= 0.")
     if cfg.optim.lr <= 0:
         raise UserError(f"optim.lr must be > 0; got {cfg.optim.lr}.")
+    s = cfg.schedule
+    if s.scaling not in ("", "none", "linear", "sqrt"):
+        raise UserError(f"schedule.scaling must be none, linear or sqrt; got {s.scaling!r}.")
+    if s.base_batch < 0:
+        raise UserError(f"schedule.base_batch must be >= 0 (0: the config file's "
+                        f"train.global_batch); got {s.base_batch}.")
+    if s.warmup_steps < -1 or s.warmup_base_steps < 0:
+        raise UserError(f"schedule.warmup_steps must be >= 0 (or -1: derived) and "
+                        f"schedule.warmup_base_steps >= 0; got {s.warmup_steps} and "
+                        f"{s.warmup_base_steps}.")
+    if t.max_micro_tokens < -1:
+        raise UserError(f"train.max_micro_tokens must be > 0, 0 (the device's default) or -1 (no "
+                        f"cap); got {t.max_micro_tokens}.")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+RESOLVED = "resolved"  # config.json's block of values the trainer derived (lr rule, micro batch)
+
+
 def from_dict(table: dict[str, Any]) -> Config:
     """Rebuild a Config from `to_dict` output (e.g. a run's config.json)."""
     cfg = Config()
     for key, value in _flatten(table).items():
+        if key.split(".")[0] == RESOLVED:
+            continue  # what the trainer derived (not config keys): see Trainer._write_resolved
         _set(cfg, key, value)
     return cfg
 

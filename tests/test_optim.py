@@ -169,3 +169,109 @@ def test_param_averager_keeps_fp32_mean_of_bf16_params():
     avg.swap()
     for n, p in m.named_parameters():
         assert torch.equal(p, live[n]) and torch.equal(avg.avg[n], kept[n])
+
+
+# ---- large-batch lr rules (schedule.scaling; docs/scaling.md) ------------------------------
+
+def _ref_peak(rule, lr, batch, base):
+    """The rules as the papers write them."""
+    r = batch / base
+    return {"none": lr, "linear": lr * r, "sqrt": lr * r ** 0.5}[rule]
+
+
+@pytest.mark.parametrize("rule", ["none", "linear", "sqrt"])
+@pytest.mark.parametrize("batch", [5, 20, 80, 320])
+def test_scaling_rules_match_the_reference_formula(rule, batch):
+    s = LRSchedule(ScheduleConfig(scaling=rule, base_batch=20, warmup_steps=0), 30.0, batch)
+    want = _ref_peak(rule, 30.0, batch, 20)
+    assert s.scaling.peak_lr == pytest.approx(want) and s.scaling.ratio == batch / 20
+    assert seq(s, 3) == pytest.approx([want] * 3)  # no warm-up given: the peak from step 0
+    # every kind starts from the scaled peak (cosine: at progress 0)
+    c = LRSchedule(ScheduleConfig(kind="cosine", scaling=rule, base_batch=20, warmup_steps=0),
+                   30.0, batch)
+    assert c.lr(0, 0.0, 0) == pytest.approx(want) and c.lr(5, 1.0, 0) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("rule,batch,want", [
+    ("sqrt", 80, 100), ("sqrt", 320, 100),       # LEGW: steps fixed, tokens grow with r
+    ("linear", 80, 25), ("linear", 320, 7),      # Goyal: tokens fixed, ceil(100 / r) steps
+    ("linear", 60, 34),                          # ceil(100 / 3) = 34
+    ("sqrt", 20, 0), ("linear", 20, 0),          # ratio 1: the recipe, no warm-up
+    ("sqrt", 10, 0), ("none", 320, 0)])          # lr not raised: no warm-up
+def test_derived_warmup(rule, batch, want):
+    s = LRSchedule(ScheduleConfig(scaling=rule, base_batch=20, warmup_base_steps=100), 30.0, batch)
+    assert s.scaling.warmup_steps == want and s.scaling.warmup_derived
+    peak = _ref_peak(rule, 30.0, batch, 20)
+    lrs = seq(s, want + 2)
+    assert lrs == pytest.approx([peak * min(1.0, (k + 1) / want) if want else peak
+                                 for k in range(want + 2)])
+
+
+def test_explicit_warmup_wins_and_the_start_line():
+    s = LRSchedule(ScheduleConfig(scaling="sqrt", base_batch=20, warmup_steps=400), 30.0, 80)
+    assert s.scaling.warmup_steps == 400 and not s.scaling.warmup_derived
+    assert s.scaling.describe() == ("lr 30 -> 60 for global batch 80 = 4x base 20, sqrt rule, "
+                                    "warm-up 400 steps")
+    s = LRSchedule(ScheduleConfig(scaling="none", base_batch=20), 30.0, 320)
+    assert s.scaling.describe() == ("lr 30 for global batch 320 = 16x base 20, no scaling rule "
+                                    "(schedule.scaling=none), no warm-up")
+    s = LRSchedule(ScheduleConfig(scaling="linear", base_batch=80), 30.0, 20)
+    assert s.scaling.describe().startswith("lr 30 -> 7.5 for global batch 20 = 1/4x base 80")
+
+
+def test_scaling_keys_through_load_config(tmp_path):
+    from dist_lm.config import load_config
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text("[train]\nglobal_batch = 20\n[optim]\nlr = 30.0\n")
+    # base_batch defaults to the file's global batch, not the command line's
+    cfg = load_config(recipe, {"train.global_batch": 320, "schedule.scaling": "sqrt"})
+    assert cfg.schedule.base_batch == 20 and cfg.schedule.warmup_steps == -1
+    assert LRSchedule(cfg.schedule, 30.0, 320).scaling.peak_lr == pytest.approx(120.0)
+    # unset scaling: none, recorded explicitly
+    cfg = load_config(recipe, {"train.global_batch": 80})
+    assert cfg.schedule.scaling == "none" and cfg.schedule.base_batch == 20
+    assert LRSchedule(cfg.schedule, 30.0, 80).peak == 30.0
+    # the old meaning: base_batch alone is the linear rule, warm-up only as given
+    cfg = load_config(recipe, {"train.global_batch": 80, "schedule.base_batch": 20})
+    assert (cfg.schedule.scaling, cfg.schedule.warmup_steps) == ("linear", 0)
+    assert LRSchedule(cfg.schedule, 30.0, 80).peak == 120.0
+    # no file: the defaults are the recipe
+    assert load_config(None, {"train.global_batch": 8}).schedule.base_batch == 80
+    # file fixes the warm-up, the command line asks to derive it: the command line wins
+    recipe.write_text("[train]\nglobal_batch = 20\n[schedule]\nwarmup_steps = 50\n"
+                      "scaling = \"sqrt\"\n")
+    cfg = load_config(recipe, {"schedule.warmup_base_steps": 30, "train.global_batch": 80})
+    assert LRSchedule(cfg.schedule, 30.0, 80).scaling.warmup_steps == 30
+    assert LRSchedule(load_config(recipe, {"train.global_batch": 80}).schedule, 30.0,
+                      80).scaling.warmup_steps == 50
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"schedule.scaling": "cubic"}, "schedule.scaling must be none, linear or sqrt"),
+    ({"schedule.scaling": "sqrt", "schedule.warmup_steps": 10, "schedule.warmup_base_steps": 5},
+     "drop one of them"),
+    ({"schedule.scaling": "none", "schedule.warmup_base_steps": 5}, "--schedule.scaling=linear"),
+    ({"schedule.warmup_base_steps": 5}, "--schedule.scaling=linear or sqrt"),
+    ({"schedule.base_batch": -1}, "schedule.base_batch must be >= 0"),
+    ({"schedule.warmup_steps": -2}, "schedule.warmup_steps must be >= 0"),
+    ({"train.max_micro_tokens": -5}, "train.max_micro_tokens"),
+])
+def test_contradicting_scaling_config_is_refused(over, match):
+    from dist_lm.config import load_config
+
+    with pytest.raises(UserError, match=match):
+        load_config(None, over)
+
+
+def test_resume_check_refuses_another_rule():
+    a = LRSchedule(ScheduleConfig(scaling="sqrt", base_batch=20), 30.0, 80)
+    b = LRSchedule(ScheduleConfig(scaling="linear", base_batch=20), 30.0, 80)
+    a.check_resume(a.state_dict(), "ckpt")  # the same resolution continues
+    a.check_resume({"plateau_scale": 1.0, "best": 1.0, "bad": 0}, "ckpt")  # older checkpoint
+    with pytest.raises(UserError, match="--schedule.scaling=sqrt --schedule.base_batch=20 "
+                                        "--schedule.warmup_steps=100"):
+        b.check_resume(a.state_dict(), "ckpt")
+    # optim.lr may change on resume (the rule applies to the new value)
+    LRSchedule(ScheduleConfig(scaling="sqrt", base_batch=20), 3.0, 80).check_resume(
+        a.state_dict(), "ckpt")

@@ -9,7 +9,9 @@ load_state_dict() with plain values (readable by torch.load(weights_only=True)).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -52,6 +54,104 @@ def uses_averaging(cfg: OptimConfig) -> bool:
     return cfg.name == "asgd" or (cfg.name == "sgd" and cfg.nt_asgd)
 
 
+SCALING_RULES = ("none", "linear", "sqrt")
+
+
+@dataclass(frozen=True)
+class LRScaling:
+    """The resolved large-batch rule of one run: what `resolve_scaling` derived from the config.
+
+    Stored in the run's config.json ("resolved") and in every checkpoint (the schedule's
+    state), so a resumed run is checked against the values it started with.
+    """
+
+    rule: str            # none | linear | sqrt
+    base_batch: int      # the batch the recipe's lr was tuned at
+    global_batch: int    # this run's
+    ratio: float         # global_batch / base_batch
+    base_lr: float       # optim.lr
+    peak_lr: float       # base_lr * factor(rule, ratio): what the schedule starts from
+    warmup_steps: int    # linear warm-up in optimizer steps (given or derived)
+    warmup_derived: bool  # True: from schedule.warmup_base_steps and the ratio
+    legacy: bool = False  # schedule.scaling unset with schedule.base_batch set: the old linear rule
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """The start-of-run line, e.g. 'lr 30 -> 60 for global batch 80 = 4x base 20, sqrt
+        rule, warm-up 400 steps'."""
+        lr = (f"lr {self.base_lr:g}" if self.peak_lr == self.base_lr
+              else f"lr {self.base_lr:g} -> {self.peak_lr:g}")
+        rule = {"none": "no scaling rule (schedule.scaling=none)",
+                "linear": "linear rule" + (" (schedule.base_batch set, schedule.scaling unset)"
+                                           if self.legacy else ""),
+                "sqrt": "sqrt rule"}[self.rule]
+        warm = (f"warm-up {self.warmup_steps} steps" if self.warmup_steps > 0 else "no warm-up")
+        if self.warmup_derived and self.warmup_steps > 0:
+            warm += " (derived)"
+        return (f"{lr} for global batch {self.global_batch} = {_ratio_text(self.ratio)} base "
+                f"{self.base_batch}, {rule}, {warm}")
+
+
+def _ratio_text(r: float) -> str:
+    if r >= 1 or (1 / r) != round(1 / r):
+        return f"{r:g}x"
+    return f"1/{round(1 / r)}x"
+
+
+def scaling_factor(rule: str, ratio: float) -> float:
+    """lr multiplier of a rule at batch ratio r = global_batch / base_batch: none 1, linear r
+    (Goyal et al. 2017), sqrt sqrt(r) (You et al. 2019; Krizhevsky 2014)."""
+    if rule == "none":
+        return 1.0
+    if rule == "linear":
+        return ratio
+    if rule == "sqrt":
+        return math.sqrt(ratio)
+    raise UserError(f"schedule.scaling must be one of none, linear, sqrt; got {rule!r}.")
+
+
+def derived_warmup(rule: str, ratio: float, base_steps: int) -> int:
+    """Warm-up steps for a raised lr, from W = schedule.warmup_base_steps (a warm-up length in
+    optimizer steps at the base batch; docs/scaling.md):
+
+    - no warm-up when the lr is not raised (rule none, or ratio <= 1: the recipe at its own batch
+      stays the recipe);
+    - linear: ceil(W / r) steps, the same *tokens* of warm-up at every batch (Goyal et al. warm
+      up over a fixed 5 epochs whatever the batch);
+    - sqrt: W steps, i.e. r times the tokens (You et al.'s linear-epoch gradual warm-up, LEGW:
+      warm-up epochs grow linearly with the batch, so its length in steps stays the same).
+    """
+    if rule == "none" or ratio <= 1 or base_steps <= 0:
+        return 0
+    if rule == "linear":
+        return math.ceil(base_steps / ratio - 1e-9)
+    return base_steps
+
+
+def resolve_scaling(cfg: ScheduleConfig, base_lr: float, global_batch: int) -> LRScaling:
+    """The rule, ratio, peak lr and warm-up of a run. schedule.scaling empty (unset) means the
+    old behaviour: linear when schedule.base_batch > 0 (warm-up only as schedule.warmup_steps
+    gives it), else none; schedule.base_batch 0 means this run's own global batch (ratio 1;
+    `load_config` fills it with the config file's train.global_batch). A schedule.warmup_steps
+    >= 0 is used as given; -1 derives it (`derived_warmup`)."""
+    legacy = not cfg.scaling and cfg.base_batch > 0
+    rule = cfg.scaling or ("linear" if cfg.base_batch > 0 else "none")
+    base = cfg.base_batch if cfg.base_batch > 0 else global_batch
+    ratio = global_batch / base
+    peak = base_lr * scaling_factor(rule, ratio)
+    if cfg.warmup_steps >= 0:
+        warmup, derived = cfg.warmup_steps, False
+    elif legacy:
+        warmup, derived = 0, False  # exactly what base_batch alone did before schedule.scaling
+    else:
+        warmup, derived = derived_warmup(rule, ratio, cfg.warmup_base_steps), True
+    return LRScaling(rule=rule, base_batch=base, global_batch=global_batch, ratio=ratio,
+                     base_lr=base_lr, peak_lr=peak, warmup_steps=warmup, warmup_derived=derived,
+                     legacy=legacy)
+
+
 class LRSchedule:
     """Learning rate as a function of (optimizer step, progress, epochs completed).
 
@@ -63,14 +163,17 @@ class LRSchedule:
     run when < 1, e.g. [0.5, 0.75] = "fixed-time" decay); plateau (multiply by gamma when
     validation has not improved for more than `patience` checks); cosine (from the peak to
     min_lr over the run's progress); cyclic (triangular between min_lr and lr, `cycle_steps` per
-    half cycle). Linear warmup over the first warmup_steps steps and the linear scaling rule
-    (lr * global_batch / base_batch) apply to every kind. The per-step seq_len / bptt factor is
-    applied by the caller.
+    half cycle). The large-batch rule (`resolve_scaling`: the peak is optim.lr times 1, r or
+    sqrt(r) for r = global_batch / base_batch) and the linear warm-up over its first
+    warm-up steps (given, or derived from r) apply to every kind. The per-step seq_len / bptt
+    factor is applied by the caller.
     """
 
     def __init__(self, cfg: ScheduleConfig, base_lr: float, global_batch: int):
         self.cfg = cfg
-        self.peak = base_lr * (global_batch / cfg.base_batch if cfg.base_batch > 0 else 1.0)
+        self.scaling = resolve_scaling(cfg, base_lr, global_batch)
+        self.peak = self.scaling.peak_lr
+        self.warmup_steps = self.scaling.warmup_steps
         self.plateau_scale = 1.0
         self.best = math.inf
         self.bad = 0
@@ -93,8 +196,8 @@ class LRSchedule:
             pos = (step % (2 * c.cycle_steps)) / c.cycle_steps  # 0..2
             frac = pos if pos <= 1 else 2 - pos
             lr = c.min_lr + (lr - c.min_lr) * frac
-        if c.warmup_steps > 0 and step < c.warmup_steps:
-            lr *= (step + 1) / c.warmup_steps
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            lr *= (step + 1) / self.warmup_steps
         return lr
 
     def observe(self, val_loss: float) -> None:
@@ -110,12 +213,35 @@ class LRSchedule:
                 self.bad = 0
 
     def state_dict(self) -> dict:
-        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad": self.bad}
+        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad": self.bad,
+                "scaling": self.scaling.as_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.plateau_scale = float(sd["plateau_scale"])
         self.best = float(sd["best"])
         self.bad = int(sd["bad"])
+
+    def check_resume(self, sd: dict, where: str) -> None:
+        """Refuse to continue a checkpoint (its schedule state `sd`) whose large-batch rule, base
+        batch or warm-up differ from what this run resolved (a changed default or config file
+        would otherwise change the lr mid-run); names the flags that continue it as it was.
+        optim.lr itself may change on resume (e.g. lowered after non-finite steps): the rule
+        then applies to the new value. Checkpoints older than schedule.scaling carry no record
+        and are not checked."""
+        old = sd.get("scaling")
+        if not old:
+            return
+        new = self.scaling
+        diffs = [(k, old[k], getattr(new, k)) for k in ("rule", "base_batch", "warmup_steps")
+                 if old.get(k) != getattr(new, k)]
+        if not diffs:
+            return
+        what = ", ".join(f"{k} {a} (this run: {b})" for k, a, b in diffs)
+        raise UserError(f"cannot resume from {where}: it was trained with {what}. Continue it as "
+                        f"it started with --schedule.scaling={old['rule']} "
+                        f"--schedule.base_batch={old['base_batch']} "
+                        f"--schedule.warmup_steps={old['warmup_steps']}, or start a new "
+                        f"train.run_dir.")
 
 
 class NTASGD:
