@@ -19,6 +19,7 @@ best is checkpointed at once, and the end-of-run test perplexity is that checkpo
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -31,8 +32,9 @@ from typing import Callable
 import torch
 
 from .. import distributed as D
-from ..config import Config, load_config, to_dict
+from ..config import RESOLVED, Config, load_config, to_dict
 from ..errors import Stopped, UserError
+from ..fileio import write_text_atomic
 from ..metrics import (MetricsSink, ThroughputMeter, baseline_key, device_kind,
                        perplexity_fields, read_baseline, record_baseline)
 from ..runs import (RunLock, clear_run, find_checkpoint, first_whole, holds_run,
@@ -121,13 +123,15 @@ class Trainer:
             raise UserError(f"train.global_batch={B} does not divide over {self.world} ranks; "
                             f"choose a multiple of {self.world}.")
         b = B // self.world
-        self.micro = t.micro_batch or b
+        self.max_seq_len = t.max_seq_len or t.bptt + 20
+        self.micro_cap = micro_token_cap(t.max_micro_tokens, self.device)
+        self.micro = t.micro_batch or auto_micro_batch(
+            b, self.max_seq_len if t.variable_bptt else t.bptt, self.micro_cap)
         if b % self.micro:
             raise UserError(f"train.micro_batch={self.micro} does not divide the {b} streams per "
                             f"rank (train.global_batch={B} over {self.world} ranks); pick a "
                             f"divisor of {b}.")
         self.accum = b // self.micro
-        self.max_seq_len = t.max_seq_len or t.bptt + 20
 
         # data
         if not (self.corpus_dir / "manifest.json").is_file():
@@ -211,7 +215,8 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {**{k: getattr(self, k) for k in self._COUNTERS}, "elapsed": self.elapsed,
-                "best_val": self.best_val, "target_elapsed": self.target_elapsed}
+                "best_val": self.best_val, "target_elapsed": self.target_elapsed,
+                "micro_batch": self.micro}  # checked on resume (_check_resume), not loaded
 
     def load_state_dict(self, sd: dict) -> None:
         for k in self._COUNTERS:
@@ -374,10 +379,12 @@ class Trainer:
                 self.lock.acquire()
                 start = self._choose_start(resume, overwrite)
                 if start is not None:
-                    self.checkpointer.read_shared(start)  # format, world size, batch, engine
+                    st = self.checkpointer.read_shared(start)  # format, world size, batch, engine
+                    self._check_resume(st, start)
                 else:
                     clear_run(run_dir)  # a fresh start: nothing of an earlier run survives
                 write_run_files(run_dir, self.cfg, self.corpus_dir)
+                self._write_resolved(run_dir)
                 if start is None or run_id(run_dir) is None:
                     new_run_id(run_dir)
             except UserError as exc:
@@ -397,6 +404,46 @@ class Trainer:
         self.last_saved = self.step
         return start
 
+    def resolved(self) -> dict:
+        """What this run derived from its config: the lr rule (optim.LRScaling) and the batch
+        geometry; config.json's "resolved" block and the start-of-run lines."""
+        return {"lr_scaling": self.schedule.scaling.as_dict(),
+                "batch": {"global_batch": self.cfg.train.global_batch, "world_size": self.world,
+                          "per_rank": self.micro * self.accum, "micro_batch": self.micro,
+                          "accum_steps": self.accum, "micro_auto": not self.cfg.train.micro_batch,
+                          "max_micro_tokens": self.micro_cap}}
+
+    def _write_resolved(self, run_dir: Path) -> None:
+        """Add the "resolved" block to the config.json write_run_files just wrote (from_dict
+        skips it; a resume rewrites it with the same values, which _check_resume ensures)."""
+        p = run_dir / "config.json"
+        table = json.loads(p.read_text())
+        table[RESOLVED] = self.resolved()
+        write_text_atomic(p, json.dumps(table, indent=2, sort_keys=True) + "\n")
+
+    def _check_resume(self, st: dict, start: Path) -> None:
+        """Refuse a checkpoint whose lr rule or micro batch differ from what this run resolved
+        (before anything is written): the lr must not change mid-run because a default or the
+        config file did, and the carried hidden states are per micro batch."""
+        self.schedule.check_resume(st["schedule"], str(start))
+        micro = st["trainer"].get("micro_batch")
+        if micro is not None and int(micro) != self.micro:
+            raise UserError(f"cannot resume from {start}: it ran micro batches of {micro} "
+                            f"streams and this run chose {self.micro} (the carried hidden states "
+                            f"are per micro batch); set --train.micro_batch={micro}.")
+
+    def _announce(self) -> None:
+        """Rank 0's start-of-run lines: the lr rule and the batch geometry."""
+        if self.rank != 0:
+            return
+        print(f"dist-lm: {self.schedule.scaling.describe()}", flush=True)
+        t = self.cfg.train
+        how = ("train.micro_batch" if t.micro_batch else
+               f"chosen: at most {self.micro_cap:,} tokens per pass, train.max_micro_tokens"
+               if self.micro_cap > 0 else "chosen: no cap, train.max_micro_tokens=-1")
+        print(f"dist-lm: micro batch {self.micro} x {self.accum} accumulation step(s) x "
+              f"{self.world} rank(s) = global batch {t.global_batch} ({how})", flush=True)
+
     # ---- the loop ------------------------------------------------------------------------
 
     def fit(self, resume: str | None = None, overwrite: bool = False) -> dict:
@@ -407,6 +454,7 @@ class Trainer:
         self.sink = sink = MetricsSink(t.run_dir, cfg, enabled=self.rank == 0,
                                        total_steps=t.max_steps or 0, initial_step=self.step,
                                        resume_step=None if resumed is None else self.step)
+        self._announce()
         if resumed is not None and self.rank == 0:
             print(f"dist-lm: resumed from {resumed} (step {self.step}, epoch {self.epoch}, "
                   f"{self.elapsed:.0f} s trained)", flush=True)
@@ -686,6 +734,28 @@ class Trainer:
         tps = sorted(self.run_tps)[len(self.run_tps) // 2]
         record_baseline(self._baseline_key(), tps, str(self.cfg.train.run_dir))
         print(f"dist-lm: recorded {tps:,.0f} tokens/s as the single-device baseline", flush=True)
+
+
+# train.max_micro_tokens = 0: tokens per forward pass (micro batch x longest window) by device.
+# CPU: a few MB of activations per layer and the softmax's logits stay well inside a laptop's
+# memory at PTB/WT2 sizes, and larger GEMMs are still faster; CUDA: 65536 tokens leave room for
+# WT103's adaptive softmax on a 16 GB device.
+MICRO_TOKENS = {"cpu": 16384, "cuda": 65536}
+
+
+def micro_token_cap(max_micro_tokens: int, device: torch.device) -> int:
+    """The cap train.max_micro_tokens means on `device` (0: its default; -1: none, returned 0)."""
+    if max_micro_tokens < 0:
+        return 0
+    return max_micro_tokens or MICRO_TOKENS.get(device.type, MICRO_TOKENS["cuda"])
+
+
+def auto_micro_batch(per_rank: int, window: int, cap: int) -> int:
+    """The largest divisor m of the per-rank streams with m * window <= cap tokens (at least 1:
+    one stream per pass when even that exceeds the cap; all of them when cap is 0)."""
+    if cap <= 0:
+        return per_rank
+    return max(m for m in range(1, per_rank + 1) if per_rank % m == 0 and (m == 1 or m * window <= cap))
 
 
 def load_weights(module, step_dir: Path, name: str) -> None:
