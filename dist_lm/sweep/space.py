@@ -24,6 +24,10 @@
     [[enqueue]]                                # points tried first (e.g. the paper's values)
     "optim.lr" = 30
 
+A key may also be an array of tables, [[space."optim.lr"]], one per variant: each with its own
+distribution and its own `when`. The variants' conditions must exclude each other; the one
+that holds in a trial is sampled, under its own Optuna name (`optim.lr[optim.name=adam]`).
+
 Everything is checked against the config's keys and field types before a trial starts; a
 mistake is one UserError naming the key and, for a misspelt one, the nearest valid key.
 """
@@ -108,6 +112,10 @@ class Param:
     log: bool = False
     choices: list = field(default_factory=list)
     when: dict[str, list] = field(default_factory=dict)
+    name: str = ""  # the Optuna parameter name: the key, or key[cond] for one of its variants
+
+    def __post_init__(self):
+        self.name = self.name or self.key
 
     def active(self, point: dict[str, Any], base: dict[str, Any]) -> bool:
         """Whether this key is sampled, given the keys sampled so far and the base config."""
@@ -121,13 +129,17 @@ class Param:
             if any(isinstance(c, list) for c in self.choices):
                 # Optuna's choices are None/bool/int/float/str: lists travel as JSON text
                 return json.loads(trial.suggest_categorical(
-                    self.key, [json.dumps(c) for c in self.choices]))
-            return trial.suggest_categorical(self.key, self.choices)
+                    self.name, [json.dumps(c) for c in self.choices]))
+            return trial.suggest_categorical(self.name, self.choices)
         if self.type == "int":
-            return trial.suggest_int(self.key, self.low, self.high, step=self.step or 1,
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1,
                                      log=self.log)
-        return trial.suggest_float(self.key, self.low, self.high, step=self.step,
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step,
                                    log=self.type == "loguniform")
+
+    def json_choices(self) -> bool:
+        """List choices travel through Optuna as their JSON text."""
+        return self.type == "categorical" and any(isinstance(c, list) for c in self.choices)
 
     def describe(self) -> str:
         if self.type == "categorical":
@@ -186,11 +198,39 @@ class Spec:
                 point[p.key] = p.suggest(trial)
         return point
 
+    def keys(self) -> list[str]:
+        """The swept config keys in file order, each once (a key's variants share it)."""
+        return list(dict.fromkeys(p.key for p in self.params))
+
+    def variants(self, key: str) -> list[Param]:
+        return [p for p in self.params if p.key == key]
+
+    def param_for(self, key: str, point: dict[str, Any]) -> Param:
+        """The Param that samples `key` in a trial with this point: the key's one table, or
+        the variant whose condition holds (UserError if none does)."""
+        options = self.variants(key)
+        if len(options) == 1:
+            return options[0]
+        for p in options:
+            if p.active(point, self.base_values):
+                return p
+        raise UserError(f"{key}: none of its variants' conditions holds for the point {point}.")
+
     def optuna_params(self, point: dict[str, Any]) -> dict[str, Any]:
-        """A point as Optuna stores it (list choices as their JSON text), for enqueue_trial."""
-        by_key = {p.key: p for p in self.params}
-        return {k: json.dumps(v) if any(isinstance(c, list) for c in by_key[k].choices) else v
-                for k, v in point.items()}
+        """A point as Optuna stores it (variants under their own names, list choices as their
+        JSON text), for enqueue_trial."""
+        out = {}
+        for k, v in point.items():
+            p = self.param_for(k, point)
+            out[p.name] = json.dumps(v) if p.json_choices() else v
+        return out
+
+    def point_of(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Optuna's params of a trial as a point of config keys (the inverse of optuna_params;
+        names that are not in this space are left out)."""
+        by_name = {p.name: p for p in self.params}
+        return {by_name[n].key: json.loads(v) if by_name[n].json_choices() else v
+                for n, v in params.items() if n in by_name}
 
     def overrides(self, point: dict[str, Any]) -> dict[str, Any]:
         return {**self.fixed, **self.budget_overrides(), **point}
@@ -388,8 +428,22 @@ def load_spec(path: str | Path, base: str | None = None) -> Spec:
     space = doc.get("space", {})
     if not isinstance(space, dict) or not space:
         raise UserError(f"study file {path} has no [space.\"KEY\"] tables: nothing to search.")
+    seen: set[str] = set()
     for key, table in _space_tables(space):
-        spec.params.append(_param(key, table, f"[space.\"{key}\"]"))
+        if key in seen:
+            raise UserError(f"[space.\"{key}\"]: {key} is in the space twice; for a range per "
+                            f"condition give it as variants, [[space.\"{key}\"]] tables.")
+        seen.add(key)
+        if not isinstance(table, list):
+            spec.params.append(_param(key, table, f"[space.\"{key}\"]"))
+            continue
+        if not table:
+            raise UserError(f"[space.\"{key}\"] is an empty list: give it one [[space.\"{key}\"]] "
+                            f"table per variant.")
+        variants = [_param(key, t, f"[[space.\"{key}\"]] #{i + 1}") for i, t in enumerate(table)]
+        if len(variants) > 1:
+            _name_variants(key, variants)
+        spec.params.extend(variants)
     _check_order(spec.params)
     for key in spec.fixed:
         if key in {p.key for p in spec.params}:
@@ -398,27 +452,114 @@ def load_spec(path: str | Path, base: str | None = None) -> Spec:
     enqueue = doc.get("enqueue", [])
     if not isinstance(enqueue, list):
         raise UserError("enqueue points are written as [[enqueue]] tables.")
-    by_key = {p.key: p for p in spec.params}
+    swept = spec.keys()
     for i, point in enumerate(enqueue):
         where = f"[[enqueue]] #{i + 1}"
         point = _flatten(point) if isinstance(point, dict) else {}
         if not point:
             raise UserError(f"{where} is empty: give it keys of the space, e.g. \"optim.lr\" = 30.")
         for key, value in point.items():
-            if key not in by_key:
-                raise UserError(f"{where}: {key} is not in the space.{closest(key, by_key)}")
-            value = check_value(key, value, where)
-            if by_key[key].type == "categorical" and value not in by_key[key].choices:
-                raise UserError(f"{where}: {key} = {value!r} is not one of the choices "
-                                f"{by_key[key].choices}.")
-            point[key] = value
+            if key not in swept:
+                raise UserError(f"{where}: {key} is not in the space.{closest(key, swept)}")
+            point[key] = check_value(key, value, where)
         spec.enqueue.append(point)
 
     spec.base_table = _flatten(read_toml(spec.base, "base config"))
     cfg = load_config(spec.base, {**spec.fixed, **spec.budget_overrides()})  # base + fixed valid
     spec.base_values = _flatten(to_dict(cfg))
+    _check_exclusive(spec)
+    for i, point in enumerate(spec.enqueue):  # the variant a point samples needs base_values
+        _check_enqueued(spec, point, f"[[enqueue]] #{i + 1}")
     _check_ends(spec)
     return spec
+
+
+def _when_text(when: dict[str, list]) -> str:
+    """optim.name=adam, model.arch=lstm|gru: a condition as a readable parameter name part."""
+    def one(v: Any) -> str:
+        if isinstance(v, str) and v and not any(c in v for c in "[]=|, \"'"):
+            return v
+        if isinstance(v, (bool, int, float)):
+            return _toml_value(v)
+        return json.dumps(v, default=str)
+    return ", ".join(f"{k}={'|'.join(one(v) for v in vs)}" for k, vs in when.items())
+
+
+def _name_variants(key: str, variants: list[Param]) -> None:
+    """Each variant its own Optuna name (TPE and the importance evaluators take one name for
+    one distribution): key[its condition]."""
+    for p in variants:
+        p.name = f"{key}[{_when_text(p.when)}]"
+    names = [p.name for p in variants]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise UserError(f"[[space.\"{key}\"]] #{i + 1}: its condition is the same as variant "
+                            f"#{names.index(name) + 1}'s; the variants' conditions must exclude "
+                            f"each other.")
+
+
+def _domain(spec: Spec, key: str) -> list | None:
+    """Every value `key` can have in a trial, or None when that is not a short list: a key
+    outside the space has its recipe value; a swept one its choices, and its recipe value
+    where it may be absent."""
+    variants = spec.variants(key)
+    if not variants:
+        return [spec.base_values.get(key)]
+    if any(p.type != "categorical" for p in variants):
+        return None
+    values = [c for p in variants for c in p.choices]
+    if any(p.when for p in variants):
+        values.append(spec.base_values.get(key))
+    return values
+
+
+def _can_both_hold(spec: Spec, a: Param, b: Param) -> bool:
+    """Whether the conditions of two variants may hold in one trial: yes unless some key that
+    both name has no possible value that both allow. Keys are taken as independent, which
+    errs on the side of yes."""
+    for ckey in a.when.keys() & b.when.keys():
+        both = [v for v in a.when[ckey] if v in b.when[ckey]]
+        domain = _domain(spec, ckey)
+        if not [v for v in both if domain is None or v in domain]:
+            return False
+    return True
+
+
+def _check_exclusive(spec: Spec) -> None:
+    """Two variants of one key must never hold in the same trial."""
+    for key in spec.keys():
+        variants = spec.variants(key)
+        for i, a in enumerate(variants):
+            for j, b in enumerate(variants[i + 1:], i + 1):
+                if _can_both_hold(spec, a, b):
+                    ca, cb = (_when_text(p.when) or "no when" for p in (a, b))
+                    raise UserError(
+                        f"[[space.\"{key}\"]]: variants #{i + 1} ({ca}) and #{j + 1} ({cb}) can "
+                        f"hold in the same trial; give each a `when` on a common key with values "
+                        f"the other's excludes, e.g. {{ \"optim.name\" = \"sgd\" }} and "
+                        f"{{ \"optim.name\" = \"adam\" }}.")
+
+
+def _check_enqueued(spec: Spec, point: dict[str, Any], where: str) -> None:
+    """An enqueued value must fit the variant that samples it (a categorical's choices)."""
+    for key, value in point.items():
+        variants = spec.variants(key)
+        if len(variants) > 1:
+            swept = set(spec.keys())
+            missing = sorted({c for p in variants for c in p.when if c in swept} - set(point))
+            if missing:
+                raise UserError(f"{where}: {key} has variants; give {', '.join(missing)} too, "
+                                f"so that the point says which one samples it.")
+            try:
+                p = spec.param_for(key, point)
+            except UserError:
+                raise UserError(f"{where}: {key} = {value!r}: none of its variants' conditions "
+                                f"holds for this point.") from None
+        else:
+            p = variants[0]
+        if p.type == "categorical" and value not in p.choices:
+            raise UserError(f"{where}: {key} = {value!r} is not one of the choices "
+                            f"{p.choices}.")
 
 
 def _check_ends(spec: Spec) -> None:
@@ -444,11 +585,12 @@ def _check_order(params: list[Param]) -> None:
             if ckey in defined and ckey not in seen:
                 raise UserError(f"[space.\"{p.key}\"]: it is conditioned on {ckey}, which the "
                                 f"space defines later; move [space.\"{ckey}\"] above it.")
-            if ckey in defined:
-                cond = next(q for q in params if q.key == ckey)
-                if cond.type == "categorical" and not any(v in cond.choices for v in p.when[ckey]):
+            conds = [q for q in params if q.key == ckey]
+            if conds and all(q.type == "categorical" for q in conds):
+                choices = [c for q in conds for c in q.choices]
+                if not any(v in choices for v in p.when[ckey]):
                     raise UserError(f"[space.\"{p.key}\"]: when {ckey} in {p.when[ckey]} is never "
-                                    f"true: its choices are {cond.choices}.")
+                                    f"true: its choices are {choices}.")
         seen.add(p.key)
 
 
