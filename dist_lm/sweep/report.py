@@ -104,6 +104,13 @@ def _plot(study, fname: str, out: Path, objective: str) -> str | None:
     return None
 
 
+def trial_point(spec, trial) -> dict:
+    """A trial's point by config key: the one it ran (user_attrs), else mapped from its Optuna
+    params (a key's variant, optim.lr[optim.name=adam], is the key optim.lr)."""
+    point = trial.user_attrs.get("point")
+    return point if isinstance(point, dict) else spec.point_of(trial.params)
+
+
 def report_command(study_dir: str, top: int = 10, storage: str | None = None) -> Path:
     """Write STUDY_DIR/report.md (+ best.toml and the plots); returns the report's path."""
     from optuna.trial import TrialState
@@ -125,7 +132,7 @@ def report_command(study_dir: str, top: int = 10, storage: str | None = None) ->
     interrupted = [t for t in failed if t.number in retried]
     objective = complete[0].user_attrs.get("objective", spec.objective) if complete else \
         spec.objective
-    keys = [p.key for p in spec.params]
+    keys = spec.keys()
 
     lines = [f"# Study {spec.name}", "",
              f"Base recipe `{spec.base}`, {spec.budget_text()} per trial, objective "
@@ -136,11 +143,16 @@ def report_command(study_dir: str, top: int = 10, storage: str | None = None) ->
              f", {len(by_state[TrialState.RUNNING])} running, "
              f"{len(by_state[TrialState.WAITING])} waiting.", "",
              "## Search space", "", "| key | distribution |", "| --- | --- |"]
-    lines += [f"| {p.key} | {p.describe()} |" for p in spec.params]
+    lines += [f"| {p.name} | {p.describe()} |" for p in spec.params]
+    if any(p.name != p.key for p in spec.params):
+        lines += ["", "A name such as `optim.lr[optim.name=adam]` is the variant of the key that "
+                      "is sampled where its condition holds (its own Optuna parameter); the "
+                      "tables below show the key's value."]
 
     if complete:
         best = complete[0]
-        table = spec.config_table(best.user_attrs.get("point", best.params))
+        point = trial_point(spec, best)
+        table = spec.config_table(point)
         table["train.run_dir"] = f"runs/{spec.name}-best"
         header = (f"Best trial of study {spec.name}: trial {best.number}, {objective} = "
                   f"{best.value:.6g} after {spec.budget_text()}.\n"
@@ -151,15 +163,16 @@ def report_command(study_dir: str, top: int = 10, storage: str | None = None) ->
                   f"Trial {best.number}: {objective} = **{best.value:.6g}** "
                   f"(run directory `{best.user_attrs.get('run_dir', '')}`). Its config, ready to "
                   f"train: [best.toml](best.toml) (`dist-lm train {sdir / 'best.toml'}`).", ""]
-        lines += ["```toml", *dump_toml({k: table[k] for k in best.params}).splitlines(), "```"]
+        lines += ["```toml", *dump_toml({k: table[k] for k in point}).splitlines(), "```"]
         lines += ["", f"## Top {min(top, len(complete))}", "",
                   "| rank | trial | " + objective + " | " + " | ".join(keys) + " | seconds |",
                   "| ---: | ---: | ---: | " + " | ".join("---" for _ in keys) + " | ---: |"]
         for i, t in enumerate(complete[:top]):
+            values = trial_point(spec, t)
             secs = (t.datetime_complete - t.datetime_start).total_seconds() \
                 if t.datetime_complete and t.datetime_start else math.nan
             lines.append(f"| {i + 1} | {t.number} | {t.value:.5g} | "
-                         + " | ".join(_fmt(t.params.get(k)) for k in keys) + f" | {secs:.0f} |")
+                         + " | ".join(_fmt(values.get(k)) for k in keys) + f" | {secs:.0f} |")
     else:
         lines += ["", "No trial has completed yet."]
 
@@ -167,6 +180,11 @@ def report_command(study_dir: str, top: int = 10, storage: str | None = None) ->
               f"Share of the variance of {'log ' if importance_target(objective) else ''}"
               f"{objective} each key explains, over the complete trials (keys sampled in all "
               f"of them)."]
+    partial = [p.name for p in spec.params if p.name != p.key]
+    if partial:
+        lines[-1] += (f" The variants ({', '.join(partial)}) are each sampled only in the trials "
+                      f"where their condition holds: an evaluator ranks them on those trials or "
+                      f"leaves them out.")
     for name, imp in importances(study, objective).items():
         if isinstance(imp, str):
             lines += ["", f"{name}: not computed ({imp})."]
