@@ -16,6 +16,7 @@ import pytest
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
+from dist_lm.config import load_config
 from dist_lm.errors import UserError
 from dist_lm.sweep.space import load_spec
 
@@ -198,6 +199,159 @@ choices = [[0.0, 0.999], [0.9, 0.999]]
     assert seen == {"lstm", "qrnn"}
 
 
+OPTIM_VARIANTS = """
+[space."optim.name"]
+type = "categorical"
+choices = ["sgd", "adam"]
+[[space."optim.lr"]]
+type = "loguniform"
+low = 1
+high = 60
+when = { "optim.name" = "sgd" }
+[[space."optim.lr"]]
+type = "loguniform"
+low = 3e-4
+high = 1e-2
+when = { "optim.name" = "adam" }
+"""
+LR_RANGE = {"sgd": (1, 60), "adam": (3e-4, 1e-2)}
+
+
+def _variants(arch: str, *whens: str) -> str:
+    """model.arch swept over `arch`, and one optim.lr variant per `when`."""
+    out = f'[space."model.arch"]\ntype = "categorical"\nchoices = {arch}\n'
+    for i, when in enumerate(whens):
+        out += (f'[[space."optim.lr"]]\ntype = "loguniform"\nlow = {i + 1}\nhigh = {i + 2}\n'
+                f'when = {when}\n')
+    return out
+
+
+EXCLUSIVE_VARIANTS = [  # (space, Optuna names of the variants)
+    (OPTIM_VARIANTS, ["optim.lr[optim.name=sgd]", "optim.lr[optim.name=adam]"]),
+    # a key only one condition names does not matter when a common key tells them apart
+    (OPTIM_VARIANTS.replace('when = { "optim.name" = "sgd" }',
+                            'when = { "optim.name" = "sgd", "model.dropout" = [0.0, 0.1] }'),
+     ["optim.lr[optim.name=sgd, model.dropout=0.0|0.1]", "optim.lr[optim.name=adam]"]),
+    # gru is a valid arch, but not one that this space samples
+    (_variants('["lstm", "qrnn"]', '{ "model.arch" = ["lstm", "gru"] }',
+               '{ "model.arch" = ["gru", "qrnn"] }'),
+     ["optim.lr[model.arch=lstm|gru]", "optim.lr[model.arch=gru|qrnn]"]),
+    # a key outside the space has the recipe's value (train.device = "cpu")
+    (_variants('["lstm"]', '{ "train.device" = "cpu" }', '{ "train.device" = "cuda" }'),
+     ["optim.lr[train.device=cpu]", "optim.lr[train.device=cuda]"]),
+]
+
+
+@pytest.mark.parametrize("space,names", EXCLUSIVE_VARIANTS, ids=range(len(EXCLUSIVE_VARIANTS)))
+def test_exclusive_variants_load_under_their_own_names(tmp_path, base, space, names):
+    spec = load_spec(study_file(tmp_path / "s.toml", base, 'name = "v"', space))
+    assert [p.name for p in spec.params if p.key == "optim.lr"] == names
+    assert spec.keys().count("optim.lr") == 1
+
+
+OVERLAPPING_VARIANTS = [
+    OPTIM_VARIANTS.replace('"optim.name" = "adam"', '"optim.name" = ["adam", "sgd"]'),
+    OPTIM_VARIANTS.replace('when = { "optim.name" = "adam" }\n', ""),  # always holds
+    # conditions on different keys: sgd with qrnn holds both
+    OPTIM_VARIANTS.replace('when = { "optim.name" = "adam" }', 'when = { "model.arch" = "qrnn" }'),
+    # the recipe's value of a key outside the space satisfies both
+    _variants('["lstm"]', '{ "train.device" = "cpu" }', '{ "train.device" = ["cuda", "cpu"] }'),
+]
+
+
+@pytest.mark.parametrize("space", OVERLAPPING_VARIANTS, ids=range(len(OVERLAPPING_VARIANTS)))
+def test_overlapping_variants_are_refused(tmp_path, base, space):
+    f = study_file(tmp_path / "s.toml", base, 'name = "v"', space)
+    with pytest.raises(UserError) as err:
+        load_spec(f)
+    assert '[[space."optim.lr"]]: variants #1' in str(err.value)
+    assert "can hold in the same trial" in str(err.value)
+
+
+@pytest.mark.parametrize("space,needle", [
+    (OPTIM_VARIANTS.replace("low = 3e-4", "low = 3e-2"),
+     '[[space."optim.lr"]] #2: empty range: low = 0.03 must be below high = 0.01'),
+    (OPTIM_VARIANTS.replace("low = 1\n", "low = 1\nchoices = [1]\n"), '[[space."optim.lr"]] #1'),
+    (OPTIM_VARIANTS + '[space.optim.lr]\ntype = "uniform"\nlow = 1\nhigh = 2\n',
+     "optim.lr is in the space twice"),
+    (OPTIM_VARIANTS.replace('"optim.name" = "adam"', '"optim.name" = "sgd"'),
+     "the same as variant #1's"),
+    (OPTIM_VARIANTS + '[[enqueue]]\n"optim.lr" = 0.001\n', "give optim.name too"),
+    (OPTIM_VARIANTS + '[[enqueue]]\n"optim.lr" = 0.001\n"optim.name" = "adam"\n'
+     '[[enqueue]]\n"optim.name" = "sgd"\n"optim.lr" = 0.001\n', None),  # numbers: Optuna's
+])
+def test_bad_variants_are_one_clear_error(tmp_path, base, space, needle):
+    f = study_file(tmp_path / "s.toml", base, 'name = "v"', space)
+    if needle is None:
+        assert len(load_spec(f).enqueue) == 2
+        return
+    with pytest.raises(UserError) as err:
+        load_spec(f)
+    assert needle in str(err.value)
+
+
+def test_cli_refuses_overlapping_variants_in_one_line(tmp_path, base, env):
+    f = study_file(tmp_path / "s.toml", base, 'name = "o"', OVERLAPPING_VARIANTS[0])
+    res = sweep(f, "--dir", tmp_path / "o", env=env, cwd=tmp_path)
+    assert_clean_failure(res, '[[space."optim.lr"]]', "#1", "#2", "can hold in the same trial")
+    assert not (tmp_path / "o").exists()
+
+
+def test_variants_sample_the_range_whose_condition_holds(tmp_path, base):
+    spec = load_spec(study_file(tmp_path / "s.toml", base, 'name = "v"', OPTIM_VARIANTS))
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "v.journal")))
+    study = optuna.create_study(storage=storage, sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {"sgd": 0, "adam": 0}
+    for _ in range(200):
+        trial = study.ask()
+        point = spec.suggest(trial)
+        name = point["optim.name"]
+        low, high = LR_RANGE[name]
+        assert set(point) == {"optim.name", "optim.lr"} and low <= point["optim.lr"] <= high
+        # one Optuna name per variant; mapped back, the plain config key
+        assert trial.params == {"optim.name": name, f"optim.lr[optim.name={name}]":
+                                point["optim.lr"]}
+        assert spec.point_of(trial.params) == point
+        assert spec.optuna_params(point) == trial.params
+        over = spec.overrides(point)
+        assert over["optim.lr"] == point["optim.lr"] and not any("[" in k for k in over)
+        assert spec.config_table(point)["optim.name"] == name
+        study.tell(trial, 1.0)
+        seen[name] += 1
+    assert min(seen.values()) > 50
+    cfg = load_config(spec.base, spec.overrides(point))  # a trial's overrides are a config
+    assert (cfg.optim.name, cfg.optim.lr) == (point["optim.name"], point["optim.lr"])
+
+
+def test_variants_are_enqueued_and_retried_under_their_names(tmp_path, base):
+    from dist_lm.sweep.study import retry_callback
+
+    points = [{"optim.name": "adam", "optim.lr": 0.002}, {"optim.name": "sgd", "optim.lr": 30}]
+    enqueue = "".join(f'[[enqueue]]\n"optim.name" = "{p["optim.name"]}"\n'
+                      f'"optim.lr" = {p["optim.lr"]}\n' for p in points)
+    spec = load_spec(study_file(tmp_path / "s.toml", base, 'name = "v"', OPTIM_VARIANTS,
+                                enqueue))
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "v.journal")))
+    study = optuna.create_study(storage=storage, sampler=optuna.samplers.TPESampler(seed=0))
+    for point in spec.enqueue:
+        study.enqueue_trial(spec.optuna_params(point), skip_if_exists=True)
+    for point in spec.enqueue:  # not queued twice
+        study.enqueue_trial(spec.optuna_params(point), skip_if_exists=True)
+    assert len(study.get_trials()) == 2
+    for expect in points:
+        trial = study.ask()
+        assert spec.suggest(trial) == {**expect, "optim.lr": float(expect["optim.lr"])}
+        study.tell(trial, state=TrialState.FAIL)
+        retry_callback(spec)(study, study._storage.get_trial(trial._trial_id))
+    for expect in points:  # the re-queued trials sample the same variant and value
+        trial = study.ask()
+        assert spec.suggest(trial) == {**expect, "optim.lr": float(expect["optim.lr"])}
+        study.tell(trial, 1.0)
+    retried = study.get_trials()[2:]
+    assert [t.system_attrs["retry_history"] for t in retried] == [[0], [1]]
+    assert [t.params for t in retried] == [t.params for t in study.get_trials()[:2]]
+
+
 def test_bad_study_table_is_refused(tmp_path, base):
     for study, needle in (('name = "x"\nobjectve = "valid_ppl"', "Did you mean 'objective'"),
                           ('name = "x"\nobjective = "test_ppl"', "study.objective"),
@@ -294,6 +448,45 @@ def test_two_workers_report_and_best_config_reproduces(tmp_path, base, env):
     assert p.returncode == 0, p.stderr[-3000:]
     final = [r for r in records(rerun) if r.get("final")][0]
     assert final["valid_ppl"] == pytest.approx(best.value, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_study_with_variants_runs_and_reports_the_plain_key(tmp_path, base, env):
+    enqueue = ('[[enqueue]]\n"optim.name" = "adam"\n"optim.lr" = 0.005\n'
+               '[[enqueue]]\n"optim.name" = "sgd"\n"optim.lr" = 20\n')
+    f = study_file(tmp_path / "s.toml", base, 'name = "variants"\ntrials = 3\n'
+                   'sampler = { kind = "random", seed = 1 }\npruner = "none"', OPTIM_VARIANTS,
+                   enqueue)
+    sdir = tmp_path / "study"
+    res = sweep(f, "--dir", sdir, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = load(sdir, "variants").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert [t.params["optim.name"] for t in trials[:2]] == ["adam", "sgd"]
+    for t in trials:
+        name = t.params["optim.name"]
+        lr = t.params[f"optim.lr[optim.name={name}]"]
+        assert LR_RANGE[name][0] <= lr <= LR_RANGE[name][1]
+        assert t.user_attrs["point"] == {"optim.name": name, "optim.lr": lr}
+        cfg = json.loads((sdir / "trials" / str(t.number) / "config.json").read_text())
+        assert (cfg["optim"]["name"], cfg["optim"]["lr"]) == (name, lr)
+
+    res = sweep("report", sdir, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    best = min(trials, key=lambda t: t.value)
+    text = (sdir / "best.toml").read_text()
+    assert "[" not in "".join(ln for ln in text.splitlines() if not ln.startswith(("#", "[")))
+    cfg = load_config(sdir / "best.toml")
+    assert (cfg.optim.name, cfg.optim.lr) == (best.user_attrs["point"]["optim.name"],
+                                              best.user_attrs["point"]["optim.lr"])
+    report = (sdir / "report.md").read_text()
+    assert "| optim.lr[optim.name=sgd] | loguniform [1.0, 60.0] when optim.name in ['sgd'] |" \
+        in report
+    assert "| optim.lr[optim.name=adam] | loguniform [0.0003, 0.01]" in report
+    assert "| rank | trial | valid_ppl | optim.name | optim.lr | seconds |" in report
+    row = next(ln for ln in report.splitlines() if ln.startswith(f"| 1 | {best.number} |"))
+    assert f"| {best.user_attrs['point']['optim.lr']:.4g} |" in row
+    assert f"Trial {best.number}: valid_ppl = **{best.value:.6g}**" in report
 
 
 @pytest.mark.slow
