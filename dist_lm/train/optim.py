@@ -87,7 +87,8 @@ class LRScaling:
                 "linear": "linear rule" + (" (schedule.base_batch set, schedule.scaling unset)"
                                            if self.legacy else ""),
                 "sqrt": "sqrt rule"}[self.rule]
-        warm = (f"warm-up {self.warmup_steps} steps" if self.warmup_steps > 0 else "no warm-up")
+        n = self.warmup_steps
+        warm = f"warm-up {n} step{'s' * (n != 1)}" if n > 0 else "no warm-up"
         if self.warmup_derived and self.warmup_steps > 0:
             warm += " (derived)"
         return (f"{lr} for global batch {self.global_batch} = {_ratio_text(self.ratio)} base "
