@@ -497,7 +497,8 @@ def _resolve_scaling_keys(cfg: Config, file_batch: int, given: dict[str, int]) -
     2 the command line); the command line wins over the file, a contradiction within one of
     them is refused."""
     s = cfg.schedule
-    fixed, derive = given.get("schedule.warmup_steps", 0), given.get("schedule.warmup_base_steps", 0)
+    fixed = given.get("schedule.warmup_steps", 0)
+    derive = given.get("schedule.warmup_base_steps", 0)
     if fixed and fixed == derive and s.warmup_steps >= 0:
         raise UserError("schedule.warmup_steps and schedule.warmup_base_steps are both set: "
                         "warmup_steps fixes the warm-up, warmup_base_steps derives it from the "

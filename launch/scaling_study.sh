@@ -25,8 +25,9 @@
 # ("none linear sqrt"), BATCHES ("20 80 320"), BPTTS ("70 140 280"), EVALS (validations per
 # run, at the same token fractions in every run: 6), WARMUP_BASE (schedule.warmup_base_steps
 # for the scaled runs; default 1/20 of the recipe run's steps, see docs/scaling.md), DDP_TOKENS
-# (TOKENS / 5), DDP_DROPOUT, THREADS (torch threads of one-process runs: 2), DRY. Extra arguments are
-# passed to every `dist-lm train` (e.g. --train.seed=1). Runs start afresh (--overwrite).
+# (TOKENS / 5), DDP_DROPOUT, THREADS (torch threads of one-process runs: 2), DRY. Extra
+# arguments are passed to every `dist-lm train` (e.g. --train.seed=1). Runs start afresh
+# (--overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/_common.sh  # run: print each command shell-quoted, then run it
@@ -51,7 +52,9 @@ QRNN=(--model.arch=qrnn --model.hidden_size=700 --optim.clip=0.2 --model.wdrop=0
       --model.dropouth=0.3)
 
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
-maybe() { if [ -n "${DRY:-}" ]; then printf '+'; printf ' %q' "$@"; printf '\n'; else run "$@"; fi; }
+maybe() {  # run, or with DRY only print
+  if [ -n "${DRY:-}" ]; then printf '+'; printf ' %q' "$@"; printf '\n'; else run "$@"; fi
+}
 
 # train RUN_DIR GLOBAL_BATCH BPTT TOKEN_BUDGET ARGS...: a run of TOKEN_BUDGET tokens (max_steps
 # from the tokens per step), validated EVALS times at equal token fractions
@@ -74,28 +77,36 @@ rule_args() {  # rule_args RULE BATCH: the scaling flags of one run
 plot_tokens() {
   local out=$1; shift
   maybe python - "$out" "$@" <<'EOF'
-import json, sys
+import sys
 from pathlib import Path
+from dist_lm.metrics import read_metrics
 out, runs = Path(sys.argv[1]), sys.argv[2:]
 try:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 except ImportError:
-    sys.exit("matplotlib is not installed: no token plot")
+    print("matplotlib is not installed: no token plot")
+    sys.exit(0)
 fig, ax = plt.subplots(figsize=(6, 4))
 for r in runs:
-    rows = [json.loads(l) for l in (Path(r) / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    pts = [(m["tokens"], m["valid_ppl"]) for m in rows if "valid_ppl" in m and not m.get("final")]
+    pts = [(m["tokens"], m["valid_ppl"]) for m in read_metrics(r)
+           if "valid_ppl" in m and not m.get("final")]
     if pts:
         ax.plot(*zip(*pts), marker="o", label=Path(r).name)
-ax.set_xlabel("training tokens"); ax.set_ylabel("valid ppl"); ax.set_yscale("log"); ax.legend()
-fig.tight_layout(); out.mkdir(parents=True, exist_ok=True); fig.savefig(out / "valid_ppl_vs_tokens.png")
+ax.set_xlabel("training tokens")
+ax.set_ylabel("valid ppl")
+ax.set_yscale("log")
+ax.legend()
+fig.tight_layout()
+out.mkdir(parents=True, exist_ok=True)
+fig.savefig(out / "valid_ppl_vs_tokens.png")
 print(f"wrote {out / 'valid_ppl_vs_tokens.png'}")
 EOF
 }
 
-echo "scaling study: $TOKENS tokens per run, parts $ONLY, warm-up base $WARMUP_BASE steps, under $OUT"
+echo "scaling study: $TOKENS tokens per run, parts $ONLY, warm-up base $WARMUP_BASE steps," \
+  "under $OUT"
 
 if want batch; then
   for model in lstm qrnn; do
@@ -145,12 +156,9 @@ if want ddp; then
     --train.run_dir="$OUT/ddp/accum2" "${common[@]}" "${EXTRA[@]}"
   maybe dist-lm compare "$OUT/ddp/ddp2" "$OUT/ddp/accum2" --out "$OUT/ddp/compare"
   maybe python - "$OUT/ddp/ddp2" "$OUT/ddp/accum2" <<'EOF'
-import json, sys
-from pathlib import Path
-def losses(r):
-    rows = [json.loads(l) for l in (Path(r) / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return [m["loss"] for m in rows if "grad_norm" in m]
-a, b = losses(sys.argv[1]), losses(sys.argv[2])
+import sys
+from dist_lm.metrics import read_metrics
+a, b = ([m["loss"] for m in read_metrics(r) if "grad_norm" in m] for r in sys.argv[1:3])
 assert len(a) == len(b) and a, (len(a), len(b))
 print(f"DDP vs accumulation: {len(a)} steps, largest relative loss difference "
       f"{max(abs(x - y) / abs(y) for x, y in zip(a, b)):.2e}")

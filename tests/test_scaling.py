@@ -58,7 +58,8 @@ def test_auto_micro_batch_trains_like_explicit_accumulation(tmp_path, ptb_slice,
     lw = [r["loss"] for r in metrics(tmp_path / "whole") if "grad_norm" in r]
     assert len(la) == 6 and la == pytest.approx(lw, rel=1e-5)
     # the CPU default holds this small batch in one pass
-    default = make_trainer(tiny_config(tmp_path / "default", ptb_slice, **{"train.global_batch": 8}))
+    default = make_trainer(tiny_config(tmp_path / "default", ptb_slice,
+                                       **{"train.global_batch": 8}))
     assert (default.micro, default.accum) == (8, 1)
 
 

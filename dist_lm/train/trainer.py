@@ -737,9 +737,9 @@ class Trainer:
 
 
 # train.max_micro_tokens = 0: tokens per forward pass (micro batch x longest window) by device.
-# CPU: a few MB of activations per layer and the softmax's logits stay well inside a laptop's
-# memory at PTB/WT2 sizes, and larger GEMMs are still faster; CUDA: 65536 tokens leave room for
-# WT103's adaptive softmax on a 16 GB device.
+# Not tuned by a measurement: on CPU 16384 tokens keep one pass's fp32 logits of a 10k-word
+# softmax at 655 MB (twice that with their gradient), within a laptop's memory, while every
+# recipe's own batch but the character ones still runs in one pass; CUDA devices hold 4x that.
 MICRO_TOKENS = {"cpu": 16384, "cuda": 65536}
 
 
@@ -755,7 +755,8 @@ def auto_micro_batch(per_rank: int, window: int, cap: int) -> int:
     one stream per pass when even that exceeds the cap; all of them when cap is 0)."""
     if cap <= 0:
         return per_rank
-    return max(m for m in range(1, per_rank + 1) if per_rank % m == 0 and (m == 1 or m * window <= cap))
+    return max(m for m in range(1, per_rank + 1)
+               if per_rank % m == 0 and (m == 1 or m * window <= cap))
 
 
 def load_weights(module, step_dir: Path, name: str) -> None:
