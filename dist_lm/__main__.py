@@ -159,17 +159,22 @@ def bench(group: str = "all", json: str | None = None, quick: bool = False,
     bench_command(group, json_path=json, quick=quick, dry=dry)
 
 
-def compare(*runs: str, out: str | None = None, metric: str = "valid_ppl") -> None:
+def compare(*runs: str, out: str | None = None, metric: str = "valid_ppl",
+            x: str = "tokens") -> None:
     """Compare runs: one table of final/best metrics and throughput, plus plots.
 
     Args:
       runs: run directories.
-      out: directory for the table (markdown) and plots (PNG); default prints only.
+      out: directory for the table (compare.md) and plots, one line per run:
+        train_loss_vs_X.png and valid_ppl_vs_X.png (valid_bpc_vs_X.png for characters);
+        default prints only.
       metric: the column to sort by.
+      x: the plots' x-axis: tokens (training tokens: runs of different global batch or
+        bptt compare at equal data), steps (optimizer steps) or seconds (wall clock).
     """
     from .metrics import compare_command
 
-    compare_command(list(runs), out=out, metric=metric)
+    compare_command(list(runs), out=out, metric=metric, x=x)
 
 
 def sweep(space: str, target: str | None = None, dir: str | None = None, workers: int = 0,

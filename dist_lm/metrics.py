@@ -288,10 +288,14 @@ def summarize(run_dir: str | Path, rows: list[dict]) -> dict:
     return out
 
 
-def compare_command(runs: list[str], out: str | None = None, metric: str = "valid_ppl") -> None:
-    """Print one markdown table of several runs; with `out`, also write it and PNG plots."""
+def compare_command(runs: list[str], out: str | None = None, metric: str = "valid_ppl",
+                    x: str = "tokens") -> None:
+    """Print one markdown table of several runs; with `out`, also write it and PNG plots
+    against `x` (tokens, steps or seconds: PLOT_X)."""
     if not runs:
         raise UserError("compare needs at least one run directory.")
+    if x not in PLOT_X:
+        raise UserError(f"compare --x {x!r}: choose one of {', '.join(PLOT_X)}.")
     records = {r: read_metrics(r) for r in runs}  # each metrics.jsonl read once
     rows = [summarize(r, records[r]) for r in runs]
     rows.sort(key=lambda r: r.get(metric, math.inf))
@@ -313,7 +317,7 @@ def compare_command(runs: list[str], out: str | None = None, metric: str = "vali
         d = Path(out)
         d.mkdir(parents=True, exist_ok=True)
         write_text_atomic(d / "compare.md", table + "\n")
-        _plots(records, d)
+        _plots(records, d, x)
 
 
 def epoch_table(records: list[dict]) -> str:
@@ -335,8 +339,22 @@ def epoch_table(records: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _plots(records: dict[str, list[dict]], out: Path) -> None:
-    """train_loss.png and valid_loss.png over steps, one line per run (run dir -> records)."""
+# compare --x: the metrics field on the x-axis and its label. Every training and validation
+# record carries all three (the final record is left out: its valid values are the best's).
+PLOT_X = {"tokens": ("tokens", "training tokens"),
+          "steps": ("step", "optimizer steps"),
+          "seconds": ("elapsed_s", "wall-clock seconds (validation included)")}
+
+
+def _run_labels(runs) -> dict[str, str]:
+    """Legend names: each run directory's name, its path as given where names repeat."""
+    names = [Path(r).name or str(r) for r in runs]
+    return {r: n if names.count(n) == 1 else str(r) for r, n in zip(runs, names)}
+
+
+def _plots(records: dict[str, list[dict]], out: Path, x: str = "tokens") -> list[Path]:
+    """<y>_vs_<x>.png for train loss and valid ppl (bpc for character corpora) against x
+    (PLOT_X), one line per run (run dir -> records); returns the files written."""
     try:
         import matplotlib
 
@@ -344,16 +362,34 @@ def _plots(records: dict[str, list[dict]], out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("dist-lm: matplotlib is not installed; wrote the table only", file=sys.stderr)
-        return
-    for key, fname in (("loss", "train_loss.png"), ("valid_loss", "valid_loss.png")):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        return []
+    xkey, xlabel = PLOT_X[x]
+    labels = _run_labels(records)
+    written = []
+    for key, ylabel in (("loss", "train loss"), ("valid_ppl", "valid ppl"),
+                        ("valid_bpc", "valid bpc")):
+        series = {}
         for r, rows in records.items():
-            pts = [(m["step"], m[key]) for m in rows if key in m and "step" in m]
+            pts = [(m[xkey], m[key]) for m in rows
+                   if key in m and xkey in m and not m.get("final")]
             if pts:
-                ax.plot(*zip(*pts), label=Path(r).name)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
+                series[r] = pts
+            elif any(key in m and not m.get("final") for m in rows):
+                print(f"dist-lm: {r}: no {xkey!r} in its {key} records; left out of the plot "
+                      f"against {x}", file=sys.stderr)
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r, pts in series.items():
+            ax.plot(*zip(*pts), marker=None if key == "loss" else "o", label=labels[r])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if key == "valid_ppl":
+            ax.set_yscale("log")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / fname)
+        path = out / f"{'train_loss' if key == 'loss' else key}_vs_{x}.png"
+        fig.savefig(path)
         plt.close(fig)
+        written.append(path)
+    return written

@@ -6,8 +6,8 @@
 #   TOKENS=5577534 bash launch/scaling_study.sh       # 6 PTB epochs (929,589 tokens each) per run
 #   DRY=1 bash launch/scaling_study.sh                # print the commands, run nothing
 #
-# Parts (each writes runs under $OUT/<part>/, then `dist-lm compare ... --out` and a plot of
-# valid ppl against training tokens into $OUT/<part>/compare-<model>/):
+# Parts (each writes runs under $OUT/<part>/, then `dist-lm compare ... --out DIR --x tokens`:
+# compare.md and valid_ppl_vs_tokens.png, one line per run, into $OUT/<part>/compare-<model>/):
 #   batch  global batch 20 (the recipe), 80, 320 for each rule in $RULES (none linear sqrt),
 #          for the small AWD-LSTM (configs/ptb_small_cpu.toml) and a QRNN of the same parameter
 #          count (hidden 700, 3 layers: 4.74M parameters; the awd-lstm-lm PTB QRNN's
@@ -73,38 +73,6 @@ rule_args() {  # rule_args RULE BATCH: the scaling flags of one run
   else echo "--schedule.scaling=$1 --schedule.warmup_base_steps=$WARMUP_BASE"; fi
 }
 
-# valid ppl against training tokens, one line per run (compare --out plots against steps)
-plot_tokens() {
-  local out=$1; shift
-  maybe python - "$out" "$@" <<'EOF'
-import sys
-from pathlib import Path
-from dist_lm.metrics import read_metrics
-out, runs = Path(sys.argv[1]), sys.argv[2:]
-try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    print("matplotlib is not installed: no token plot")
-    sys.exit(0)
-fig, ax = plt.subplots(figsize=(6, 4))
-for r in runs:
-    pts = [(m["tokens"], m["valid_ppl"]) for m in read_metrics(r)
-           if "valid_ppl" in m and not m.get("final")]
-    if pts:
-        ax.plot(*zip(*pts), marker="o", label=Path(r).name)
-ax.set_xlabel("training tokens")
-ax.set_ylabel("valid ppl")
-ax.set_yscale("log")
-ax.legend()
-fig.tight_layout()
-out.mkdir(parents=True, exist_ok=True)
-fig.savefig(out / "valid_ppl_vs_tokens.png")
-print(f"wrote {out / 'valid_ppl_vs_tokens.png'}")
-EOF
-}
-
 echo "scaling study: $TOKENS tokens per run, parts $ONLY, warm-up base $WARMUP_BASE steps," \
   "under $OUT"
 
@@ -122,8 +90,7 @@ if want batch; then
         runs+=("$dir")
       done
     done
-    maybe dist-lm compare "${runs[@]}" --out "$OUT/batch/compare-$model"
-    plot_tokens "$OUT/batch/compare-$model" "${runs[@]}"
+    maybe dist-lm compare "${runs[@]}" --out "$OUT/batch/compare-$model" --x tokens
   done
 fi
 
@@ -134,8 +101,7 @@ if want bptt; then
     train "$dir" "$BASE_BATCH" "$bptt" "$TOKENS" "${QRNN[@]}" --schedule.scaling=none
     runs+=("$dir")
   done
-  maybe dist-lm compare "${runs[@]}" --out "$OUT/bptt/compare-qrnn"
-  plot_tokens "$OUT/bptt/compare-qrnn" "${runs[@]}"
+  maybe dist-lm compare "${runs[@]}" --out "$OUT/bptt/compare-qrnn" --x tokens
 fi
 
 if want ddp; then

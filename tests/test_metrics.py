@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,57 @@ def test_sink_and_compare(tmp_path, capsys, monkeypatch):
     assert f"| 1 | 2 | {math.exp(4.0):.2f} | 20 | 10 | 200 |" in table
     with pytest.raises(UserError):
         compare_command([str(tmp_path / "nothing")])
+
+
+def test_compare_plots_valid_ppl_against_tokens(tmp_path, monkeypatch):
+    """compare --out draws valid ppl and train loss against training tokens by default (runs of
+    different global batch meet at equal tokens, not equal steps), one line per run named by
+    its directory; --x steps and --x seconds switch the axis; the final record (the best's
+    values at the last step) is no point."""
+    from matplotlib.figure import Figure
+
+    runs = {"b20": 20, "b80": 80}  # tokens per step = batch x bptt 10: steps differ at equal tokens
+    for name, batch in runs.items():
+        recs = []
+        for k, tok in enumerate((4000, 8000), 1):
+            step = tok // (batch * 10)
+            recs.append({"step": step, "loss": 6.0 - k, "tokens": tok, "elapsed_s": 7.0 * k,
+                         "tokens_per_s": 1.0})
+            recs.append({"step": step, "epoch": k, "valid_loss": 5.0 - k, "valid_ppl": 100.0 / k,
+                         "tokens": tok, "elapsed_s": 7.0 * k + 1, "valid_seconds": 1.0})
+        recs.append({"step": step, "final": True, "valid_ppl": 1.0, "tokens": tok})
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    drawn = {}
+    save = Figure.savefig
+
+    def record(fig, path, *a, **kw):
+        ax = fig.axes[0]
+        drawn[Path(path).name] = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata()))
+                                  for ln in ax.lines}
+        drawn[Path(path).name]["axes"] = (ax.get_xlabel(), ax.get_ylabel())
+        return save(fig, path, *a, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    dirs = [str(tmp_path / n) for n in runs]
+    compare_command(dirs, out=str(tmp_path / "cmp"))  # the default axis: tokens
+    assert sorted(drawn) == ["train_loss_vs_tokens.png", "valid_ppl_vs_tokens.png"]
+    valid = drawn["valid_ppl_vs_tokens.png"]
+    assert valid["axes"] == ("training tokens", "valid ppl")
+    assert valid["b20"] == valid["b80"] == ([4000, 8000], [100.0, 50.0])
+    assert drawn["train_loss_vs_tokens.png"]["b80"] == ([4000, 8000], [5.0, 4.0])
+    assert (tmp_path / "cmp" / "valid_ppl_vs_tokens.png").stat().st_size > 0
+    drawn.clear()
+    compare_command(dirs, out=str(tmp_path / "cmp"), x="steps")
+    assert drawn["valid_ppl_vs_steps.png"]["b20"][0] == [20, 40]
+    assert drawn["valid_ppl_vs_steps.png"]["b80"][0] == [5, 10]
+    assert drawn["valid_ppl_vs_steps.png"]["axes"][0] == "optimizer steps"
+    from dist_lm.__main__ import main
+
+    main(["compare", *dirs, "--out", str(tmp_path / "cmp"), "--x", "seconds"])  # the CLI flag
+    assert drawn["valid_ppl_vs_seconds.png"]["b20"][0] == [8.0, 15.0]
+    with pytest.raises(UserError, match="tokens, steps, seconds"):
+        compare_command(dirs, out=str(tmp_path / "cmp"), x="epochs")
 
 
 def test_baselines(tmp_path, monkeypatch):
