@@ -672,3 +672,35 @@ def test_a_trial_can_run_under_torchrun(tmp_path, base, env):
         2 * train[-1]["tokens_per_s_per_device"])  # two ranks
     cfg = json.loads((sdir / "trials" / "0" / "config.json").read_text())
     assert cfg["dist"]["engine"] == "ddp"
+
+
+def test_rung_importances_count_pruned_trials():
+    """With pruning, most trials never complete: the rung importances rank the keys on every
+    trial's value at a shared validation step. Here `x` drives the value and `y` is noise;
+    only 3 trials complete, 30 are pruned at step 50."""
+    import math
+    import random
+
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from dist_lm.sweep.report import rung_importances
+
+    rng = random.Random(0)
+    study = optuna.create_study(direction="minimize")
+    dists = {"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(0.0, 1.0)}
+    for i in range(33):
+        x, y = rng.random(), rng.random()
+        at = {50: 100 + 400 * x + rng.random()}
+        done = i < 3
+        if done:
+            at[100] = at[50] - 20
+        study.add_trial(create_trial(
+            params={"x": x, "y": y}, distributions=dists, intermediate_values=at,
+            value=at[100] if done else None,
+            state=TrialState.COMPLETE if done else TrialState.PRUNED))
+    rungs = rung_importances(study, "valid_ppl", min_trials=10)
+    assert [(step, n) for step, n, _ in rungs] == [(50, 33)]  # step 100: 3 trials, below 10
+    for name, imp in rungs[0][2].items():
+        assert not isinstance(imp, str), (name, imp)
+        assert imp["x"] > 0.8 and imp["y"] < 0.2 and math.isclose(sum(imp.values()), 1, abs_tol=1e-6)

@@ -71,6 +71,37 @@ def importances(study, objective: str) -> dict[str, dict[str, float] | str]:
     return out
 
 
+def rung_importances(study, objective: str, min_trials: int = 10):
+    """Importance at the pruner's rungs: with pruning most trials never complete, so the
+    complete ones alone are too few to rank many keys. At each validation step that at least
+    `min_trials` trials (complete or pruned) reached, their value at that step is what every
+    one of them was judged by; the evaluators rank the keys on those values.
+
+    Returns [(step, n_trials, {evaluator: importances or why not})], earliest step first.
+    Optuna's evaluators read only complete trials, so each rung becomes an in-memory study of
+    trials created as complete with the rung's value (optuna.trial.create_trial)."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    judged = [t for t in study.get_trials(deepcopy=False,
+                                          states=(TrialState.COMPLETE, TrialState.PRUNED))
+              if t.intermediate_values]
+    counts: dict[int, int] = {}
+    for t in judged:
+        for step in t.intermediate_values:
+            counts[step] = counts.get(step, 0) + 1
+    out = []
+    for step in sorted(s for s, n in counts.items() if n >= min_trials):
+        rung = optuna.create_study(direction="minimize")
+        for t in judged:
+            value = t.intermediate_values.get(step)
+            if value is not None and math.isfinite(value):
+                rung.add_trial(create_trial(params=t.params, distributions=t.distributions,
+                                            value=value))
+        out.append((step, len(rung.trials), importances(rung, objective)))
+    return out
+
+
 def _plot(study, fname: str, out: Path, objective: str) -> str | None:
     """Draw one plot into out/fname; None on success, else why not."""
     import matplotlib
@@ -193,6 +224,23 @@ def report_command(study_dir: str, top: int = 10, storage: str | None = None) ->
             lines += [f"| {k} | {v:.3f} |" for k, v in imp.items()]
 
     if by_state[TrialState.PRUNED]:
+        rungs = rung_importances(study, objective)
+        if rungs:
+            lines += ["", "### At the pruner's rungs (complete and pruned trials)", "",
+                      "The value every trial had at the same validation step, for each step "
+                      "that at least 10 trials reached: the pruned trials count too."]
+        for step, n, by_ev in rungs:
+            names = [n_ for n_, imp in by_ev.items() if not isinstance(imp, str)]
+            lines += ["", f"Step {step} ({n} trials):", ""]
+            for n_, imp in by_ev.items():
+                if isinstance(imp, str):
+                    lines.append(f"{n_}: not computed ({imp}).")
+            if names:
+                ks = list(by_ev[names[0]])
+                lines += ["| key | " + " | ".join(names) + " |",
+                          "| --- | " + " | ".join("---:" for _ in names) + " |"]
+                lines += [f"| {k} | " + " | ".join(f"{by_ev[n_].get(k, math.nan):.3f}"
+                                                    for n_ in names) + " |" for k in ks]
         lines += ["", "## Pruned trials", "", "| trial | last step | last value |",
                   "| ---: | ---: | ---: |"]
         for t in by_state[TrialState.PRUNED]:
