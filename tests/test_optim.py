@@ -275,3 +275,28 @@ def test_resume_check_refuses_another_rule():
     # optim.lr may change on resume (the rule applies to the new value)
     LRSchedule(ScheduleConfig(scaling="sqrt", base_batch=20), 3.0, 80).check_resume(
         a.state_dict(), "ckpt")
+
+
+@pytest.mark.parametrize("over", [
+    {},
+    {"train.global_batch": 80, "schedule.scaling": "sqrt"},
+    {"train.global_batch": 80, "schedule.scaling": "linear", "schedule.warmup_steps": 50},
+    {"schedule.base_batch": 10},                      # the old linear rule, no warm-up
+    {"train.global_batch": 40, "schedule.scaling": "sqrt", "schedule.warmup_base_steps": 30},
+])
+def test_a_config_written_out_whole_loads_again(tmp_path, over):
+    """A search's cell.toml and a sweep's best.toml write every key of a resolved config,
+    the warm-up keys included at their defaults; loading such a file must give the same
+    schedule, not refuse it for 'both warm-up keys set'."""
+    from dist_lm.config import load_config, to_dict
+    from dist_lm.sweep.space import dump_toml
+    from dist_lm.train.optim import resolve_scaling
+
+    first = load_config("configs/ptb_small_cpu.toml", over)
+    flat = {f"{sec}.{k}": v for sec, vals in to_dict(first).items() for k, v in vals.items()}
+    path = tmp_path / "whole.toml"
+    path.write_text(dump_toml(flat))
+    again = load_config(path)
+    assert again.schedule == first.schedule
+    args = lambda c: (c.schedule, c.optim.lr, c.train.global_batch)  # noqa: E731
+    assert resolve_scaling(*args(again)).as_dict() == resolve_scaling(*args(first)).as_dict()
