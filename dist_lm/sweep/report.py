@@ -239,8 +239,9 @@ def report_command(study_dir: str, top: int = 10, storage: str | None = None) ->
                 ks = list(by_ev[names[0]])
                 lines += ["| key | " + " | ".join(names) + " |",
                           "| --- | " + " | ".join("---:" for _ in names) + " |"]
-                lines += [f"| {k} | " + " | ".join(f"{by_ev[n_].get(k, math.nan):.3f}"
-                                                    for n_ in names) + " |" for k in ks]
+                lines += [f"| {k} | " + " | ".join(
+                    f"{by_ev[n_][k]:.3f}" if k in by_ev[n_] else "—"  # an evaluator left it out
+                    for n_ in names) + " |" for k in ks]
         lines += ["", "## Pruned trials", "", "| trial | last step | last value |",
                   "| ---: | ---: | ---: |"]
         for t in by_state[TrialState.PRUNED]:
