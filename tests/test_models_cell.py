@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
@@ -10,7 +9,8 @@ import torch
 from dist_lm.config import load_config
 from dist_lm.errors import UserError
 from dist_lm.models import build_model, detach_hidden
-from dist_lm.models.cell import ACTIVATIONS, CellLayer, Genotype, parse_genotype
+from dist_lm.models.cell import CellLayer, parse_genotype
+from _cell_helpers import all_genotypes
 from train_helpers import make_trainer, metrics, tiny_config
 
 _ACT = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda v: v,
@@ -74,12 +74,6 @@ def test_cell_layer_equals_the_reference_values_and_gradients(text, shared):
         else:
             torch.testing.assert_close(a, w)
 
-
-def all_genotypes(n: int):
-    pred_choices = [[0]] + [list(range(1, i)) for i in range(2, n + 1)]
-    for preds in itertools.product(*pred_choices):
-        for acts in itertools.product(ACTIVATIONS, repeat=n):
-            yield Genotype(acts, preds)
 
 
 def test_every_genotype_of_a_small_space_builds_runs_and_round_trips():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -17,16 +16,11 @@ from dist_lm.config import load_config
 from dist_lm.models import build_model
 from dist_lm.models.cell import ACTIVATIONS, CellLayer, Genotype, parse_genotype, uniform_genotype
 from dist_lm.search import Controller, Search, build_supernet, set_cell
+from _cell_helpers import all_genotypes
 from train_helpers import metrics, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def all_genotypes(n: int):
-    pred_choices = [[0]] + [list(range(1, i)) for i in range(2, n + 1)]
-    for preds in itertools.product(*pred_choices):
-        for acts in itertools.product(ACTIVATIONS, repeat=n):
-            yield Genotype(acts, preds)
 
 
 # ---- the controller ------------------------------------------------------------------------
