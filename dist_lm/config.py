@@ -479,10 +479,9 @@ def load_config(path: str | os.PathLike | None = None,
     # key -> 1 file, 2 CLI. A file's key counts only where it differs from the default: a
     # config written out whole (a search's cell.toml, a run's config) holds every key, and
     # its default warm-up keys say nothing about which one the user meant.
-    defaults = to_dict(Config())
+    defaults = _flatten(to_dict(Config()))
     given = {k: 1 for k, v in _flatten(table).items()
-             if k.split(".")[0] not in defaults or k.split(".")[1] not in defaults[k.split(".")[0]]
-             or defaults[k.split(".")[0]][k.split(".")[1]] != v} if path is not None else {}
+             if k not in defaults or defaults[k] != v} if path is not None else {}
     file_batch = cfg.train.global_batch  # the recipe's, before command-line overrides
     for key, value in (overrides or {}).items():
         key = key.replace("-", "_") if "." in key else key
