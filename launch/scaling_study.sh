@@ -21,7 +21,8 @@
 #          drop are off in this pair (DDP_DROPOUT=1 keeps the recipe's): each rank draws its own
 #          masks, so with them the twins agree in distribution, not step for step.
 #
-# Environment: TOKENS (1500000), ONLY (batch,bptt,ddp), OUT (runs/scaling), RULES
+# Environment: TOKENS (1500000), ONLY (batch,bptt,ddp), MODELS (of the batch part: "lstm qrnn"),
+# OUT (runs/scaling), RULES
 # ("none linear sqrt"), BATCHES ("20 80 320"), BPTTS ("70 140 280"), EVALS (validations per
 # run, at the same token fractions in every run: 6), WARMUP_BASE (schedule.warmup_base_steps
 # for the scaled runs; default 1/20 of the recipe run's steps, see docs/scaling.md), DDP_TOKENS
@@ -36,6 +37,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 TOKENS=${TOKENS:-1500000}
 ONLY=${ONLY:-batch,bptt,ddp}
 OUT=${OUT:-runs/scaling}
+MODELS=${MODELS:-lstm qrnn}
 RULES=${RULES:-none linear sqrt}
 BATCHES=${BATCHES:-20 80 320}
 BPTTS=${BPTTS:-70 140 280}
@@ -77,7 +79,7 @@ echo "scaling study: $TOKENS tokens per run, parts $ONLY, warm-up base $WARMUP_B
   "under $OUT"
 
 if want batch; then
-  for model in lstm qrnn; do
+  for model in $MODELS; do
     args=(); [ "$model" = qrnn ] && args=("${QRNN[@]}")
     runs=()
     for batch in $BATCHES; do
