@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -73,7 +72,6 @@ def test_cell_layer_equals_the_reference_values_and_gradients(text, shared):
             assert a is None or not a.any()
         else:
             torch.testing.assert_close(a, w)
-
 
 
 def test_every_genotype_of_a_small_space_builds_runs_and_round_trips():

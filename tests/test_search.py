@@ -22,7 +22,6 @@ from train_helpers import metrics, tiny_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 # ---- the controller ------------------------------------------------------------------------
 
 def test_controller_log_probs_and_entropy_match_a_direct_computation():
