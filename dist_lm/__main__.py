@@ -233,8 +233,18 @@ COMMANDS = {
 }
 
 
-def _train_help_requested(argv: list[str]) -> bool:
-    return len(argv) >= 1 and argv[0] == "train" and ("--help" in argv or "-h" in argv)
+HELP_FLAGS = ("--help", "-h")
+
+
+def _help_requested(argv: list[str]) -> str | None:
+    """The command whose help is asked for: `--help` or `-h` anywhere after a command's name.
+
+    fire would otherwise take the tokens before --help as the command's arguments, call the
+    command (every argument after the first has a default) and only then show help for what
+    it returned: `dist-lm bench model --help` ran the benchmark first."""
+    if argv and argv[0] in COMMANDS and any(tok in HELP_FLAGS for tok in argv[1:]):
+        return argv[0]
+    return None
 
 
 def _stdin_file(argv: list[str]) -> list[str]:
@@ -259,18 +269,21 @@ def main(argv: list[str] | None = None) -> None:
     import fire
 
     argv = _stdin_file(list(sys.argv[1:] if argv is None else argv))
-    if _train_help_requested(argv):
+    help_for = _help_requested(argv)
+    if help_for == "train":
         from .config import help_text
 
         print(train.__doc__)
         print("Config keys (defaults shown):\n" + help_text())
         return
+    if help_for:  # the command's own help, as `dist-lm CMD --help` shows it; nothing runs
+        argv = [help_for, "--help"]
     try:
         fire.Fire(COMMANDS, command=argv, name="dist-lm")
     except SystemExit:
         # fire exits 2 after printing the help of a command that takes **options; asking
         # for help is not an error.
-        if "--help" in argv or "-h" in argv:
+        if any(tok in HELP_FLAGS for tok in argv):
             sys.exit(0)
         raise
     except UserError as exc:
