@@ -270,16 +270,26 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = _stdin_file(list(sys.argv[1:] if argv is None else argv))
     help_for = _help_requested(argv)
-    if help_for == "train":
-        from .config import help_text
-
-        print(train.__doc__)
-        print("Config keys (defaults shown):\n" + help_text())
-        return
-    if help_for:  # the command's own help, as `dist-lm CMD --help` shows it; nothing runs
+    if help_for and help_for != "train":  # that command's help, as `dist-lm CMD --help`
         argv = [help_for, "--help"]
     try:
-        fire.Fire(COMMANDS, command=argv, name="dist-lm")
+        if help_for == "train":
+            from .config import help_text
+
+            print(train.__doc__)
+            print("Config keys (defaults shown):\n" + help_text())
+        else:
+            fire.Fire(COMMANDS, command=argv, name="dist-lm")
+        sys.stdout.flush()  # a closed pipe raises here, not in the interpreter's last flush
+    except BrokenPipeError:
+        # The reader closed stdout early (`dist-lm compare ... | head -1`): no traceback. The
+        # rest of the output goes to /dev/null so that the exit's own flush does not fail
+        # again (the recipe of Python's signal docs, "Note on SIGPIPE"). The exit status is
+        # 141 = 128 + SIGPIPE, what a tool killed by the signal (cat, grep) reports: the
+        # output was cut short, which `set -o pipefail` scripts can still see.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(141)
     except SystemExit:
         # fire exits 2 after printing the help of a command that takes **options; asking
         # for help is not an error.

@@ -290,7 +290,7 @@ def summarize(run_dir: str | Path, rows: list[dict]) -> dict:
 
 def compare_command(runs: list[str], out: str | None = None, metric: str = "valid_ppl",
                     x: str = "tokens") -> None:
-    """Print one markdown table of several runs; with `out`, also write it and PNG plots
+    """Print one markdown table of several runs; with `out`, first write it and PNG plots
     against `x` (tokens, steps or seconds: PLOT_X)."""
     if not runs:
         raise UserError("compare needs at least one run directory.")
@@ -312,12 +312,12 @@ def compare_command(runs: list[str], out: str | None = None, metric: str = "vali
         epochs = epoch_table(records[r])
         if epochs:
             table += f"\n\nPer validation of {r}:\n" + epochs
-    print(table)
-    if out:
+    if out:  # the files first: a reader that closes stdout early (`| head`) still gets them
         d = Path(out)
         d.mkdir(parents=True, exist_ok=True)
         write_text_atomic(d / "compare.md", table + "\n")
         _plots(records, d, x)
+    print(table)
 
 
 def epoch_table(records: list[dict]) -> str:
