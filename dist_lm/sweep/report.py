@@ -6,6 +6,8 @@ the plots are optuna.visualization.matplotlib's (Agg backend, no display needed)
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import warnings
@@ -71,6 +73,22 @@ def importances(study, objective: str) -> dict[str, dict[str, float] | str]:
     return out
 
 
+@contextlib.contextmanager
+def _optuna_quiet_info():
+    """Optuna's INFO lines off for the moment (its "A new study created in memory with name:
+    ..." for each internal rung study); warnings and errors still show, and the verbosity
+    before is restored after. A verbosity already quieter than WARNING is left alone."""
+    import optuna
+
+    before = optuna.logging.get_verbosity()
+    if before < logging.WARNING:
+        optuna.logging.set_verbosity(logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
 def rung_importances(study, objective: str, min_trials: int = 10):
     """Importance at the pruner's rungs: with pruning most trials never complete, so the
     complete ones alone are too few to rank many keys. At each validation step that at least
@@ -92,13 +110,14 @@ def rung_importances(study, objective: str, min_trials: int = 10):
             counts[step] = counts.get(step, 0) + 1
     out = []
     for step in sorted(s for s, n in counts.items() if n >= min_trials):
-        rung = optuna.create_study(direction="minimize")
-        for t in judged:
-            value = t.intermediate_values.get(step)
-            if value is not None and math.isfinite(value):
-                rung.add_trial(create_trial(params=t.params, distributions=t.distributions,
-                                            value=value))
-        out.append((step, len(rung.trials), importances(rung, objective)))
+        with _optuna_quiet_info():  # the rung's study is ours, not the user's: no log lines
+            rung = optuna.create_study(direction="minimize")
+            for t in judged:
+                value = t.intermediate_values.get(step)
+                if value is not None and math.isfinite(value):
+                    rung.add_trial(create_trial(params=t.params, distributions=t.distributions,
+                                                value=value))
+            out.append((step, len(rung.trials), importances(rung, objective)))
     return out
 
 
