@@ -12,9 +12,9 @@ shows both. A last row times the matrix multiplies of that model's step alone (f
 gradient and weight gradient of every gate matrix and of the tied softmax, same shapes, nothing
 else): no implementation of that model's step can be faster, so LSTM step time / that time is
 the ceiling on the QRNN/LSTM ratio on the machine at hand; the "of its GEMM ceiling" rows give
-each QRNN PTB step's tokens/s as a fraction of it. On CPU two final rows time the
-models' replacements of torch ops alone: keep_mask weight drop against F.dropout, softmax_nll
-against F.cross_entropy; then the loss of the full, adaptive and hierarchical softmax heads at
+each QRNN PTB step's tokens/s as a fraction of it. On CPU three final rows time the models'
+replacements of torch ops alone: fused Philox weight drop against F.dropout and against the
+keep_mask product it replaced, softmax_nll against F.cross_entropy; then the loss of the full, adaptive and hierarchical softmax heads at
 V = 10k, 33k and 267k (see _head_rows).
 """
 
@@ -139,13 +139,13 @@ def _head_rows(quick: bool) -> list[dict]:
 
 
 def _replacement_rows(quick: bool) -> list[dict]:
-    """Two CPU replacements against the torch op they replace, forward + backward, interleaved:
-    weight drop (keep_mask) on the QRNN's largest gate matrix against F.dropout (`bernoulli_`),
-    and the softmax loss (softmax_nll) at the PTB step's [1400, 10000] logits against
+    """CPU replacements against what they replace, forward + backward, interleaved: weight drop
+    (the fused Philox op) on the QRNN's largest gate matrix against F.dropout (`bernoulli_`) and
+    against the keep_mask product it replaced, and the softmax loss (softmax_nll) at the PTB step's [1400, 10000] logits against
     F.cross_entropy."""
     import torch.nn.functional as F
 
-    from ..models.dropout import weight_drop
+    from ..models.dropout import keep_mask, weight_drop
     from ..models.heads import softmax_nll
 
     w = torch.randn(4650, 1550, requires_grad=True)
@@ -158,11 +158,16 @@ def _replacement_rows(quick: bool) -> list[dict]:
             f(x).sum().backward()
         return step
 
+    def masked(v):  # weight drop before the fused Philox op: keep_mask, a float mask, a product
+        return v * keep_mask(v.shape, 0.5).to(v.dtype).mul_(2.0)
+
     reps = 3 if quick else 10
     rows = []
     for name, unit, x, new, old in (
-            ("weight drop fwd+bwd cpu [4650, 1550] p=0.5: keep_mask vs F.dropout", "ms", w,
+            ("weight drop fwd+bwd cpu [4650, 1550] p=0.5: fused Philox vs F.dropout", "ms", w,
              lambda v: weight_drop(v, 0.5, True), lambda v: F.dropout(v, 0.5, True)),
+            ("weight drop fwd+bwd cpu [4650, 1550] p=0.5: fused Philox vs keep_mask * w", "ms", w,
+             lambda v: weight_drop(v, 0.5, True), masked),
             ("softmax loss fwd+bwd cpu [1400, 10000]: softmax_nll vs F.cross_entropy", "ms", logits,
              lambda v: softmax_nll(v, targets),
              lambda v: F.cross_entropy(v, targets, reduction="none"))):

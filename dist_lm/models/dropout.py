@@ -4,11 +4,11 @@ Masks come from torch's default generator (the trainer seeds it per rank and che
 Semantics follow salesforce/awd-lstm-lm (embed_regularize.py, locked_dropout.py, weight_drop.py),
 but none of them copies a weight matrix or re-registers a parameter.
 
-The big masks (weight drop on the recurrent/gate matrices, QRNN zoneout) are drawn on CPU by
-`keep_mask`: 31 random bits per element compared with a threshold. torch's CPU `bernoulli_`
-costs ~11 ns per element, which made weight drop ~20% of a PTB QRNN training step (four masks of
-up to 4650 x 1550 per step); the integer draw plus compare costs ~3 ns. Other devices use
-torch's fused dropout kernels.
+The big masks are drawn on CPU without `bernoulli_` (~11 ns per element, which made weight drop
+~20% of a PTB QRNN training step: four masks of up to 4650 x 1550 per step). Weight drop on the
+recurrent/gate matrices uses counter-based Philox bits in one fused pass forward and one
+backward (see weight_drop); QRNN zoneout uses `keep_mask`, 31 bits of torch's generator per
+element compared with a threshold (~3 ns). Other devices use torch's fused dropout kernels.
 """
 
 from __future__ import annotations
@@ -56,15 +56,52 @@ def weight_drop(weight: Tensor, p: float, training: bool) -> Tensor:
     The registered parameter stays the raw weight, so eval/train switches, state_dict, deepcopy,
     DDP and DeepSpeed see one ordinary parameter (the reference's WeightDrop deletes and
     re-assigns parameters and breaks on modern PyTorch).
+
+    On CPU the mask is Philox4x32-10 bits keyed by one 63-bit seed drawn from torch's default
+    generator (kernels/philox.py): the forward and the backward are one pass each (the C kernel
+    in kernels/qrnn_cpu.py: draw, compare, scale and multiply together) and no mask is stored.
+    Other devices use torch's fused dropout kernel.
     """
     if not training or p == 0.0:
         return weight
     if weight.device.type != "cpu":
         return F.dropout(weight, p=p, training=True)
-    # one float mask holding 0 or 1/(1-p): the forward and the gradient are one multiply each
-    # (a bool mask would be converted to float in both, and the scale be a pass of its own)
-    mask = keep_mask(weight.shape, 1 - p).to(weight.dtype).mul_(1 / (1 - p))
-    return weight * mask
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    if weight.dtype != torch.float32:  # the kernel is fp32; the product rounds to the dtype
+        return _PhiloxDrop.apply(weight.float(), seed, 1.0 - p).to(weight.dtype)
+    return _PhiloxDrop.apply(weight, seed, 1.0 - p)
+
+
+def philox_drop_reference(x: Tensor, seed: int, keep: float) -> Tensor:
+    """weight_drop's CPU op in plain torch: x / keep where the Philox draw is below the
+    threshold, else 0 (for tests, and where the C kernel cannot be built)."""
+    from ..kernels.philox import philox_bits, threshold
+
+    kept = philox_bits(x.numel(), seed).view(x.shape) < threshold(keep)
+    return torch.where(kept, x * (1.0 / keep), torch.zeros((), dtype=x.dtype))
+
+
+class _PhiloxDrop(torch.autograd.Function):
+    """x -> x / keep where the seed's Philox draw keeps the element, else 0; the backward is
+    the same op on the gradient (the mask is recomputed, not saved)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, seed: int, keep: float) -> Tensor:
+        ctx.seed, ctx.keep = seed, keep
+        return _philox_drop(x, seed, keep)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return _philox_drop(g, ctx.seed, ctx.keep), None, None
+
+
+def _philox_drop(x: Tensor, seed: int, keep: float) -> Tensor:
+    from ..kernels import qrnn_cpu
+    from ..kernels.philox import threshold
+
+    if qrnn_cpu.library() is None:
+        return philox_drop_reference(x, seed, keep)
+    return qrnn_cpu.weight_drop(x, seed, threshold(keep), 1.0 / keep)
 
 
 def zoneout_mask(f: Tensor, p: float, training: bool) -> Tensor:
