@@ -268,7 +268,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `dist-lm` console script and `python -m dist_lm`."""
     import fire
 
+    from .allocator import keep_freed_memory
+
     argv = _stdin_file(list(sys.argv[1:] if argv is None else argv))
+    keep_freed_memory()  # a step's big host tensors reuse freed memory (dist_lm/allocator.py)
     help_for = _help_requested(argv)
     if help_for and help_for != "train":  # that command's help, as `dist-lm CMD --help`
         argv = [help_for, "--help"]
