@@ -307,3 +307,29 @@ def test_hierarchical_class_grad_scale_scales_only_the_class_layer_gradients():
     torch.testing.assert_close(grads["scaled nll"], grads["plain nll"])  # same function
     for i, (a, b) in enumerate(zip(grads["scaled"], grads["plain"])):
         torch.testing.assert_close(a, b * 0.03 if i >= 3 else b)
+
+
+@pytest.mark.parametrize("N,V", [(1, 1), (3, 17), (37, 50), (64, 10_000), (5, 33_278)])
+def test_softmax_nll_cpu_kernel_matches_fp64_cross_entropy(N, V):
+    """The C kernel's path (fp32 on CPU): loss and gradient against F.cross_entropy in fp64 on
+    the same inputs, with logits far from 0 (the max is subtracted), V not a multiple of 16."""
+    from dist_lm.kernels import qrnn_cpu
+
+    if qrnn_cpu.library() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(N * V)
+    logits = (torch.randn(N, V, generator=g) * 8 + 40).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g)
+    upstream = torch.rand(N, generator=g)
+    got = softmax_nll(logits, targets)
+    assert type(got.grad_fn).__name__ == "_SoftmaxNLLBackward"
+    nll, lse = qrnn_cpu.softmax_nll_forward(logits.detach(), targets)  # the kernel itself
+    torch.testing.assert_close(got.detach(), nll, rtol=0, atol=0)
+    ref_in = logits.detach().double().requires_grad_()
+    want = F.cross_entropy(ref_in, targets, reduction="none")
+    torch.testing.assert_close(lse.double(), torch.logsumexp(ref_in.detach(), 1), rtol=1e-6,
+                               atol=0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5)
+    (ga,) = torch.autograd.grad(got, logits, upstream)
+    (gb,) = torch.autograd.grad(want, ref_in, upstream.double())
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-4, atol=1e-7)

@@ -247,6 +247,48 @@ void philox_fill(uint32_t *bits, int64_t n, uint64_t seed, int64_t blk0, int64_t
         }
     }
 }
+
+/* The softmax loss over rows r0..r1-1 of logits x [N, V]: lse[i] = log sum_j exp(x_ij) and
+   nll[i] = lse[i] - x[i, t_i] (forward, one read of each row: max, then the sum of exp in a
+   second pass that finds the row in cache); g_x = (exp(x - lse) - [j = t_i]) g_i (backward,
+   one read and one write). */
+void softmax_nll_fwd(const float *x, const int64_t *t, float *lse, float *nll, int64_t V,
+                     int64_t r0, int64_t r1)
+{
+    for (int64_t i = r0; i < r1; i++) {
+        const float *restrict row = x + i * V;
+        /* 16 partial maxima and sums, so that gcc vectorises both reductions (a single
+           accumulator would pin the order of the float operations) */
+        float mx[16], acc[16];
+        for (int l = 0; l < 16; l++) mx[l] = row[0];
+        int64_t j = 0;
+        for (; j + 16 <= V; j += 16)
+            for (int l = 0; l < 16; l++) mx[l] = row[j + l] > mx[l] ? row[j + l] : mx[l];
+        float m = row[0];
+        for (int l = 0; l < 16; l++) m = mx[l] > m ? mx[l] : m;
+        for (; j < V; j++) m = row[j] > m ? row[j] : m;
+        for (int l = 0; l < 16; l++) acc[l] = 0.0f;
+        for (j = 0; j + 16 <= V; j += 16)
+            for (int l = 0; l < 16; l++) acc[l] += exp_gate(row[j + l] - m);
+        float sum = 0.0f;
+        for (; j < V; j++) sum += exp_gate(row[j] - m);
+        for (int l = 0; l < 16; l++) sum += acc[l];
+        lse[i] = m + logf(sum);
+        nll[i] = lse[i] - row[t[i]];
+    }
+}
+
+void softmax_nll_bwd(const float *x, const int64_t *t, const float *lse, const float *g,
+                     float *gx, int64_t V, int64_t r0, int64_t r1)
+{
+    for (int64_t i = r0; i < r1; i++) {
+        const float *restrict row = x + i * V;
+        float *restrict out = gx + i * V;
+        const float l = lse[i], gi = g[i];
+        for (int64_t j = 0; j < V; j++) out[j] = exp_gate(row[j] - l) * gi;
+        out[t[i]] -= gi;
+    }
+}
 """
 
 # -fno-trapping-math lets gcc if-convert (and so vectorise) the clamp in exp_gate; results are
@@ -306,6 +348,9 @@ def _build() -> ctypes.CDLL | None:
     lib.philox_fill.argtypes = [ptr, i64, ctypes.c_uint64, i64, i64]
     lib.qrnn_fwd.restype = lib.qrnn_bwd.restype = lib.wdrop.restype = None
     lib.philox_fill.restype = None
+    lib.softmax_nll_fwd.argtypes = [ptr] * 4 + [i64] * 3
+    lib.softmax_nll_bwd.argtypes = [ptr] * 5 + [i64] * 3
+    lib.softmax_nll_fwd.restype = lib.softmax_nll_bwd.restype = None
     return lib
 
 
@@ -440,3 +485,33 @@ def philox_fill(n: int, seed: int) -> Tensor:
     bits = torch.empty(n, dtype=torch.int32)
     _blocks(library().philox_fill, [_p(bits), n, seed], n)
     return bits.to(torch.int64) & 0xFFFFFFFF
+
+
+def _rows(fn, args: list, n_rows: int, row_len: int) -> None:
+    """fn(*args, r0, r1) over n_rows rows of row_len elements, on the pool."""
+    n = _threads(n_rows * row_len // 65536 or 1)
+    n = min(n, n_rows) or 1
+    if n == 1:
+        fn(*args, 0, n_rows)
+        return
+    k = min(4 * n, n_rows)
+    _run_parts(lambda part: fn(*args, *part),
+               [(n_rows * i // k, n_rows * (i + 1) // k) for i in range(k)], n)
+
+
+def softmax_nll_forward(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(nll, lse) per row of fp32 logits x [N, V] for int64 targets [N] (in range)."""
+    N, V = x.shape
+    x, targets = x.contiguous(), targets.contiguous()
+    lse, nll = x.new_empty(N), x.new_empty(N)
+    _rows(library().softmax_nll_fwd, [_p(x), _p(targets), _p(lse), _p(nll), V], N, V)
+    return nll, lse
+
+
+def softmax_nll_backward(x: Tensor, targets: Tensor, lse: Tensor, g: Tensor) -> Tensor:
+    """dL/dx of sum_i g_i nll_i: (softmax(x) - onehot(targets)) * g[:, None]."""
+    N, V = x.shape
+    g = g.contiguous().float()
+    gx = torch.empty_like(x)
+    _rows(library().softmax_nll_bwd, [_p(x), _p(targets), _p(lse), _p(g), _p(gx), V], N, V)
+    return gx
