@@ -333,3 +333,13 @@ def test_softmax_nll_cpu_kernel_matches_fp64_cross_entropy(N, V):
     (ga,) = torch.autograd.grad(got, logits, upstream)
     (gb,) = torch.autograd.grad(want, ref_in, upstream.double())
     torch.testing.assert_close(ga.double(), gb, rtol=1e-4, atol=1e-7)
+
+
+def test_softmax_nll_cpu_kernel_refuses_targets_out_of_range():
+    """The C kernel reads logits[i, target[i]]: a bad target is an IndexError, as in torch."""
+    logits = torch.randn(4, 10)
+    for bad in (10, -1):
+        with pytest.raises(IndexError):
+            softmax_nll(logits, torch.tensor([0, 1, bad, 2]))
+        with pytest.raises(IndexError):
+            F.cross_entropy(logits, torch.tensor([0, 1, bad, 2]))

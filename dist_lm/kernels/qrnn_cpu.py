@@ -1,4 +1,6 @@
-"""The fused QRNN step on CPU: a small C kernel, compiled once per machine, called by ctypes.
+"""CPU kernels in one small C library, compiled once per machine, called by ctypes: the fused
+QRNN step (below), weight drop on Philox bits (`weight_drop`, kernels/philox.py) and the
+softmax loss (`softmax_nll_forward` / `_backward`, used by models/heads.py's softmax_nll).
 
 One pass over T per lane forward (gate nonlinearities, zoneout mask, recurrence, output gate) and
 one backward (the gates recomputed from the pre-activations, the reverse recurrence, all three
@@ -12,9 +14,9 @@ ulp of torch's sigmoid and tanh.
 The C source has no torch headers: gcc builds it in about a second into
 $DIST_LM_CACHE (default ~/.cache/dist_lm) under a name hashed from the source, the flags and
 the CPU, written to a temporary name and renamed into place. Without a C compiler (or on a
-failed build) `library()` returns None and the caller uses the unfused torch path; nothing
-else changes. Lanes are split over torch.get_num_threads() Python threads (ctypes releases the
-GIL during a call).
+failed build) `library()` returns None and each caller uses its torch path (the same masks
+for weight drop); nothing else changes. Lanes (rows, blocks) are split over
+torch.get_num_threads() Python threads (ctypes releases the GIL during a call).
 """
 
 from __future__ import annotations
@@ -416,18 +418,23 @@ def _run_parts(call, parts: list, n: int) -> None:
         fut.result()
 
 
+def _split(fn, args: list, n_items: int, numel: int) -> None:
+    """fn(*args, i0, i1) over items 0..n_items-1 (rows, Philox blocks) that hold numel elements
+    in all, on the pool; one thread below ~64k elements, where a second costs more than it saves."""
+    n = min(_threads(numel // 65536 or 1), max(n_items, 1))
+    if n == 1:
+        fn(*args, 0, n_items)
+        return
+    k = min(4 * n, n_items)
+    _run_parts(lambda part: fn(*args, *part),
+               [(n_items * i // k, n_items * (i + 1) // k) for i in range(k)], n)
+
+
 def _blocks(fn, args: list, numel: int) -> None:
-    """fn(*args, blk0, blk1) over the Philox blocks of numel elements, on the pool."""
+    """fn(*args, blk0, blk1) over the Philox blocks of numel elements."""
     from .philox import K
 
-    nblk = -(-numel // (4 * K))
-    n = _threads(numel // 65536 or 1)  # below ~64k elements a thread costs more than it saves
-    if n == 1:
-        fn(*args, 0, nblk)
-        return
-    k = 4 * n
-    _run_parts(lambda part: fn(*args, *part),
-               [(nblk * i // k, nblk * (i + 1) // k) for i in range(k)], n)
+    _split(fn, args, -(-numel // (4 * K)), numel)
 
 
 def _p(t: Tensor | None) -> int | None:
@@ -487,24 +494,12 @@ def philox_fill(n: int, seed: int) -> Tensor:
     return bits.to(torch.int64) & 0xFFFFFFFF
 
 
-def _rows(fn, args: list, n_rows: int, row_len: int) -> None:
-    """fn(*args, r0, r1) over n_rows rows of row_len elements, on the pool."""
-    n = _threads(n_rows * row_len // 65536 or 1)
-    n = min(n, n_rows) or 1
-    if n == 1:
-        fn(*args, 0, n_rows)
-        return
-    k = min(4 * n, n_rows)
-    _run_parts(lambda part: fn(*args, *part),
-               [(n_rows * i // k, n_rows * (i + 1) // k) for i in range(k)], n)
-
-
 def softmax_nll_forward(x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """(nll, lse) per row of fp32 logits x [N, V] for int64 targets [N] (in range)."""
+    """(nll, lse) per row of contiguous fp32 logits x [N, V] for contiguous int64 targets [N]
+    in [0, V) (the kernel reads x[i, targets[i]]: callers check the range)."""
     N, V = x.shape
-    x, targets = x.contiguous(), targets.contiguous()
     lse, nll = x.new_empty(N), x.new_empty(N)
-    _rows(library().softmax_nll_fwd, [_p(x), _p(targets), _p(lse), _p(nll), V], N, V)
+    _split(library().softmax_nll_fwd, [_p(x), _p(targets), _p(lse), _p(nll), V], N, N * V)
     return nll, lse
 
 
@@ -513,5 +508,5 @@ def softmax_nll_backward(x: Tensor, targets: Tensor, lse: Tensor, g: Tensor) -> 
     N, V = x.shape
     g = g.contiguous().float()
     gx = torch.empty_like(x)
-    _rows(library().softmax_nll_bwd, [_p(x), _p(targets), _p(lse), _p(g), _p(gx), V], N, V)
+    _split(library().softmax_nll_bwd, [_p(x), _p(targets), _p(lse), _p(g), _p(gx), V], N, N * V)
     return gx

@@ -53,6 +53,10 @@ class _SoftmaxNLL(torch.autograd.Function):
         if _cpu_kernel(logits):
             from ..kernels import qrnn_cpu
 
+            logits, targets = logits.contiguous(), targets.contiguous().long()
+            V = logits.size(1)
+            if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < V:
+                raise IndexError(f"softmax_nll: a target is outside [0, {V})")
             nll, lse = qrnn_cpu.softmax_nll_forward(logits, targets)
             ctx.save_for_backward(logits, targets, lse)
             return nll
