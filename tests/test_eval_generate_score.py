@@ -173,8 +173,11 @@ def test_score_reads_standard_input_like_a_file(word, tmp_path):
                                input=text, capture_output=True, text=True, env=env, timeout=300)
         assert piped.returncode == 0, (args, piped.stderr)
         assert piped.stdout == from_file.stdout, args
+    # compared exactly with score_text in this process, which runs on one thread (one_thread):
+    # the CLI's on one thread too (a different thread count may round a GEMM's last bit)
     whole = subprocess.run([sys.executable, "-m", "dist_lm", "score", str(run_dir), "-", "--per",
-                            "text"], input=text, capture_output=True, text=True, timeout=300)
+                            "text"], input=text, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert [json.loads(x) for x in whole.stdout.splitlines()] == score_text(
         run_dir, text, per="text")
     empty = subprocess.run([sys.executable, "-m", "dist_lm", "score", str(run_dir), "-"],
