@@ -14,8 +14,8 @@ else): no implementation of that model's step can be faster, so LSTM step time /
 the ceiling on the QRNN/LSTM ratio on the machine at hand; the "of its GEMM ceiling" rows give
 each QRNN PTB step's tokens/s as a fraction of it. On CPU three final rows time the models'
 replacements of torch ops alone: fused Philox weight drop against F.dropout and against the
-keep_mask product it replaced, softmax_nll against F.cross_entropy; then the loss of the full, adaptive and hierarchical softmax heads at
-V = 10k, 33k and 267k (see _head_rows).
+keep_mask product it replaced, softmax_nll against F.cross_entropy; then the loss of the full,
+adaptive and hierarchical softmax heads at V = 10k, 33k and 267k (see _head_rows).
 """
 
 from __future__ import annotations
@@ -141,8 +141,8 @@ def _head_rows(quick: bool) -> list[dict]:
 def _replacement_rows(quick: bool) -> list[dict]:
     """CPU replacements against what they replace, forward + backward, interleaved: weight drop
     (the fused Philox op) on the QRNN's largest gate matrix against F.dropout (`bernoulli_`) and
-    against the keep_mask product it replaced, and the softmax loss (softmax_nll) at the PTB step's [1400, 10000] logits against
-    F.cross_entropy."""
+    against the keep_mask product it replaced, and the softmax loss (softmax_nll) at the PTB
+    step's [1400, 10000] logits against F.cross_entropy."""
     import torch.nn.functional as F
 
     from ..models.dropout import keep_mask, weight_drop

@@ -55,7 +55,8 @@ class _SoftmaxNLL(torch.autograd.Function):
 
             logits, targets = logits.contiguous(), targets.contiguous().long()
             V = logits.size(1)
-            if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < V:
+            lo, hi = torch.aminmax(targets) if targets.numel() else (0, 0)
+            if not 0 <= int(lo) <= int(hi) < V:
                 raise IndexError(f"softmax_nll: a target is outside [0, {V})")
             nll, lse = qrnn_cpu.softmax_nll_forward(logits, targets)
             ctx.save_for_backward(logits, targets, lse)
