@@ -100,6 +100,36 @@ TRITON_SCRIPT = textwrap.dedent("""
             torch.testing.assert_close(o.double(), r, rtol=2e-2, atol=2e-2)
             g = forget_mult_triton_backward(grad.to(dt), f.to(dt), x.to(dt), h0, o)
             assert [t.dtype for t in g] == [dt, dt, torch.float64]
+    # the public op (custom op, autograd, h0 = None) on the Triton kernels, as on CUDA: T = 1
+    # (a one-token window) and longer, float32 and bfloat16
+    from dist_lm.kernels import forget_mult
+    calls = []
+    def triton_kernel(name, fn):
+        def kernel(*args):
+            calls.append(name)
+            return fn(*args)
+        torch.library.register_kernel(f"dist_lm::{name}", "cpu", kernel)
+    triton_kernel("forget_mult", forget_mult_triton_forward)
+    triton_kernel("forget_mult_backward", forget_mult_triton_backward)
+    public = [((1, 2, 3), torch.float32, True), ((1, 1, 1), torch.float32, False),
+              ((1, 3, 5), torch.bfloat16, True), ((5, 2, 3), torch.float32, False)]
+    for (T, b, H), dt, with_h0 in public:
+        f, x = torch.rand(T, b, H).to(dt), torch.randn(T, b, H).to(dt)
+        h0, grad = torch.randn(b, H).to(dt) if with_h0 else None, torch.randn(T, b, H).to(dt)
+        leaves = [t.clone().requires_grad_() for t in (f, x)] + (
+            [h0.clone().requires_grad_()] if with_h0 else [])
+        out = forget_mult(*leaves)
+        out.backward(grad)
+        assert calls == ["forget_mult", "forget_mult_backward"], calls
+        calls.clear()
+        ref_leaves = [t.double().requires_grad_() for t in (f, x)] + (
+            [h0.double().requires_grad_()] if with_h0 else [])
+        ref = forget_mult_reference(*ref_leaves)
+        ref.backward(grad.double())
+        tol = 1e-5 if dt == torch.float32 else 2e-2
+        assert out.dtype == dt
+        for got, want in [(out, ref)] + [(a.grad, r.grad) for a, r in zip(leaves, ref_leaves)]:
+            torch.testing.assert_close(got.double(), want.detach(), rtol=tol, atol=tol)
     print("ok")
 """)
 

@@ -25,9 +25,14 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK = 512
+# Integer arguments Triton must not specialize on their value. By default the JIT compiles a
+# variant where an int equals 1 (a constant: (T - 1).to(...) then fails to compile, a one-token
+# window) and another where it is a multiple of 16 (a recompile whenever variable BPTT moves T
+# across one). ALIGN already tells the compiler what matters for vector access.
+_SIZES = ("T", "N_DIV")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _forget_mult_fwd(F, X, H0, OUT, T, N_DIV, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     N = N_DIV * ALIGN  # a multiple of ALIGN the compiler can see
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -50,7 +55,7 @@ def _forget_mult_fwd(F, X, H0, OUT, T, N_DIV, ALIGN: tl.constexpr, BLOCK: tl.con
         o_ptr += N
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _forget_mult_bwd(GH, F, X, H0, H, GF, GX, GH0, T, N_DIV, ALIGN: tl.constexpr,
                      BLOCK: tl.constexpr):
     N = N_DIV * ALIGN

@@ -30,6 +30,7 @@ from .forget_mult_triton import pow2_divisor
 
 BLOCK = 256
 NUM_WARPS = 2
+_SIZES = ("T", "B", "H_DIV")  # not specialized on their value: see forget_mult_triton._SIZES
 
 
 @triton.jit
@@ -37,7 +38,7 @@ def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _qrnn_fwd(Y, C0, M, HOUT, C, T, B, H_DIV, scale,
               HAS_MASK: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     H = H_DIV * ALIGN  # a multiple of ALIGN the compiler can see
@@ -77,7 +78,7 @@ def _qrnn_fwd(Y, C0, M, HOUT, C, T, B, H_DIV, scale,
         h_ptr += hs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _qrnn_bwd(GH, GC, Y, C0, M, C, DY, DC0, T, B, H_DIV, scale,
               HAS_MASK: tl.constexpr, HAS_GC: tl.constexpr, ALIGN: tl.constexpr,
               BLOCK: tl.constexpr):
