@@ -35,8 +35,9 @@ from .. import distributed as D
 from ..config import RESOLVED, Config, load_config, to_dict
 from ..errors import Stopped, UserError
 from ..fileio import write_text_atomic
-from ..metrics import (MetricsSink, ThroughputMeter, baseline_key, device_kind,
-                       perplexity_fields, read_baseline, record_baseline)
+from ..metrics.baselines import baseline_key, device_kind, read_baseline, record_baseline
+from ..metrics.meter import ThroughputMeter, perplexity_fields
+from ..metrics.writer import MetricsSink
 from ..runs import (RunLock, clear_run, find_checkpoint, first_whole, holds_run,
                     list_checkpoints, load_tensor_file, new_run_id, run_id, step_dir_name,
                     write_run_files)
