@@ -718,11 +718,14 @@ class Trainer:
             return 0.0
         tps = t.baseline_tokens_per_s or read_baseline(self._baseline_key())
         if tps <= 0 and self.rank == 0:
+            # the one-device run must use this run's micro batch: left to choose, it would
+            # pick its own for all the streams on one device, and record another key
             print(f"dist-lm: scaling efficiency left out: no single-device baseline recorded for "
                   f"this model (vocab {self.vocab_size}, micro-batch {self.micro}, bptt "
                   f"{t.bptt}, {self.dtype}, {device_kind(self.device)}); record one with a "
-                  f"one-device run of this config with --train.record_baseline=true, or pass "
-                  f"--train.baseline_tokens_per_s", flush=True)
+                  f"one-device run of this config with --train.micro_batch={self.micro} "
+                  f"--train.record_baseline=true, or pass --train.baseline_tokens_per_s=N",
+                  flush=True)
         return tps
 
     def _record_baseline(self) -> None:
