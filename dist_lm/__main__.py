@@ -172,7 +172,7 @@ def compare(*runs: str, out: str | None = None, metric: str = "valid_ppl",
       x: the plots' x-axis: tokens (training tokens: runs of different global batch or
         bptt compare at equal data), steps (optimizer steps) or seconds (wall clock).
     """
-    from .metrics import compare_command
+    from .metrics.compare import compare_command
 
     compare_command(list(runs), out=out, metric=metric, x=x)
 

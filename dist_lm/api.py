@@ -2,7 +2,8 @@
 
     from dist_lm.api import load_run, evaluate, score_text, generate
 
-    run = load_run("runs/ptb")                           # latest complete checkpoint, eval mode
+    run = load_run("runs/ptb")                           # best validation checkpoint, eval mode
+    run = load_run("runs/ptb", checkpoint="latest")      # or the newest one, or "step-N"
     evaluate(run, split="test")                          # {"ppl": ..., "nll": ..., "tokens": ...}
     evaluate(run, split="test", cache={"window": 500, "theta": 0.66, "lambdah": 0.13})
     evaluate(run, split="test", dynamic={"lr": 5e-5, "decay": 2e-3})

@@ -125,7 +125,7 @@ if want ddp; then
   maybe dist-lm compare "$OUT/ddp/ddp2" "$OUT/ddp/accum2" --out "$OUT/ddp/compare"
   maybe python - "$OUT/ddp/ddp2" "$OUT/ddp/accum2" <<'EOF'
 import sys
-from dist_lm.metrics import read_metrics
+from dist_lm.metrics.compare import read_metrics
 a, b = ([m["loss"] for m in read_metrics(r) if "grad_norm" in m] for r in sys.argv[1:3])
 assert len(a) == len(b) and a, (len(a), len(b))
 print(f"DDP vs accumulation: {len(a)} steps, largest relative loss difference "

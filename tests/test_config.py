@@ -104,6 +104,11 @@ def test_shipped_configs_load():
     from pathlib import Path
 
     configs = sorted(Path(__file__).resolve().parents[1].glob("configs/*.toml"))
+    names = {p.stem for p in configs}
+    # the shipped recipes (the docs name them): each must be found, or the glob has gone wrong
+    assert {"cpu_smoke", "ptb_small_cpu", "ptb_5min_cpu", "ptb_15min_cpu", "ptb_awd_lstm",
+            "ptb_char_lstm", "ptb_cell_search_cpu", "wt2_awd_lstm", "wt103_qrnn_12h",
+            "enwik8_lstm"} <= names, names
     for p in configs:
         load_config(p)
 

@@ -163,7 +163,7 @@ def test_unknown_option_suggests_the_closest(setup, capsys):
 
 
 def test_result_goes_to_the_runs_wandb_when_it_used_it(setup, tmp_path, monkeypatch):
-    from dist_lm.metrics import wandb_id
+    from dist_lm.metrics.writer import wandb_id
 
     _, corpus, _ = setup
     run_dir = make_run(tmp_path, corpus, train_steps=0, name="wb")

@@ -10,17 +10,31 @@ import pytest
 
 from dist_lm.config import Config
 from dist_lm.errors import UserError
-from dist_lm.metrics import (MetricsSink, ThroughputMeter, baseline_key, compare_command,
-                             perplexity_fields, read_baseline, record_baseline)
+from dist_lm.metrics.baselines import baseline_key, read_baseline, record_baseline
+from dist_lm.metrics.compare import compare_command
+from dist_lm.metrics.meter import ThroughputMeter, perplexity_fields
+from dist_lm.metrics.writer import MetricsSink
 
 
 def test_meter():
-    m = ThroughputMeter(world_size=2)
-    m.add(1000, wait=0.0)
-    m.add(1000, wait=0.0)
+    """Tokens over the interval's seconds on the meter's clock, per device, the data-wait share
+    of the interval; a snapshot starts the next interval (reset=False keeps counting)."""
+    now = [100.0]
+    m = ThroughputMeter(world_size=2, clock=lambda: now[0])
+    m.add(1000, wait=0.5)
+    m.add(3000, wait=1.5)
+    now[0] = 104.0
+    assert m.snapshot(reset=False) == {"tokens_per_s": 1000.0, "tokens_per_s_per_device": 500.0,
+                                       "data_wait_share": 0.5, "interval_s": 4.0}
+    m.add(2000, wait=0.0)
+    now[0] = 106.0  # the same interval, now 6 s long with 6000 tokens
+    assert m.snapshot() == {"tokens_per_s": 1000.0, "tokens_per_s_per_device": 500.0,
+                            "data_wait_share": pytest.approx(2 / 6), "interval_s": 6.0}
+    assert (m.tokens, m.wait, m.steps, m.t0) == (0, 0.0, 0, 106.0)
+    m.add(300, wait=9.0)  # more waiting than the interval (clocks of different resolution)
+    now[0] = 109.0
     s = m.snapshot()
-    assert s["tokens_per_s"] > 0 and s["tokens_per_s_per_device"] == pytest.approx(s["tokens_per_s"] / 2)
-    assert 0 <= s["data_wait_share"] <= 1 and m.tokens == 0
+    assert s["tokens_per_s"] == 100.0 and s["interval_s"] == 3.0 and s["data_wait_share"] == 1.0
 
 
 def test_ppl_or_bpc():

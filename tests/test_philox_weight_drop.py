@@ -13,11 +13,11 @@ import textwrap
 import pytest
 import torch
 
-from dist_lm.kernels import qrnn_cpu
+from dist_lm.kernels import weight_drop_cpu
 from dist_lm.kernels.philox import K, philox4x32, philox_bits, threshold
 from dist_lm.models.dropout import philox_drop_reference, weight_drop
 
-needs_kernel = pytest.mark.skipif(qrnn_cpu.library() is None, reason="no C compiler")
+needs_kernel = pytest.mark.skipif(weight_drop_cpu.library() is None, reason="no C compiler")
 
 
 def words(*vals):
@@ -90,7 +90,7 @@ SEEDS = [0, 5, 2**31 + 11, 2**62 + 987_654_321]
 @pytest.mark.parametrize("n", SIZES)
 def test_c_kernel_draws_the_reference_bits(n):
     for seed in SEEDS:
-        assert torch.equal(qrnn_cpu.philox_fill(n, seed), philox_bits(n, seed)), seed
+        assert torch.equal(weight_drop_cpu.philox_fill(n, seed), philox_bits(n, seed)), seed
 
 
 @needs_kernel
@@ -100,7 +100,7 @@ def test_c_kernel_weight_drop_equals_the_reference_op(keep):
     for n in SIZES:
         x = torch.randn(n)
         for seed in SEEDS[:3]:
-            got = qrnn_cpu.weight_drop(x, seed, threshold(keep), 1 / keep)
+            got = weight_drop_cpu.weight_drop(x, seed, threshold(keep), 1 / keep)
             assert torch.equal(got, philox_drop_reference(x, seed, keep)), (n, seed)
 
 
@@ -109,10 +109,10 @@ def test_plain_c_build_without_avx2_draws_the_same_bits(tmp_path):
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler")
-    src, lib = tmp_path / "k.c", tmp_path / "k.so"
-    src.write_text(qrnn_cpu.SOURCE)
+    lib = tmp_path / "k.so"
     subprocess.run([cc, "-O3", "-mno-avx2", "-fno-trapping-math", "-fPIC", "-shared",
-                    "-std=c99", str(src), "-o", str(lib), "-lm"], check=True)
+                    "-std=c99", str(weight_drop_cpu.KERNEL.source), "-o", str(lib), "-lm"],
+                   check=True)
     so = ctypes.CDLL(str(lib))
     so.philox_fill.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64,
                                ctypes.c_int64, ctypes.c_int64]

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from dist_lm.kernels import qrnn_cpu
+from dist_lm.kernels import qrnn_fused_cpu
 from dist_lm.kernels.qrnn_fused import qrnn_fused, qrnn_fused_reference
 
 # (T, b, H): T = 1, b*H = 1, 15, 14, 34 (none a multiple of 16), one larger
@@ -72,7 +72,7 @@ def test_reference_is_the_gate_by_gate_recurrence():
 @pytest.mark.parametrize("gates", ["mid", "edge"])
 @pytest.mark.parametrize("zoneout,scale", [(False, 1.0), (True, 1.0), (False, 0.7)])
 def test_cpu_kernel_matches_reference(shape, gates, zoneout, scale):
-    assert qrnn_cpu.library() is not None  # a C compiler is part of the test machine
+    assert qrnn_fused_cpu.library() is not None  # a C compiler is part of the test machine
     y, c0, mask, gh, gc = case(*shape, gates=gates, zoneout=zoneout, seed=3)
     for with_c0, c_grad in [(True, True), (False, False)]:
         got = run(qrnn_fused, y, c0, mask, scale, gh, gc, with_c0, c_grad)
@@ -91,7 +91,7 @@ def test_cpu_kernel_is_the_one_running(monkeypatch):
     h, _ = qrnn_fused(yy, c0, mask)
     assert type(h.grad_fn).__name__ == "_FusedCPUBackward"
     got = run(qrnn_fused, y, c0, mask, 1.0, gh, gc)
-    monkeypatch.setattr(qrnn_cpu, "library", lambda: None)
+    monkeypatch.setattr(qrnn_fused_cpu, "library", lambda: None)
     h, _ = qrnn_fused(yy, c0, mask)
     assert type(h.grad_fn).__name__ != "_FusedCPUBackward"
     for a, b in zip(got, run(qrnn_fused, y, c0, mask, 1.0, gh, gc)):
@@ -115,15 +115,15 @@ def test_cpu_kernel_splits_lanes_over_threads():
 def test_cpu_kernel_builds_into_the_cache_dir_and_falls_back_without_a_compiler(tmp_path,
                                                                                 monkeypatch):
     monkeypatch.setenv("DIST_LM_CACHE", str(tmp_path / "cache"))
-    assert qrnn_cpu._build() is not None
-    assert [p.name.startswith("qrnn_cpu-") for p in (tmp_path / "cache").iterdir()] == [True]
+    assert qrnn_fused_cpu.KERNEL.build() is not None
+    assert [p.name.startswith("qrnn_fused-") for p in (tmp_path / "cache").iterdir()] == [True]
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("DIST_LM_CACHE", str(tmp_path / "other"))
     with pytest.raises(OSError):  # library() turns this into a warning and the torch path
-        qrnn_cpu._build()
+        qrnn_fused_cpu.KERNEL.build()
     monkeypatch.setenv("CC", "false")
     with pytest.warns(UserWarning, match="did not build"):
-        assert qrnn_cpu._build() is None
+        assert qrnn_fused_cpu.KERNEL.build() is None
 
 
 TRITON_SCRIPT = textwrap.dedent("""

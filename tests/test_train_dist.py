@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -184,12 +185,16 @@ def test_scaling_efficiency_needs_a_matching_recorded_baseline(tmp_path, ptb_sli
     old = {k: os.environ.get(k) for k in env_over}
     os.environ.update(env_over)
     try:
-        run(tmp_path, "ddp0", 2, ptb_slice, f"train.run_dir={tmp_path/'ddp0'}", "dist.engine=ddp",
-            "train.max_steps=3")
+        p = run(tmp_path, "ddp0", 2, ptb_slice, f"train.run_dir={tmp_path/'ddp0'}",
+                "dist.engine=ddp", "train.max_steps=3")
         assert not any("scaling_efficiency" in r for r in metrics(tmp_path / "ddp0"))
-        # the baseline: one device with the per-rank micro-batch of the 2-rank run (2 streams)
+        # the baseline, recorded as rank 0's hint says: one device, the same config, the flags
+        # the hint names (the 2-rank run's micro-batch of 2 streams; alone, one device picks 4)
+        hint = next(ln for ln in p.stdout.splitlines() if "scaling efficiency left out" in ln)
+        flags = re.findall(r"--(train\.\w+=[^\s,;]+)", hint.split(", or pass")[0])
+        assert "train.record_baseline=true" in flags, hint
         run(tmp_path, "one", 1, ptb_slice, f"train.run_dir={tmp_path/'one'}", "train.max_steps=3",
-            "train.global_batch=2", "train.record_baseline=true")
+            *flags)
         assert base.is_file()
         run(tmp_path, "ddp", 2, ptb_slice, f"train.run_dir={tmp_path/'ddp'}", "dist.engine=ddp",
             "train.max_steps=3")

@@ -279,7 +279,7 @@ def test_target_ppl_stops_and_records_time_to_target(tmp_path, ptb_slice):
     assert final["stop"] == "target" and tr.step == hit["step"] < 200
     assert final["time_to_target_s"] == pytest.approx(10.0 * hit["step"])
     assert final["tokens_to_target"] == hit["tokens"] and hit["event"] == "target"
-    from dist_lm.metrics import compare_command
+    from dist_lm.metrics.compare import compare_command
 
     compare_command([str(tmp_path)], out=str(tmp_path / "cmp"))
     table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
@@ -320,7 +320,7 @@ def test_checkpoint_of_another_format_is_refused(tmp_path, ptb_slice):
 # ---- scaling-efficiency baselines ----------------------------------------------------------
 
 def test_single_device_runs_record_a_baseline_only_when_asked(tmp_path, ptb_slice):
-    from dist_lm.metrics import baselines_path, read_baseline
+    from dist_lm.metrics.baselines import baselines_path, read_baseline
 
     path = baselines_path()
     assert str(path).startswith(os.environ["HOME"])  # tests never touch the user's home

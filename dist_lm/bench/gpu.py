@@ -473,13 +473,13 @@ def _kernel_fns(device: torch.device):
         from ..kernels.qrnn_fused_triton import (qrnn_fused_triton_backward as qb,
                                                  qrnn_fused_triton_forward as qf)
         return ff, fb, qf, qb
-    from ..kernels import qrnn_cpu
+    from ..kernels import qrnn_fused_cpu
     from ..kernels.forget_mult import forget_mult_cpu_backward as fb
     from ..kernels.forget_mult import forget_mult_cpu_forward as ff
 
-    if qrnn_cpu.library() is None:
+    if qrnn_fused_cpu.library() is None:
         raise RuntimeError("the CPU QRNN kernel did not build (no C compiler?)")
-    return ff, fb, qrnn_cpu.forward, qrnn_cpu.backward
+    return ff, fb, qrnn_fused_cpu.forward, qrnn_fused_cpu.backward
 
 
 def section_kernel_time(plan: Plan, ctx: dict) -> list[dict]:

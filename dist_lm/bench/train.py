@@ -4,7 +4,7 @@ The step is the Trainer's (local engine): forward on a [bptt, batch] window with
 state carried, loss = nll + AR + TAR, backward, clip over all parameters, SGD step. Synthetic
 tokens (speed does not depend on the text). The full-size figure is also recorded as the
 single-device baseline for its model, vocabulary, batch, bptt and dtype
-(dist_lm.metrics.record_baseline), which multi-rank runs of that configuration use for their
+(dist_lm.metrics.baselines), which multi-rank runs of that configuration use for their
 scaling efficiency.
 """
 
@@ -15,7 +15,7 @@ import time
 import torch
 
 from ..config import Config, to_dict
-from ..metrics import baseline_key, record_baseline
+from ..metrics.baselines import baseline_key, record_baseline
 
 
 def _config(quick: bool) -> Config:

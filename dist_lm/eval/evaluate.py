@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from ..fileio import write_text_atomic
-from ..metrics import ppl_or_bpc, wandb_init, wandb_mode
+from ..metrics.meter import ppl_or_bpc
+from ..metrics.writer import wandb_init, wandb_mode
 from ..distributed import all_reduce_sum
 from ..errors import UserError
 from ..runs import run_dir_of

@@ -5,8 +5,8 @@ Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 
 dropout and of Triton's `tl.randint4x`, whose argument order this follows: counter
 (lo32(n), hi32(n), 0, 0) for counter number n, key (lo32(seed), hi32(seed)). Because any
 element's draw is a function of (seed, its index), the forward can drop a weight without
-storing a mask, and the backward recomputes the same mask from the seed (kernels/qrnn_cpu.py's
-`wdrop`), on any number of threads with the same result.
+storing a mask, and the backward recomputes the same mask from the seed (`wdrop` in
+kernels/csrc/weight_drop.c), on any number of threads with the same result.
 
 Element i of a flat tensor takes its bits from counter number n and output word o:
 

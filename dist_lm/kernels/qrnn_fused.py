@@ -18,8 +18,9 @@ Implementations of one op:
                         the forget_mult op, output gate) with autograd through it: tests, and
                         the fallback for dtypes/devices the kernels below do not take
   CUDA                  qrnn_fused_triton.py: forward and backward kernels, fp32 carry
-  CPU (fp32)            qrnn_cpu.py: a C kernel, forward and backward, one pass over T per lane;
-                        the reference path where no C compiler is found
+  CPU (fp32)            qrnn_fused_cpu.py: a C kernel (csrc/qrnn_fused.c), forward and
+                        backward, one pass over T per lane; the reference path where no C
+                        compiler is found
 """
 
 from __future__ import annotations
@@ -48,24 +49,24 @@ def qrnn_fused_reference(y: Tensor, c0: Tensor | None = None, mask: Tensor | Non
 class _FusedCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, c0, mask, scale):
-        from . import qrnn_cpu
+        from . import qrnn_fused_cpu
 
         ctx.set_materialize_grads(False)  # c's gradient is usually None: no [T, b, H] of zeros
-        mask = qrnn_cpu.byte_mask(mask)
-        h, c = qrnn_cpu.forward(y, c0, mask, scale)
+        mask = qrnn_fused_cpu.byte_mask(mask)
+        h, c = qrnn_fused_cpu.forward(y, c0, mask, scale)
         ctx.save_for_backward(y, c0, mask, c)
         ctx.scale = scale
         return h, c
 
     @staticmethod
     def backward(ctx, gh, gc):
-        from . import qrnn_cpu
+        from . import qrnn_fused_cpu
 
         y, c0, mask, c = ctx.saved_tensors
         if gh is None:
             gh = torch.zeros_like(c)
-        dy, dc0 = qrnn_cpu.backward(gh.float(), None if gc is None else gc.float(), y, c0, mask,
-                                    c, ctx.scale)
+        dy, dc0 = qrnn_fused_cpu.backward(gh.float(), None if gc is None else gc.float(), y, c0,
+                                          mask, c, ctx.scale)
         return dy, dc0, None, None
 
 
@@ -107,9 +108,9 @@ def unfused():
 
 
 def _cpu_kernel_available() -> bool:
-    from . import qrnn_cpu
+    from . import qrnn_fused_cpu
 
-    return qrnn_cpu.library() is not None
+    return qrnn_fused_cpu.library() is not None
 
 
 def qrnn_fused(y: Tensor, c0: Tensor | None = None, mask: Tensor | None = None,

@@ -59,7 +59,8 @@ def weight_drop(weight: Tensor, p: float, training: bool) -> Tensor:
 
     On CPU the mask is Philox4x32-10 bits keyed by one 63-bit seed drawn from torch's default
     generator (kernels/philox.py): the forward and the backward are one pass each (the C kernel
-    in kernels/qrnn_cpu.py: draw, compare, scale and multiply together) and no mask is stored.
+    of kernels/weight_drop_cpu.py: draw, compare, scale and multiply together) and no mask is
+    stored.
     Other devices use torch's fused dropout kernel.
     """
     if not training or p == 0.0:
@@ -96,12 +97,12 @@ class _PhiloxDrop(torch.autograd.Function):
 
 
 def _philox_drop(x: Tensor, seed: int, keep: float) -> Tensor:
-    from ..kernels import qrnn_cpu
+    from ..kernels import weight_drop_cpu
     from ..kernels.philox import threshold
 
-    if qrnn_cpu.library() is None:
+    if weight_drop_cpu.library() is None:
         return philox_drop_reference(x, seed, keep)
-    return qrnn_cpu.weight_drop(x, seed, threshold(keep), 1.0 / keep)
+    return weight_drop_cpu.weight_drop(x, seed, threshold(keep), 1.0 / keep)
 
 
 def zoneout_mask(f: Tensor, p: float, training: bool) -> Tensor:

@@ -43,22 +43,22 @@ class _SoftmaxNLL(torch.autograd.Function):
     runs log_softmax's backward over it; here the gradient is exp(logp) * g with -g added at
     the targets: two passes over [N, V] instead of four (~10% of the softmax's time in a PTB
     step on CPU). On CPU (fp32, with a C compiler) both directions are one C pass each
-    (kernels/qrnn_cpu.py): the forward keeps only the row's log-sum-exp besides the logits, and
-    the backward writes exp(x - lse) g with -g at the target. Values and gradients equal
+    (kernels/softmax_nll_cpu.py): the forward keeps only the row's log-sum-exp besides the
+    logits, and the backward writes exp(x - lse) g with -g at the target. Values and gradients equal
     F.cross_entropy's (tested).
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
         if _cpu_kernel(logits):
-            from ..kernels import qrnn_cpu
+            from ..kernels import softmax_nll_cpu
 
             logits, targets = logits.contiguous(), targets.contiguous().long()
             V = logits.size(1)
             lo, hi = torch.aminmax(targets) if targets.numel() else (0, 0)
             if not 0 <= int(lo) <= int(hi) < V:
                 raise IndexError(f"softmax_nll: a target is outside [0, {V})")
-            nll, lse = qrnn_cpu.softmax_nll_forward(logits, targets)
+            nll, lse = softmax_nll_cpu.forward(logits, targets)
             ctx.save_for_backward(logits, targets, lse)
             return nll
         logp = torch.log_softmax(logits, 1)
@@ -68,10 +68,10 @@ class _SoftmaxNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         if len(ctx.saved_tensors) == 3:
-            from ..kernels import qrnn_cpu
+            from ..kernels import softmax_nll_cpu
 
             logits, targets, lse = ctx.saved_tensors
-            return qrnn_cpu.softmax_nll_backward(logits, targets, lse, g), None
+            return softmax_nll_cpu.backward(logits, targets, lse, g), None
         logp, targets = ctx.saved_tensors
         g = g.unsqueeze(1)
         grad = torch.exp(logp).mul_(g)
@@ -80,13 +80,13 @@ class _SoftmaxNLL(torch.autograd.Function):
 
 
 def _cpu_kernel(logits: Tensor) -> bool:
-    """Whether the C softmax loss (kernels/qrnn_cpu.py) takes these logits: fp32 on CPU, with a
-    compiler to build it."""
+    """Whether the C softmax loss (kernels/softmax_nll_cpu.py) takes these logits: fp32 on CPU,
+    with a compiler to build it."""
     if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2:
         return False
-    from ..kernels import qrnn_cpu
+    from ..kernels import softmax_nll_cpu
 
-    return qrnn_cpu.library() is not None
+    return softmax_nll_cpu.library() is not None
 
 
 def softmax_nll(logits: Tensor, targets: Tensor) -> Tensor:

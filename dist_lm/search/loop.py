@@ -423,7 +423,7 @@ class Search:
             stop_at: int = 0) -> dict:
         """Search until total_steps (or search.max_seconds), then derive; `stop_at` > 0 stops
         after that step with a checkpoint and no derive (tests: an interrupted search)."""
-        from ..metrics import MetricsSink
+        from ..metrics.writer import MetricsSink
 
         cfg = self.cfg
         start = self._open(resume, overwrite)

@@ -35,8 +35,9 @@ from .. import distributed as D
 from ..config import RESOLVED, Config, load_config, to_dict
 from ..errors import Stopped, UserError
 from ..fileio import write_text_atomic
-from ..metrics import (MetricsSink, ThroughputMeter, baseline_key, device_kind,
-                       perplexity_fields, read_baseline, record_baseline)
+from ..metrics.baselines import baseline_key, device_kind, read_baseline, record_baseline
+from ..metrics.meter import ThroughputMeter, perplexity_fields
+from ..metrics.writer import MetricsSink
 from ..runs import (RunLock, clear_run, find_checkpoint, first_whole, holds_run,
                     list_checkpoints, load_tensor_file, new_run_id, run_id, step_dir_name,
                     write_run_files)
@@ -717,11 +718,14 @@ class Trainer:
             return 0.0
         tps = t.baseline_tokens_per_s or read_baseline(self._baseline_key())
         if tps <= 0 and self.rank == 0:
+            # the one-device run must use this run's micro batch: left to choose, it would
+            # pick its own for all the streams on one device, and record another key
             print(f"dist-lm: scaling efficiency left out: no single-device baseline recorded for "
                   f"this model (vocab {self.vocab_size}, micro-batch {self.micro}, bptt "
                   f"{t.bptt}, {self.dtype}, {device_kind(self.device)}); record one with a "
-                  f"one-device run of this config with --train.record_baseline=true, or pass "
-                  f"--train.baseline_tokens_per_s", flush=True)
+                  f"one-device run of this config with --train.micro_batch={self.micro} "
+                  f"--train.record_baseline=true, or pass --train.baseline_tokens_per_s=N",
+                  flush=True)
         return tps
 
     def _record_baseline(self) -> None:
