@@ -28,31 +28,10 @@ from typing import Callable
 import pytest
 
 from _eval_helpers import one_thread  # noqa: F401  (autouse: tiny models, one thread)
+from test_faults import TOML  # the fault suite's tiny recipe (momentum, 16/24 units, 4 streams)
 from train_helpers import make_trainer, small_corpus, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-TOML = """
-[model]
-emb_size = 16
-hidden_size = 24
-n_layers = 2
-[optim]
-name = "momentum"
-lr = 0.3
-[train]
-device = "cpu"
-global_batch = 4
-bptt = 12
-max_steps = 2
-[data]
-eval_batch_size = 2
-test_batch_size = 1
-[log]
-every_steps = 1
-progress = false
-wandb_mode = "disabled"
-"""
 
 
 # ---- how a case runs ----------------------------------------------------------------------
@@ -107,7 +86,7 @@ class Case:
 
 
 def train(*args: str) -> list[str]:
-    return ["train", "{toml}", "--data.shards={corpus}", *args]
+    return ["train", "{toml}", "--data.shards={corpus}", "--train.max_steps=2", *args]
 
 
 def copy_run(read_only_too: bool):
