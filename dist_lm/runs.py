@@ -26,7 +26,7 @@ import torch
 
 from .config import Config, from_dict, save_config
 from .errors import UserError
-from .fileio import write_text_atomic
+from .fileio import read_json, write_text_atomic
 
 MARKER = "DONE"
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -370,7 +370,7 @@ def check_resume_config(start: Path, cfg: Config, corpus_dir: Path) -> None:
     p = run_dir / "config.json"
     if not p.is_file():
         return  # a checkpoint without its run's config: the loaders' own checks still apply
-    old = from_dict(json.loads(p.read_text(encoding="utf-8")))
+    old = from_dict(read_json(p, f"restore {p} from a copy, or start a new run"))
     new = recorded_config(cfg, corpus_dir)
     diffs, flags = [], []
     for key, (when, why) in RESUME_FIXED.items():
@@ -379,7 +379,8 @@ def check_resume_config(start: Path, cfg: Config, corpus_dir: Path) -> None:
         was, now = _get(old, key), _get(new, key)
         if was != now:
             diffs.append(f"{key}: checkpoint {_show(was)}, now {_show(now)} ({why})")
-            flags.append(f"--{key}={_show(was)}")
+            flags.append(f"--data.shards={old.data.shards or old.shards_dir()}"
+                         if key == "data.corpus" else f"--{key}={_show(was)}")
     ours, theirs = run_dir / "vocab.json", corpus_dir / "vocab.json"
     if not diffs and ours.is_file() and theirs.is_file() and \
             ours.read_bytes() != theirs.read_bytes():

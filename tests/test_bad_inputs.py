@@ -145,7 +145,7 @@ CASES = [
          ["optim.name: checkpoint momentum, now adam", "--optim.name=momentum"]),
     Case("resume-changed-corpus", ["train", "{toml}", "--data.shards={other}",
                                    "--train.run_dir={run}", "--resume=auto"],
-         ["data.corpus: checkpoint text:", "--data.corpus=text:", RESUME_FIX]),
+         ["data.corpus: checkpoint text:", "--data.shards=", RESUME_FIX]),
     Case("resume-changed-global-batch", train("--train.run_dir={run}", "--resume=auto",
                                               "--train.global_batch=2"),
          ["train.global_batch: checkpoint 4, now 2", "--train.global_batch=4"]),
