@@ -29,7 +29,7 @@ import pytest
 
 from _eval_helpers import one_thread  # noqa: F401  (autouse: tiny models, one thread)
 from test_faults import TOML  # the fault suite's tiny recipe (momentum, 16/24 units, 4 streams)
-from train_helpers import make_trainer, small_corpus, tiny_config
+from train_helpers import small_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,6 +97,10 @@ def copy_run(read_only_too: bool):
     return setup
 
 
+def copy_corpus(p):  # a copy: the session's corpus serves other test files too
+    shutil.copytree(p["corpus"], p["tmp"] / "corpus")
+
+
 def foreign_folder(p):
     mine = p["tmp"] / "mine"
     (mine / "wandb").mkdir(parents=True)
@@ -155,10 +159,12 @@ CASES = [
     # a fresh start never deletes what is not a run's to replace
     Case("fresh-start-into-a-run", train("--train.run_dir={run}"),
          ["already holds a run", "--resume auto", "--overwrite"]),
-    Case("fresh-start-into-a-corpus", train("--train.run_dir={corpus}"),
-         ["holds no dist-lm run (a prepared corpus)", "choose a new or empty folder"]),
-    Case("overwrite-into-a-corpus", train("--train.run_dir={corpus}", "--overwrite"),
-         ["holds no dist-lm run (a prepared corpus)", "--overwrite only replaces"]),
+    Case("fresh-start-into-a-corpus", train("--train.run_dir={tmp}/corpus"),
+         ["holds no dist-lm run (a prepared corpus)", "choose a new or empty folder"],
+         setup=copy_corpus),
+    Case("overwrite-into-a-corpus", train("--train.run_dir={tmp}/corpus", "--overwrite"),
+         ["holds no dist-lm run (a prepared corpus)", "--overwrite only replaces"],
+         setup=copy_corpus),
     Case("fresh-start-into-a-foreign-folder", train("--train.run_dir={tmp}/mine"),
          ["is not empty and holds no dist-lm run", "config.json", "--train.run_dir"],
          setup=foreign_folder),
@@ -199,16 +205,19 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def places(tmp_path_factory, ptb_slice, shared_data):
-    """The shared run (2 steps of the tiny recipe, trained once), its corpus, another corpus
-    (another vocabulary) and the recipe."""
+    """The shared run (2 steps of the tiny recipe through the CLI, trained once), its corpus,
+    another corpus (another vocabulary) and the recipe."""
     root = tmp_path_factory.mktemp("bad-inputs")
-    run = root / "run"
-    make_trainer(tiny_config(run, ptb_slice, **{
-        "optim.name": "momentum", "optim.lr": 0.3, "train.max_steps": 2})).fit()
-    other = small_corpus(root, shared_data, name="other-slice", max_vocab=150)
     toml = root / "tiny.toml"
     toml.write_text(TOML)
-    return {"run": run, "corpus": ptb_slice, "other": other, "toml": toml}
+    run = root / "run"
+    p = {"run": run, "corpus": ptb_slice, "toml": toml}
+    proc = subprocess.run([sys.executable, "-m", "dist_lm", *[a.format(**p) for a in train(
+        "--train.run_dir={run}")]], cwd=REPO, env=env(), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    p["other"] = small_corpus(root, shared_data, name="other-slice", max_vocab=150)
+    return p
 
 
 def env() -> dict:
@@ -238,6 +247,22 @@ def test_bad_input_is_one_line_and_touches_nothing(case, places, tmp_path):
         assert text in lines[0], lines[0]
     for w, was in zip(watched, before):
         assert tree(w) == was, f"{case.name} changed {w}"
+
+
+def test_the_shared_run_resumes_with_its_own_flags_and_what_a_resume_may_change(places,
+                                                                               tmp_path):
+    """The control of the resume cases: the same recipe resumes (with budgets and logging
+    changed, which a resume may), so each case above is refused for the one key it changes."""
+    shutil.copytree(places["run"], tmp_path / "run")
+    p = {**places, "tmp": tmp_path}
+    argv = [a.format(**p) for a in ["train", "{toml}", "--data.shards={corpus}",
+                                    "--train.run_dir={tmp}/run", "--resume=auto",
+                                    "--train.max_steps=3", "--log.every_steps=2",
+                                    "--train.max_seconds=600"]]
+    proc = subprocess.run([sys.executable, "-m", "dist_lm", *argv], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stdout and "step-00000002" in proc.stdout
 
 
 def test_eval_generate_and_score_work_on_a_read_only_run(places, tmp_path):
