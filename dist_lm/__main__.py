@@ -300,10 +300,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         raise
     except UserError as exc:
-        rank = os.environ.get("RANK", "0")
-        prefix = "dist-lm: error: " if rank == "0" else f"dist-lm [rank {rank}]: error: "
-        print(prefix + str(exc), file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
     except Stopped as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"dist-lm: {exc}", file=sys.stderr)
@@ -311,6 +308,21 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("dist-lm: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # a read-only folder, a full disk, a file where a folder goes
+        from .fileio import fs_error
+
+        line = fs_error(exc)
+        if line is None:
+            raise
+        _fail(line, UserError.exit_code)
+
+
+def _fail(message: str, code: int) -> None:
+    """The one line of a user's error (naming the rank under torchrun), and the exit."""
+    rank = os.environ.get("RANK", "0")
+    prefix = "dist-lm: error: " if rank == "0" else f"dist-lm [rank {rank}]: error: "
+    print(prefix + message, file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ generation and scoring; the training state lives in dist_lm/train/checkpoint.py.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import torch
 
 from .config import Config, from_dict, save_config
 from .errors import UserError
-from .fileio import write_text_atomic
+from .fileio import read_json, write_text_atomic
 
 MARKER = "DONE"
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -225,13 +226,7 @@ def write_run_files(run_dir: Path, cfg: Config, corpus_dir: Path) -> None:
     recorded data.corpus is the one the shards were prepared from (their manifest's), which
     may differ from the config's when only data.shards pointed at another corpus."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = corpus_dir / "manifest.json"
-    if manifest.is_file():
-        corpus = json.loads(manifest.read_text(encoding="utf-8")).get("corpus")
-        if corpus and corpus != cfg.data.corpus:
-            cfg = copy.deepcopy(cfg)
-            cfg.data.corpus = corpus
-    save_config(cfg, run_dir / "config.json")
+    save_config(recorded_config(cfg, corpus_dir), run_dir / "config.json")
     src = corpus_dir / "vocab.json"
     if src.is_file():
         write_text_atomic(run_dir / "vocab.json", src.read_text(encoding="utf-8"))
@@ -239,8 +234,11 @@ def write_run_files(run_dir: Path, cfg: Config, corpus_dir: Path) -> None:
 
 # ---- run directories: one run each, one writer at a time -----------------------------------
 
-# what a run writes at its top level; a fresh start with --overwrite removes exactly these
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "vocab.json", RUN_FILE, "wandb")
+LOCK = ".lock"
+# what a run (train or search) writes at its top level: a fresh start with --overwrite removes
+# exactly these, never any other file of the folder
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "vocab.json", RUN_FILE, "wandb",
+               "cell.toml", "derive.json")
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -250,14 +248,156 @@ def holds_run(run_dir: Path) -> bool:
     return (ck.is_dir() and any(ck.iterdir())) or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
+def is_run_dir(run_dir: Path) -> bool:
+    """A folder dist-lm wrote a run into: its identity (run.json), checkpoints or metrics."""
+    return (run_dir / RUN_FILE).is_file() or holds_run(run_dir)
+
+
 def clear_run(run_dir: Path) -> None:
     """Remove a previous run's outputs (RUN_OUTPUTS only: other files of the user's stay)."""
     for name in RUN_OUTPUTS:
         p = run_dir / name
-        if p.is_dir():
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
-        elif p.exists():
+        elif p.exists() or p.is_symlink():
             p.unlink()
+
+
+def check_fresh(run_dir: Path, overwrite: bool, resuming: bool = False) -> None:
+    """Refuse a fresh start that would delete what it may not: a run's checkpoints or metrics
+    without --overwrite (or --resume auto finding no checkpoint: a run killed before its first
+    one starts again), and any non-empty folder that is not a dist-lm run (as `git clone`
+    refuses a non-empty directory), --overwrite or not. A run that wrote nothing worth keeping
+    (no checkpoint, no metrics) is started afresh."""
+    if not run_dir.is_dir():
+        return
+    names = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
+    if not names:
+        return
+    if is_run_dir(run_dir):
+        if holds_run(run_dir) and not (overwrite or resuming):
+            raise UserError(f"{run_dir} already holds a run (checkpoints/ or metrics.jsonl); "
+                            f"continue it with --resume auto, start it afresh with --overwrite "
+                            f"(deletes {', '.join(RUN_OUTPUTS)} only), or choose another "
+                            f"--train.run_dir.")
+        return
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    what = " (a prepared corpus)" if "manifest.json" in names else ""
+    over = " --overwrite only replaces a dist-lm run's own outputs;" if overwrite else ""
+    raise UserError(f"train.run_dir {run_dir} is not empty and holds no dist-lm run{what}: it "
+                    f"has {shown}.{over} choose a new or empty folder as --train.run_dir.")
+
+
+def choose_start(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
+    """The one decision of a run directory (under its lock): the checkpoint to continue from,
+    None for a fresh start (after which the caller clears RUN_OUTPUTS), or a refusal."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: --resume continues "
+                        "the run in train.run_dir, --overwrite deletes it; pass one.")
+    if resume == "auto":  # the newest checkpoint whose files verify; damaged ones skipped
+        ckpts = list_checkpoints(run_dir)
+        found = first_whole(ckpts[::-1])
+        if ckpts and found is None:
+            raise UserError(f"every checkpoint in {run_dir} is damaged (their files no longer "
+                            f"match the digests DONE recorded); restore them from a copy, or "
+                            f"start afresh with --overwrite.")
+        if found is not None:
+            return found
+        check_fresh(run_dir, overwrite=False, resuming=True)  # no checkpoint yet: fresh
+        return None
+    if resume:
+        return find_checkpoint(resume, "latest")
+    check_fresh(run_dir, overwrite)
+    return None
+
+
+# What a resume may not change: key -> (the condition under which the key matters, why). The
+# checkpoint's config (config.json of the run that wrote it) is compared with the new one before
+# anything is written. Every other key may change on a resume: budgets and stops
+# (train.max_steps, epochs, max_seconds, target_ppl/bpc), log.*, checkpoint.*,
+# train.eval_every_steps, regularization and lr values (the lr rule itself is checked against
+# trainer.pt by Trainer._check_resume, as are world size, engine and micro batch by
+# checkpoint.check_compatible).
+SHAPES = "the checkpoint's weights have its shapes"
+RESUME_FIXED: dict[str, tuple[tuple[str, str] | None, str]] = {
+    "model.arch": (None, SHAPES),
+    "model.emb_size": (None, SHAPES),
+    "model.hidden_size": (None, SHAPES),
+    "model.n_layers": (None, SHAPES),
+    "model.tie_weights": (None, SHAPES),
+    "model.head": (None, SHAPES),
+    "model.cutoffs": (("model.head", "adaptive"), SHAPES),
+    "model.n_experts": (("model.head", "mos"), SHAPES),
+    "model.mos_latent": (("model.head", "mos"), SHAPES),
+    "model.hsm_classes": (("model.head", "hierarchical"), SHAPES),
+    "model.qrnn_window": (("model.arch", "qrnn"), SHAPES),
+    "model.cell": (("model.arch", "cell"), SHAPES),
+    "data.corpus": (None, "the vocabulary and the stream position are the corpus's"),
+    "data.train_split": (None, "the stream position is that split's"),
+    "optim.name": (None, "the optimizer state is that optimizer's"),
+    "train.global_batch": (None, "the stream layout depends on it"),
+}
+
+
+def _get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _show(value) -> str:
+    """A config value as the command line writes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, list) else str(value)
+
+
+def recorded_config(cfg: Config, corpus_dir: Path) -> Config:
+    """The config a run records: data.corpus is the one the shards were prepared from (their
+    manifest's), which may differ from the config's when only data.shards pointed elsewhere."""
+    manifest = corpus_dir / "manifest.json"
+    if manifest.is_file():
+        corpus = json.loads(manifest.read_text(encoding="utf-8")).get("corpus")
+        if corpus and corpus != cfg.data.corpus:
+            cfg = copy.deepcopy(cfg)
+            cfg.data.corpus = corpus
+    return cfg
+
+
+def check_resume_config(start: Path, cfg: Config, corpus_dir: Path) -> None:
+    """Refuse a resume from `start` that changes what its checkpoint cannot carry
+    (RESUME_FIXED, and the vocabulary), naming each difference and the flags that continue it."""
+    run_dir = run_dir_of(start)
+    p = run_dir / "config.json"
+    if not p.is_file():
+        return  # a checkpoint without its run's config: the loaders' own checks still apply
+    old = from_dict(read_json(p, f"restore {p} from a copy, or start a new run"))
+    new = recorded_config(cfg, corpus_dir)
+    diffs, flags = [], []
+    for key, (when, why) in RESUME_FIXED.items():
+        if when is not None and _get(old, when[0]) != when[1] and _get(new, when[0]) != when[1]:
+            continue
+        was, now = _get(old, key), _get(new, key)
+        if was != now:
+            diffs.append(f"{key}: checkpoint {_show(was)}, now {_show(now)} ({why})")
+            flags.append(f"--data.shards={old.data.shards or old.shards_dir()}"
+                         if key == "data.corpus" else f"--{key}={_show(was)}")
+    ours, theirs = run_dir / "vocab.json", corpus_dir / "vocab.json"
+    if not diffs and ours.is_file() and theirs.is_file() and \
+            ours.read_bytes() != theirs.read_bytes():
+        diffs.append(f"data.shards: {corpus_dir} has another vocabulary than the checkpoint's "
+                     f"{ours}")
+        flags.append(f"--data.shards={old.data.shards or old.shards_dir()}")
+    if diffs:
+        raise UserError(f"cannot resume from {start}: {'; '.join(diffs)}. "
+                        f"Resume with the run's own values ({' '.join(flags)}), or start a new "
+                        f"run: another --train.run_dir, or --overwrite without --resume.")
+
+
+def state_dict_mismatch(exc: RuntimeError) -> str:
+    """The first specific line of torch's load_state_dict error (its first line is only
+    'Error(s) in loading state_dict for ...'): a size mismatch or a missing key."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:240]
 
 
 def new_run_id(run_dir: Path) -> str:
@@ -277,30 +417,65 @@ def run_id(run_dir: Path) -> str | None:
 
 class RunLock:
     """An exclusive lock on a run directory (flock on RUN_DIR/.lock, released when the process
-    ends, however it ends): one writer per run directory."""
+    ends, however it ends): one writer per run directory.
+
+    acquire(claim=False) locks without writing anything into an existing lock file; claim()
+    then records this process's id. release(undo=True) after a refusal removes the folder or
+    the lock file that acquire created, so a refused command leaves the tree as it was."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
+        self.path = Path(run_dir) / LOCK
         self.fd: int | None = None
+        self.made_dir = self.made_file = False
 
-    def acquire(self) -> None:
+    def acquire(self, claim: bool = True) -> None:
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"train.run_dir {folder} is a file, not a folder; choose another "
+                            f"--train.run_dir.")
+        try:
+            self.made_dir = not folder.exists()
+            folder.mkdir(parents=True, exist_ok=True)
+            self.made_file = not self.path.exists()
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            self.undo()
+            fix = ("choose a folder you can write as --train.run_dir, or fix its permissions"
+                   if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else
+                   "free some space, then run the command again"
+                   if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else
+                   "choose another --train.run_dir")
+            raise UserError(f"cannot write {exc.filename or self.path}: {exc.strerror}; "
+                            f"{fix}.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise UserError(f"run directory {self.path.parent} is in use by another dist-lm "
+            raise UserError(f"run directory {folder} is in use by another dist-lm "
                             f"train (pid {holder}); wait for it to finish, or choose another "
                             f"--train.run_dir.") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+        if claim:
+            self.claim()
 
-    def release(self) -> None:
+    def claim(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def undo(self) -> None:
+        """Remove what acquire created (after a refusal: nothing of the command stays)."""
+        if self.made_dir:
+            shutil.rmtree(self.path.parent, ignore_errors=True)
+        elif self.made_file:
+            self.path.unlink(missing_ok=True)
+        self.made_dir = self.made_file = False
+
+    def release(self, undo: bool = False) -> None:
+        if undo:
+            self.undo()  # while still holding the lock: no other writer can be in between
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
@@ -347,6 +522,7 @@ def load_run(path: str | os.PathLike, device: str | torch.device = "cpu",
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise UserError(f"checkpoint {ckpt} does not fit the model in {run_dir}/config.json "
-                        f"(vocabulary or sizes differ): {str(exc).splitlines()[0]}") from None
+                        f"(vocabulary or sizes differ): {state_dict_mismatch(exc)}; restore the "
+                        f"run's own config.json and vocab.json.") from None
     model.to(device).eval()
     return Run(model=model, config=cfg, tokenizer=tokenizer, checkpoint=ckpt, averaged=use_avg)

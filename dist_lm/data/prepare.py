@@ -341,7 +341,7 @@ def _pass_a(encoder, src: Source, split: str, raw_path: Path, count: bool):
     n = oov = 0
     with open(raw_path, "wb") as f, _progress(source_size(src), f"tokenize {split}") as bar:
         for ids, nbytes in encoder.blocks(src):
-            ids.tofile(f)
+            f.write(ids.tobytes())  # not tofile: its failed write has no errno (a full disk)
             if counts is not None:
                 counts.add(ids)
             if encoder.oov is not None:

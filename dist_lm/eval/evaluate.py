@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -353,9 +354,17 @@ def eval_command(path: str, split: str = "test", protocol: str = "reference",
         if is_initialized():
             torch.distributed.destroy_process_group()
     if is_main():
-        p = write_result(res)
+        try:
+            p, unsaved = write_result(res), None
+        except OSError as exc:  # a read-only run (someone else's): the number still counts
+            p, unsaved = "not saved", exc
         weights = "averaged" if run.averaged else "final"
         say(f"{split} {_fmt({k: res[k] for k in ('ppl', 'bpc') if k in res})} | nll {res['nll']:.4f} | "
             f"{res['tokens']} tokens | {res['method']}, {protocol} protocol, batch {res['batch_size']}, "
             f"bptt {res['bptt']}, {weights} weights | {p}")
+        if unsaved is not None:
+            print(f"dist-lm: warning: the result above could not be saved beside the checkpoint "
+                  f"({result_path(res)}: {unsaved.strerror}) nor logged to W&B; it is only "
+                  f"printed.", file=sys.stderr, flush=True)
+            return
         _log_wandb(run, res)

@@ -373,14 +373,13 @@ class Search:
     # ---- the loop ------------------------------------------------------------------------
 
     def _open(self, resume: str | None, overwrite: bool) -> Path | None:
-        from ..runs import RunLock, clear_run, holds_run, new_run_id, run_id, write_run_files
+        from ..runs import RunLock, check_fresh, clear_run, new_run_id, run_id, write_run_files
 
         run_dir = Path(self.cfg.train.run_dir)
         if resume and overwrite:
             raise UserError("--resume and --overwrite contradict each other; pass one.")
-        created = not run_dir.exists()
         self.lock = RunLock(run_dir)
-        self.lock.acquire()
+        self.lock.acquire(claim=False)
         try:
             start = None
             if resume == "auto":
@@ -391,25 +390,18 @@ class Search:
                 if not start.is_file():
                     raise UserError(f"--resume {resume}: no such search checkpoint; pass auto or "
                                     f"a RUN/checkpoints/search-XXXXXXXX.pt file.")
-            elif holds_run(run_dir) and not overwrite:
-                raise UserError(f"{run_dir} already holds a run (checkpoints/ or metrics.jsonl); "
-                                f"continue it with --resume auto, start it afresh with "
-                                f"--overwrite, or choose another --train.run_dir.")
+            if start is None:
+                check_fresh(run_dir, overwrite, resuming=resume == "auto")
             if start is not None:
                 self.load(start)
-            else:
-                clear_run(run_dir)
-                for name in ("cell.toml", "derive.json"):
-                    (run_dir / name).unlink(missing_ok=True)
+            self.lock.claim()
+            if start is None:
+                clear_run(run_dir)  # cell.toml and derive.json included
             write_run_files(run_dir, self.cfg, self.corpus_dir)
             if start is None or run_id(run_dir) is None:
                 new_run_id(run_dir)
         except BaseException:
-            self.lock.release()
-            if created:
-                import shutil
-
-                shutil.rmtree(run_dir, ignore_errors=True)
+            self.lock.release(undo=True)
             raise
         return start
 

@@ -34,13 +34,13 @@ import torch
 from .. import distributed as D
 from ..config import RESOLVED, Config, load_config, to_dict
 from ..errors import Stopped, UserError
-from ..fileio import write_text_atomic
+from ..fileio import fs_error, write_text_atomic
 from ..metrics.baselines import baseline_key, device_kind, read_baseline, record_baseline
 from ..metrics.meter import ThroughputMeter, perplexity_fields
 from ..metrics.writer import MetricsSink
-from ..runs import (RunLock, clear_run, find_checkpoint, first_whole, holds_run,
-                    list_checkpoints, load_tensor_file, new_run_id, run_id, step_dir_name,
-                    write_run_files)
+from ..runs import (RunLock, check_resume_config, choose_start, clear_run, find_checkpoint,
+                    list_checkpoints, load_tensor_file, new_run_id, run_id, state_dict_mismatch,
+                    step_dir_name, write_run_files)
 from .checkpoint import Checkpointer, RNGState
 from .engines import build_engine
 from .optim import NTASGD, LRSchedule, ParamAverager, uses_averaging
@@ -344,55 +344,29 @@ class Trainer:
 
     # ---- the run directory ---------------------------------------------------------------
 
-    def _choose_start(self, resume: str | None, overwrite: bool) -> Path | None:
-        """The checkpoint to continue from, or None for a fresh start; refuses a fresh start
-        into a directory that holds a run (rank 0, under the lock)."""
-        run_dir = Path(self.cfg.train.run_dir)
-        if resume and overwrite:
-            raise UserError("--resume and --overwrite contradict each other: --resume continues "
-                            "the run in train.run_dir, --overwrite deletes it; pass one.")
-        if resume == "auto":  # the newest checkpoint whose files verify; damaged ones skipped
-            ckpts = list_checkpoints(run_dir)
-            found = first_whole(ckpts[::-1])
-            if ckpts and found is None:
-                raise UserError(f"every checkpoint in {run_dir} is damaged (their files no longer "
-                                f"match the digests DONE recorded); restore them from a copy, or "
-                                f"start afresh with --overwrite.")
-            return found
-        if resume:
-            return find_checkpoint(resume, "latest")
-        if holds_run(run_dir) and not overwrite:
-            raise UserError(f"{run_dir} already holds a run (checkpoints/ or metrics.jsonl); "
-                            f"continue it with --resume auto, start it afresh with --overwrite "
-                            f"(deletes its checkpoints and metrics), or choose another "
-                            f"--train.run_dir.")
-        return None
-
     def _open_run(self, resume: str | None, overwrite: bool) -> Path | None:
-        """Lock the run directory (rank 0), decide fresh / resume / refuse, check the checkpoint,
-        and only then write: a refused or failed start leaves nothing behind."""
+        """Lock the run directory (rank 0), decide fresh / resume / refuse (runs.choose_start),
+        check the checkpoint against this config, and only then write: a refused or failed
+        start leaves the directory as it was."""
         run_dir = Path(self.cfg.train.run_dir)
         start, error = None, None
         if self.rank == 0:
-            created = not run_dir.exists()
             self.lock = RunLock(run_dir)
             try:
-                self.lock.acquire()
-                start = self._choose_start(resume, overwrite)
+                self.lock.acquire(claim=False)  # nothing written into an existing run yet
+                start = choose_start(run_dir, resume, overwrite)
                 if start is not None:
+                    check_resume_config(start, self.cfg, self.corpus_dir)
                     st = self.checkpointer.read_shared(start)  # format, world size, batch, engine
                     self._check_resume(st, start)
-                else:
-                    clear_run(run_dir)  # a fresh start: nothing of an earlier run survives
-                write_run_files(run_dir, self.cfg, self.corpus_dir)
-                self._write_resolved(run_dir)
-                if start is None or run_id(run_dir) is None:
-                    new_run_id(run_dir)
+                self.lock.claim()
+                self._write_run_files(run_dir, fresh=start is None)
             except UserError as exc:
                 error = str(exc)
-                self.lock.release()
-                if created:
-                    shutil.rmtree(run_dir, ignore_errors=True)
+            except OSError as exc:  # a full disk, a read-only file: one line, nothing left
+                error = f"cannot start the run in {run_dir}: {fs_error(exc) or exc}"
+            if error is not None:
+                self.lock.release(undo=True)
         start, error = D.broadcast_object((None if start is None else str(start), error))
         if error is not None:
             raise UserError(error)
@@ -404,6 +378,23 @@ class Trainer:
             self.averager.load_average(load_tensor_file(start / "averaged.pt"))
         self.last_saved = self.step
         return start
+
+    def _write_run_files(self, run_dir: Path, fresh: bool) -> None:
+        """config.json (with its resolved block), vocab.json and, for a new run, run.json. A
+        fresh start clears the previous run's outputs first and, when a write fails (a full
+        disk), again: no half-written run stays behind."""
+        try:
+            if fresh:
+                clear_run(run_dir)  # a fresh start: nothing of an earlier run survives
+                new_run_id(run_dir)  # first: a folder with a run's files is marked as a run
+            write_run_files(run_dir, self.cfg, self.corpus_dir)
+            self._write_resolved(run_dir)
+            if run_id(run_dir) is None:
+                new_run_id(run_dir)
+        except OSError:
+            if fresh:
+                clear_run(run_dir)
+            raise
 
     def resolved(self) -> dict:
         """What this run derived from its config: the lr rule (optim.LRScaling) and the batch
@@ -769,7 +760,8 @@ def load_weights(module, step_dir: Path, name: str) -> None:
         module.load_state_dict(load_tensor_file(step_dir / name))
     except RuntimeError as exc:
         raise UserError(f"checkpoint {step_dir} does not fit this model config: "
-                        f"{str(exc).splitlines()[0]}") from None
+                        f"{state_dict_mismatch(exc)}; use the model flags of the run that wrote "
+                        f"it.") from None
 
 
 def _to(h, device):
