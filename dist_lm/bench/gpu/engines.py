@@ -48,15 +48,23 @@ def worker(out: Path, nproc: int, config: str, over: dict, cwd: Path, wait_s: fl
     if nproc > 1 or over.get("train.device") == "cpu":
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     t0 = time.perf_counter()
+    # in the part's process group (the runner's kill of the part reaches it); on its own
+    # timeout the launcher and every rank under it are killed here
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=cwd)
     try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=wait_s, cwd=cwd,
-                           start_new_session=True)
-    except subprocess.TimeoutExpired as exc:
+        output, _ = proc.communicate(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        import psutil  # a DeepSpeed requirement, in the image
+
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        output, _ = proc.communicate()
         raise RuntimeError(f"{' '.join(cmd[:6])} ... did not end in {wait_s:.0f} s: "
-                           f"{str(exc.stdout or '')[-1500:]}{str(exc.stderr or '')[-1500:]}")
-    if p.returncode or not out.is_file():
-        raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {p.returncode}: "
-                           f"{(p.stdout + p.stderr)[-2500:]}")
+                           f"{output[-2500:]}") from None
+    if proc.returncode or not out.is_file():
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {proc.returncode}: {output[-2500:]}")
     res = json.loads(out.read_text())
     res["process_seconds"] = time.perf_counter() - t0
     return res

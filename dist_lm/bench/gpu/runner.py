@@ -48,6 +48,20 @@ DRY_BOUND_S = 300  # each part's bound in the CPU rehearsal (CI)
 RESTARTS = 3  # fresh processes a part may use after crashes
 
 
+_ACTIVE: set[int] = set()  # process groups of the parts running now
+
+
+def _on_term(signum, frame) -> None:
+    """SIGTERM (the script's last-resort `timeout`): end the running part's process group too;
+    it runs in its own session, which a device machine would leave running after the command."""
+    for pid in list(_ACTIVE):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(128 + signum)
+
+
 def selected_parts() -> list[str]:
     raw = os.environ.get(SECTIONS_ENV, "").strip()
     if not raw:
@@ -141,12 +155,15 @@ def drive_part(part: str, ctx: dict, bound_s: float, log) -> tuple[list[dict], s
         proc = subprocess.Popen([sys.executable, "-m", "dist_lm.bench.gpu.runner", "_part", part,
                                  str(jsonl), str(spec)], env=env, stdout=log, stderr=log,
                                 start_new_session=True)
+        _ACTIVE.add(proc.pid)
         try:
             rc = proc.wait(timeout=left)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the part and any children it started
             proc.wait()
             rc = None
+        finally:
+            _ACTIVE.discard(proc.pid)
         recs = _read(jsonl)
         started = [r["case"] for r in recs if r.get("event") == "start"]
         ended = {r["case"] for r in recs if r.get("event") in ("done", "error")}
@@ -201,6 +218,7 @@ def run(dry: bool, json_path: str | None, budget_s: float | None = None) -> list
         write_text_atomic(json_path, json.dumps(doc, indent=1, default=str) + "\n")
         write_text_atomic(table, summary(doc))
 
+    signal.signal(signal.SIGTERM, _on_term)
     with tempfile.TemporaryDirectory(prefix="dist-lm-gpu-check-") as tmp:
         ctx = {"tmp": tmp, "dry": dry}
         for i, part in enumerate(parts):
