@@ -11,13 +11,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:?usage: launch/gpu_check.sh OUTDIR}
 KIT=${KIT:-.gpu_kit}
+case $KIT in /*) ;; *) KIT="$PWD/$KIT" ;; esac
 SITE=${SITE:-/tmp/dist-lm-site}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 LOG="$OUTDIR/gpu_check.log"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled GLOO_SOCKET_IFNAME=lo NCCL_SOCKET_IFNAME=lo
-export DIST_LM_GPU_KIT="$PWD/$KIT"
+export DIST_LM_GPU_KIT="$KIT"
 {
   echo "== gpu_check $(date -u +%FT%TZ) on $(hostname)"
   if ls "$KIT"/wheels/*.whl >/dev/null 2>&1; then

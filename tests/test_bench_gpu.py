@@ -43,6 +43,7 @@ def test_rehearsal_runs_every_part_and_a_crashed_case_loses_only_itself(tmp_path
     bad = "forget_mult fp32 T=3 b=3 H=20"
     p = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), str(out)],
                        env=_env(tmp_path, DRY="1", PYTHON=sys.executable,
+                                KIT=str(tmp_path / "no-kit"),
                                 **{gpu.FAULT_ENV: f"kernels:{bad}:exit"}),
                        cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert p.returncode == 2, p.stdout[-4000:] + p.stderr[-4000:]
