@@ -116,7 +116,7 @@ def cases(plan: Plan, ctx) -> list[tuple[str, object]]:
         return case
 
     ds = {"dist.engine": "deepspeed", "dist.backend": backend, "train.bf16": True}
-    return [("1 rank local", reference),
+    out = [("1 rank local", reference),
             (f"DDP {backend}", engine(f"1-rank DDP on {backend.upper()}", 1, LOSS_RTOL,
                                       **{"dist.engine": "ddp", "dist.backend": backend})),
             ("DeepSpeed ZeRO-1", engine("1-rank DeepSpeed ZeRO-1 bf16", 1, LOSS_RTOL_BF16,
@@ -125,6 +125,9 @@ def cases(plan: Plan, ctx) -> list[tuple[str, object]]:
                                         **ds, **{"dist.zero_stage": 2})),
             ("2 ranks gloo", engine(f"2 ranks on one {gpu}, DDP over gloo", 2, LOSS_RTOL,
                                     **{"dist.engine": "ddp", "dist.backend": "gloo"}))]
+    if plan.dry:  # CI: one process per code path (1-rank DDP on gloo and ZeRO-2 repeat them)
+        out = [c for c in out if c[0] not in (f"DDP {backend}", "DeepSpeed ZeRO-2")]
+    return out
 
 
 def _main(argv: list[str]) -> None:
