@@ -3,7 +3,7 @@
 Each group module (data, kernels, model, train, eval) has `run(quick: bool) -> list[dict]`
 returning figures {"name", "value", "unit"} plus "baseline" and "ratio" where a figure
 is compared against something measured in the same run. docs/benchmarks.md records them.
-`gpu` (not part of `all`) is the GPU machine's checks and figures (gpu.py; `--dry` on CPU).
+`gpu` (not part of `all`) is the GPU machine's checks and figures (gpu/; `--dry` on CPU).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def format_table(rows: list[dict]) -> str:
 
 def bench_command(group: str = "all", json_path: str | None = None, quick: bool = False,
                   dry: bool = False) -> None:
-    if group == "gpu":  # checks as well as figures, its own JSON and exit code (bench/gpu.py)
+    if group == "gpu":  # checks as well as figures, its own JSON and exit code (bench/gpu/)
         from .gpu import gpu_command
 
         return gpu_command(json_path, dry=dry)
