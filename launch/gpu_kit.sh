@@ -7,12 +7,24 @@
 # `carry`; docs/gpu.md). Also in the kit: PTB prepared as shards (`dist-lm prepare ptb`), since
 # the device cannot download it. tests/test_bench_gpu_kit.py checks, from KIT_WHEELS and the
 # image list, that every import the check's code path needs is in one of the two.
-# Variables: KIT (default .gpu_kit), DATA_DIR (default ../shared/data, holds ptb/), PYTHON.
+# Variables: KIT (default .gpu_kit), DATA_DIR (default ../shared/data; PTB is downloaded when it
+# does not hold ptb/), PYTHON (default: the README's .venv, set up here when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIT=${KIT:-.gpu_kit}
 DATA_DIR=${DATA_DIR:-../shared/data}
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+if [ -z "${PYTHON:-}" ]; then
+  # dist-lm itself prepares the PTB shards: set up the README's venv on a fresh clone
+  if [ ! -x .venv/bin/dist-lm ]; then
+    python3 -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -c .ci/constraints.txt -e .  # the CPU torch, pinned
+  fi
+  PYTHON=.venv/bin/python
+fi
+# PTB from DATA_DIR when it holds it, else downloaded by `dist-lm prepare` (sha256-checked)
+data_args=(--download=True)
+if [ -f "$DATA_DIR/ptb/ptb.train.txt" ]; then data_args=(--data_dir "$DATA_DIR" --download=False); fi
 
 # One version each; the device installs them with --no-deps, so this list is closed under
 # Requires-Dist up to what the image holds. Pure-python wheels except pydantic-core (cp312).
@@ -63,12 +75,8 @@ if [ "$n" -ne "${#KIT_WHEELS[@]}" ]; then
   exit 1
 fi
 
-[ -f "$DATA_DIR/ptb/ptb.train.txt" ] || {
-  echo "gpu_kit: $DATA_DIR/ptb/ptb.train.txt not found; set DATA_DIR to the folder of ptb/" >&2
-  exit 1
-}
-echo "+ dist-lm prepare ptb --data_dir $DATA_DIR --out $KIT.tmp/ptb --download=False"
-"$PYTHON" -m dist_lm prepare ptb --data_dir "$DATA_DIR" --out "$KIT.tmp/ptb" --download=False
+echo "+ dist-lm prepare ptb ${data_args[*]} --out $KIT.tmp/ptb"
+"$PYTHON" -m dist_lm prepare ptb "${data_args[@]}" --out "$KIT.tmp/ptb"
 
 printf '%s\n' "${KIT_WHEELS[@]}" > "$KIT.tmp/wheels.txt"
 rm -rf "$KIT"
