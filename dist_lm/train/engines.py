@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed as D
 from ..config import Config
 from ..errors import UserError
 from ..runs import load_tensor_file
@@ -128,7 +129,16 @@ def deepspeed_config(cfg: Config, world_size: int, micro: int, accum: int) -> di
         # SGD and the other client optimizers are not on DeepSpeed's tested list for ZeRO
         "zero_allow_untested_optimizer": True,
     }
-    if cfg.train.bf16:  # accumulate micro-batch gradients in fp32, not in bf16
+    if cfg.train.bf16 and cfg.dist.zero_stage > 0:
+        # bf16 parameters; where micro-batch gradients accumulate (DeepSpeed 0.19):
+        #   ZeRO 1: grad_accum_dtype fp32 selects its BF16_Optimizer, fp32 accumulation buffers
+        #           and fp32 master weights;
+        #   ZeRO 2: its ZeRO optimizer accumulates into fp32 partitions (fp32 master weights);
+        #   ZeRO 0: no ZeRO optimizer: DeepSpeed only takes grad_accum_dtype = the model dtype
+        #           there (any other mix raises NotImplementedError at initialize), so its
+        #           fp16-style wrapper keeps fp32 master weights but accumulates and all-reduces
+        #           the gradients in bf16 (the trainer says so when there is more than one
+        #           micro-batch to accumulate).
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if o.name in ("adam", "adamw"):
         ds["optimizer"] = {"type": "AdamW" if o.name == "adamw" else "Adam",
@@ -176,6 +186,9 @@ class DeepSpeedEngine:
             client_opt = build_optimizer(module.parameters(), cfg.optim)
         # The process group is already up (gloo/nccl via dist_lm.distributed), so DeepSpeed
         # must not initialise its own.
+        if cfg.train.bf16 and cfg.dist.zero_stage == 0 and accum > 1 and D.get_rank() == 0:
+            print(f"dist-lm: DeepSpeed ZeRO 0 accumulates the {accum} micro-batches' gradients "
+                  f"in bf16; --dist.zero_stage=1 accumulates them in fp32", flush=True)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=[p for p in module.parameters()],
             optimizer=client_opt, config=self.ds_config, dist_init_required=False)
