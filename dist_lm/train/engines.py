@@ -10,6 +10,8 @@ The Trainer only ever calls:
                                   # the norm may be a 0-dim device tensor (no host sync per step)
     engine.clip(clip) -> norm     # local/DDP (can_skip): the step in two halves, so the Trainer
     engine.apply() / engine.skip()  # can leave out a non-finite step without touching any state
+    engine.device_skip_ready()    # ... or leave it out on the device, without a host sync:
+    engine.apply_unless(flag)     #   the optimizer step with GradScaler's found_inf
     engine.save(step_dir) / engine.load(step_dir)   # optimizer state (the model is saved by the trainer)
 
 Loss normalisation: each rank's micro-batch loss is its mean over m streams; local and DDP
@@ -34,6 +36,10 @@ from ..runs import load_tensor_file
 from .checkpoint import save_file
 from .optim import build_optimizer
 
+# tests: "device" makes the Trainer leave non-finite steps out on the device (fused optimizer,
+# no host sync per step) on any device, "host" keeps the per-step agreement even on CUDA
+STEP_SKIP_ENV = "DIST_LM_STEP_SKIP"
+
 
 class LocalEngine:
     name = "local"
@@ -42,7 +48,10 @@ class LocalEngine:
         self.module = module
         self.model = module
         self.accum = accum
-        self.optimizer = build_optimizer(module.parameters(), cfg.optim)
+        # fused optimizers on CUDA, and wherever the device-side skip is forced (tests, on CPU)
+        fused = (os.environ.get(STEP_SKIP_ENV) == "device"
+                 or all(p.is_cuda for p in module.parameters()))
+        self.optimizer = build_optimizer(module.parameters(), cfg.optim, fused=fused)
         self.optim_file = "optim.pt"
 
     def set_lr(self, lr: float) -> None:
@@ -73,6 +82,32 @@ class LocalEngine:
     def skip(self) -> None:
         """Drop this step's gradients: parameters and optimizer state stay as they are."""
         self.optimizer.zero_grad(set_to_none=True)
+
+    def device_skip_ready(self) -> bool:
+        """Whether `apply_unless` can leave a step out exactly as `skip` does: the optimizer is
+        one of torch's fused ones (they read GradScaler's found_inf in the kernel, and keep
+        parameters, moments, momentum and step counts as they were) and its state exists. Before
+        the first applied step it does not: fused SGD would create momentum buffers it never
+        fills (torch.empty_like) on a left-out first step, so that step goes the host's way."""
+        opt = self.optimizer
+        if opt.defaults.get("fused") is not True:
+            return False
+        if isinstance(opt, torch.optim.SGD) and all(g["momentum"] == 0 for g in opt.param_groups):
+            return True  # plain SGD keeps no state
+        return all(opt.state.get(p) for g in opt.param_groups for p in g["params"]
+                   if p.grad is not None)
+
+    def apply_unless(self, skip: torch.Tensor) -> None:
+        """The optimizer step, left out on the device where `skip` (a 0-dim bool on the device)
+        is set: no host sync. The found_inf protocol is the one torch.amp.GradScaler uses with
+        the fused optimizers (an attribute the optimizer's step() reads)."""
+        opt = self.optimizer
+        opt.found_inf = skip.to(torch.float32)
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+        opt.zero_grad(set_to_none=True)
 
     def step(self, clip: float) -> torch.Tensor:
         norm = self.clip(clip)
