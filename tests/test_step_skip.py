@@ -37,7 +37,8 @@ class HostReads(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", "") in SYNCS:
             caller = sys._getframe(1).f_code.co_filename
-            self.n += not any(f"dist_lm{os.sep}{d}{os.sep}" in caller for d in ("models", "kernels"))
+            self.n += not any(f"dist_lm{os.sep}{d}{os.sep}" in caller
+                              for d in ("models", "kernels"))
         return func(*args, **(kwargs or {}))
 
 

@@ -272,7 +272,8 @@ class Trainer:
         step is non-finite, agreed over ranks (the slowest clock, any rank's signal or bad
         step), so every rank takes the same lr, skip and stop decisions. Returns True when the
         step must be left out. Note: a CPU-GPU sync point (skipped entirely when nothing needs
-        it: one rank, max_bad_steps = -1)."""
+        it: one rank, max_bad_steps = -1); on CUDA the device-side skip replaces it
+        (_device_step, settled every log interval)."""
         self._tick(agree=False)  # agreed below, with the rest
         if self.world == 1 and bad is None:
             self.signalled = self._signal
