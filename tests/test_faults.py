@@ -219,10 +219,12 @@ def test_nonfinite_step_is_not_applied(tmp_path, ptb_slice, monkeypatch):
                if v.is_floating_point())
 
 
-def test_nonfinite_on_one_rank_is_skipped_by_every_rank(tmp_path, ptb_slice):
+@pytest.mark.parametrize("skip", ["host", "device"])  # device: CUDA's way, no sync per step
+def test_nonfinite_on_one_rank_is_skipped_by_every_rank(tmp_path, ptb_slice, skip):
     rd = tmp_path / "ddp"
     run_ok(train_cmd(tmp_path, ptb_slice, rd, "--train.max_steps=6", "--train.global_batch=4",
-                     nproc=2), DIST_LM_FAULT_NAN_AT_STEPS=3, DIST_LM_FAULT_RANK=1)
+                     "--log.every_steps=4", nproc=2),
+           DIST_LM_FAULT_NAN_AT_STEPS=3, DIST_LM_FAULT_RANK=1, DIST_LM_STEP_SKIP=skip)
     events = [r for r in metrics(rd) if r.get("event") == "non-finite"]
     assert len(events) == 1 and events[0]["step"] == 2  # rank 0's loss was finite: it skipped too
     ck, model, _ = last_state(rd)

@@ -136,3 +136,34 @@ def test_training_zoneout_draws_the_masks_the_unfused_layer_drew():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.manual_seed(8)
     assert not torch.allclose(layer(x, hidden)[0], results[0][0])  # a new draw, new masks
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_carry_between_windows_stays_fp32_under_bf16_autocast(window):
+    """docs/training.md: the QRNN carry is fp32 between windows. Under bf16 autocast the gates
+    are bf16, but the carried c must be the fp32 recurrence on them, not its bf16 rounding."""
+    torch.manual_seed(3)
+    layer = QRNNLayer(16, 64, window=window)
+    x = torch.randn(40, 4, 16)
+    hidden = layer.init_hidden(4)
+    with torch.autocast("cpu", torch.bfloat16):
+        _, h1 = layer(x[:20], hidden)
+        _, h2 = layer(x[20:], h1)  # the fp32 carry goes back in
+        y = torch.nn.functional.linear(  # the gates the layer saw, bf16 as autocast made them
+            torch.cat([x[20:], x[19:-1]], 2) if window == 2 else x[20:], layer.weight_raw,
+            layer.bias)
+    assert h1[0].dtype == h2[0].dtype == torch.float32
+    # the fp32 reference on the second window's bf16 gates, from the same fp32 carry
+    _, c_ref = naive_qrnn_gates(y.float(), h1[0][0])
+    carried = (h2[0][0] - c_ref).abs().max()
+    rounded = (h2[0][0].bfloat16().float() - c_ref).abs().max()
+    assert rounded > 0 and carried < rounded / 50, (carried, rounded)
+
+
+def naive_qrnn_gates(y, c0):
+    z, f, o = y.chunk(3, dim=2)
+    c, outs = c0, []
+    for t in range(y.size(0)):
+        c = torch.sigmoid(f[t]) * torch.tanh(z[t]) + (1 - torch.sigmoid(f[t])) * c
+        outs.append(torch.sigmoid(o[t]) * c)
+    return torch.stack(outs), c

@@ -11,16 +11,19 @@ zoneout: 1 - p). Per lane:
     z = tanh(y_z), f = sigmoid(y_f) * mask * scale, o = sigmoid(y_o)
     c_t = f_t z_t + (1 - f_t) c_{t-1},   h_t = o_t c_t
 
-Returns h and c, both [T, b, H] in y's dtype (c[-1] is the next carry; c may take a gradient).
+Returns h [T, b, H] in y's dtype and c [T, b, H] in fp32 (c[-1] is the next carry, which stays
+fp32 between windows whatever the activation dtype; c may take a gradient). Only the `unfused()`
+benchmark switch returns c in y's dtype, as the unfused sequence computed it.
 
 Implementations of one op:
   qrnn_fused_reference  the unfused sequence QRNNLayer ran before (chunk, sigmoid, mask, tanh,
                         the forget_mult op, output gate) with autograd through it: tests, and
                         the fallback for dtypes/devices the kernels below do not take
   CUDA                  qrnn_fused_triton.py: forward and backward kernels, fp32 carry
-  CPU (fp32)            qrnn_fused_cpu.py: a C kernel (csrc/qrnn_fused.c), forward and
-                        backward, one pass over T per lane; the reference path where no C
-                        compiler is found
+  CPU                   qrnn_fused_cpu.py: a C kernel (csrc/qrnn_fused.c) in fp32, forward and
+                        backward, one pass over T per lane (bf16/fp16 gates are widened to fp32
+                        for it, h is cast back); the reference path in fp32 where no C compiler
+                        is found
 """
 
 from __future__ import annotations
@@ -129,7 +132,13 @@ def qrnn_fused(y: Tensor, c0: Tensor | None = None, mask: Tensor | None = None,
         return qrnn_fused_reference(y, c0, mask, scale)
     if y.is_cuda:
         return _FusedTriton.apply(y.contiguous(), c0.contiguous(), mask, float(scale))
-    if (y.device.type == "cpu" and y.dtype == torch.float32 and c0.dtype == torch.float32
-            and _cpu_kernel_available()):
-        return _FusedCPU.apply(y.contiguous(), c0.contiguous(), mask, float(scale))
-    return qrnn_fused_reference(y, c0, mask, scale)
+    if y.dtype == torch.float64:  # gradcheck and float64 references: the unfused sequence
+        return qrnn_fused_reference(y, c0.to(y.dtype), mask, scale)
+    # CPU: the recurrence in fp32 (as the CUDA kernels keep their carry); low-precision gates
+    # are widened here and h goes back to their dtype, so the carry is never rounded
+    yf, c0f = y.float(), c0.float()
+    if y.device.type == "cpu" and _cpu_kernel_available():
+        h, c = _FusedCPU.apply(yf.contiguous(), c0f.contiguous(), mask, float(scale))
+    else:
+        h, c = qrnn_fused_reference(yf, c0f, mask, scale)
+    return h.to(y.dtype), c

@@ -159,11 +159,12 @@ def _mask_arg(mask: Tensor | None, dummy: Tensor) -> Tensor:
 def qrnn_fused_triton_forward(y: Tensor, c0: Tensor, mask: Tensor | None,
                               scale: float) -> tuple[Tensor, Tensor]:
     """y: [T, b, 3H]; c0: [b, H]; mask: [T, b, H] (bool or 0/1 floats) or None.
-    Returns h, c: [T, b, H] in y's dtype."""
+    Returns h: [T, b, H] in y's dtype, and c: [T, b, H] in fp32 (the carry the next window
+    starts from is never rounded to the activation dtype)."""
     y, c0 = y.contiguous(), c0.contiguous()
     T, B, H3 = y.shape
     H = H3 // 3
-    h, c = y.new_empty(T, B, H), y.new_empty(T, B, H)
+    h, c = y.new_empty(T, B, H), y.new_empty(T, B, H, dtype=torch.float32)
     if T > 0 and B * H > 0:
         align = pow2_divisor(H)
         _qrnn_fwd[(triton.cdiv(H, BLOCK), B)](

@@ -10,6 +10,8 @@ The Trainer only ever calls:
                                   # the norm may be a 0-dim device tensor (no host sync per step)
     engine.clip(clip) -> norm     # local/DDP (can_skip): the step in two halves, so the Trainer
     engine.apply() / engine.skip()  # can leave out a non-finite step without touching any state
+    engine.device_skip_ready()    # ... or leave it out on the device, without a host sync:
+    engine.apply_unless(flag)     #   the optimizer step with GradScaler's found_inf
     engine.save(step_dir) / engine.load(step_dir)   # optimizer state (the model is saved by the trainer)
 
 Loss normalisation: each rank's micro-batch loss is its mean over m streams; local and DDP
@@ -27,11 +29,16 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed as D
 from ..config import Config
 from ..errors import UserError
 from ..runs import load_tensor_file
 from .checkpoint import save_file
 from .optim import build_optimizer
+
+# tests: "device" makes the Trainer leave non-finite steps out on the device (fused optimizer,
+# no host sync per step) on any device, "host" keeps the per-step agreement even on CUDA
+STEP_SKIP_ENV = "DIST_LM_STEP_SKIP"
 
 
 class LocalEngine:
@@ -41,7 +48,10 @@ class LocalEngine:
         self.module = module
         self.model = module
         self.accum = accum
-        self.optimizer = build_optimizer(module.parameters(), cfg.optim)
+        # fused optimizers on CUDA, and wherever the device-side skip is forced (tests, on CPU)
+        fused = (os.environ.get(STEP_SKIP_ENV) == "device"
+                 or all(p.is_cuda for p in module.parameters()))
+        self.optimizer = build_optimizer(module.parameters(), cfg.optim, fused=fused)
         self.optim_file = "optim.pt"
 
     def set_lr(self, lr: float) -> None:
@@ -72,6 +82,32 @@ class LocalEngine:
     def skip(self) -> None:
         """Drop this step's gradients: parameters and optimizer state stay as they are."""
         self.optimizer.zero_grad(set_to_none=True)
+
+    def device_skip_ready(self) -> bool:
+        """Whether `apply_unless` can leave a step out exactly as `skip` does: the optimizer is
+        one of torch's fused ones (they read GradScaler's found_inf in the kernel, and keep
+        parameters, moments, momentum and step counts as they were) and its state exists. Before
+        the first applied step it does not: fused SGD would create momentum buffers it never
+        fills (torch.empty_like) on a left-out first step, so that step goes the host's way."""
+        opt = self.optimizer
+        if opt.defaults.get("fused") is not True:
+            return False
+        if isinstance(opt, torch.optim.SGD) and all(g["momentum"] == 0 for g in opt.param_groups):
+            return True  # plain SGD keeps no state
+        return all(opt.state.get(p) for g in opt.param_groups for p in g["params"]
+                   if p.grad is not None)
+
+    def apply_unless(self, skip: torch.Tensor) -> None:
+        """The optimizer step, left out on the device where `skip` (a 0-dim bool on the device)
+        is set: no host sync. The found_inf protocol is the one torch.amp.GradScaler uses with
+        the fused optimizers (an attribute the optimizer's step() reads)."""
+        opt = self.optimizer
+        opt.found_inf = skip.to(torch.float32)
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+        opt.zero_grad(set_to_none=True)
 
     def step(self, clip: float) -> torch.Tensor:
         norm = self.clip(clip)
@@ -128,7 +164,16 @@ def deepspeed_config(cfg: Config, world_size: int, micro: int, accum: int) -> di
         # SGD and the other client optimizers are not on DeepSpeed's tested list for ZeRO
         "zero_allow_untested_optimizer": True,
     }
-    if cfg.train.bf16:  # accumulate micro-batch gradients in fp32, not in bf16
+    if cfg.train.bf16 and cfg.dist.zero_stage > 0:
+        # bf16 parameters; where micro-batch gradients accumulate (DeepSpeed 0.19):
+        #   ZeRO 1: grad_accum_dtype fp32 selects its BF16_Optimizer, fp32 accumulation buffers
+        #           and fp32 master weights;
+        #   ZeRO 2: its ZeRO optimizer accumulates into fp32 partitions (fp32 master weights);
+        #   ZeRO 0: no ZeRO optimizer: DeepSpeed only takes grad_accum_dtype = the model dtype
+        #           there (any other mix raises NotImplementedError at initialize), so its
+        #           fp16-style wrapper keeps fp32 master weights but accumulates and all-reduces
+        #           the gradients in bf16 (the trainer says so when there is more than one
+        #           micro-batch to accumulate).
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
     if o.name in ("adam", "adamw"):
         ds["optimizer"] = {"type": "AdamW" if o.name == "adamw" else "Adam",
@@ -176,6 +221,9 @@ class DeepSpeedEngine:
             client_opt = build_optimizer(module.parameters(), cfg.optim)
         # The process group is already up (gloo/nccl via dist_lm.distributed), so DeepSpeed
         # must not initialise its own.
+        if cfg.train.bf16 and cfg.dist.zero_stage == 0 and accum > 1 and D.get_rank() == 0:
+            print(f"dist-lm: DeepSpeed ZeRO 0 accumulates the {accum} micro-batches' gradients "
+                  f"in bf16; --dist.zero_stage=1 accumulates them in fp32", flush=True)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=[p for p in module.parameters()],
             optimizer=client_opt, config=self.ds_config, dist_init_required=False)

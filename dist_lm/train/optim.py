@@ -20,16 +20,22 @@ from ..config import OptimConfig, ScheduleConfig
 from ..errors import UserError
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The torch.optim optimizer named by optim.name (asgd = plain SGD plus NT-ASGD averaging)."""
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
+    """The torch.optim optimizer named by optim.name (asgd = plain SGD plus NT-ASGD averaging).
+    `fused=True` picks torch's fused kernels where torch has them (SGD, Adam, AdamW): one launch
+    per step instead of one per tensor, and a non-finite step can be left out on the device
+    (GradScaler's found_inf; the Trainer's device-side skip). None: the fused Adam/AdamW on
+    CUDA only (what DeepSpeed's client optimizer gets)."""
     params = list(params)
     name, lr, wd = cfg.name, cfg.lr, cfg.weight_decay
-    # the fused CUDA kernels for Adam/AdamW: one launch per step instead of one per tensor
-    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
+    on_cuda = bool(params) and all(p.is_cuda for p in params)
+    sgd_fused = {"fused": True} if fused else {}
+    fused = {"fused": True} if fused or (fused is None and on_cuda) else {}
     if name in ("sgd", "asgd"):  # NT-ASGD's ASGD(t0=0, lambd=0) steps exactly like SGD; the average is ours
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, **sgd_fused)
     if name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd, **sgd_fused)
     betas = tuple(cfg.betas)
     if len(betas) != 2:
         raise UserError(f"optim.betas must hold two numbers, got {cfg.betas}.")

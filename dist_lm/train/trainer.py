@@ -42,7 +42,7 @@ from ..runs import (RunLock, check_resume_config, choose_start, clear_run, find_
                     list_checkpoints, load_tensor_file, new_run_id, run_id, state_dict_mismatch,
                     step_dir_name, write_run_files)
 from .checkpoint import Checkpointer, RNGState
-from .engines import build_engine
+from .engines import STEP_SKIP_ENV, build_engine
 from .optim import NTASGD, LRSchedule, ParamAverager, uses_averaging
 
 # Fault injection for the fault tests (tests/test_faults.py): SIGKILL this process right after
@@ -199,6 +199,12 @@ class Trainer:
         self.bad_run = 0    # ... in a row, now
         self.signalled = 0  # the stop signal every rank agreed on (0: none)
         self._signal = 0    # the one this process received
+        # the device-side skip (_device_step): steps whose outcome the host has not read yet, and
+        # the run of non-finite steps counted on the device
+        self.step_skip = os.environ.get(STEP_SKIP_ENV, "auto")  # auto | device | host
+        self._pending: list[tuple[torch.Tensor, int, float]] = []
+        self._run_dev: torch.Tensor | None = None
+        self._tripped_dev: torch.Tensor | None = None
         self.hidden = None
         self.last_saved = -1
         self.checkpointer = Checkpointer(
@@ -267,7 +273,8 @@ class Trainer:
         step is non-finite, agreed over ranks (the slowest clock, any rank's signal or bad
         step), so every rank takes the same lr, skip and stop decisions. Returns True when the
         step must be left out. Note: a CPU-GPU sync point (skipped entirely when nothing needs
-        it: one rank, max_bad_steps = -1)."""
+        it: one rank, max_bad_steps = -1); on CUDA the device-side skip replaces it
+        (_device_step, settled every log interval)."""
         self._tick(agree=False)  # agreed below, with the rest
         if self.world == 1 and bad is None:
             self.signalled = self._signal
@@ -537,6 +544,10 @@ class Trainer:
             step_loss = step_loss + loss.detach().double() / self.accum
         if self.engine.can_skip:
             gnorm = self.engine.clip(self.cfg.optim.clip)
+            if check and self._device_skip():
+                return self._device_step(lr, seq_len, gnorm, step_loss, hidden)
+            if self._pending:
+                self._settle()
             bad = ~(torch.isfinite(gnorm) & torch.isfinite(step_loss)) if check else None
             if self._agree(bad):
                 return self._skip_step(lr, seq_len)
@@ -561,11 +572,103 @@ class Trainer:
         states and counters as before it), counted and logged. The window is consumed (the
         loader moves on), so the next step sees the next window."""
         self.engine.skip() if self.engine.can_skip else None
+        self._count_skip(lr, seq_len)
+        return lr, seq_len, None
+
+    def _count_skip(self, lr: float, seq_len: int) -> None:
         self.bad_steps += 1
         self.bad_run += 1
         self.sink.log({"step": self.step, "event": "non-finite", "skipped_steps": self.bad_steps,
                        "in_a_row": self.bad_run, "seq_len": seq_len, "lr": lr})
-        return lr, seq_len, None
+
+    # ---- the device-side skip: no host sync per step ---------------------------------------
+    #
+    # On CUDA (DIST_LM_STEP_SKIP=device forces it anywhere, =host turns it off) a non-finite
+    # step is left out on the device: the finite check stays a device tensor, the fused
+    # optimizer skips its update on it (GradScaler's found_inf), the carried hidden states and
+    # the interval sums select on it. The host counts every step as applied and learns which
+    # were not at the next settle (_settle: one host sync, one collective on several ranks,
+    # which also agrees the clock and the stop signal): every log interval, and before anything
+    # that reads the counters (validation, checkpoint, stop, epoch end); it then replays the
+    # pending steps as the host path would have counted and logged them. A run of more than
+    # train.max_bad_steps non-finite steps trips a device flag that leaves every later step
+    # out too, so the run stops at the next settle with the parameters of its last good step.
+    # The lr of the steps after a left-out one, until the next settle, reads the step counter
+    # as if it had been applied (it only matters for warm-up and cyclic schedules). Not used:
+    # for the first steps of a stateful optimizer (device_skip_ready), while NT-ASGD averages
+    # (the running mean's count is the host's), for DeepSpeed, with train.max_bad_steps = -1.
+
+    def _device_skip(self) -> bool:
+        if self.step_skip == "host" or (self.step_skip != "device"
+                                         and self.device.type != "cuda"):
+            return False
+        return not self.ntasgd.averaging and self.engine.device_skip_ready()
+
+    def _device_step(self, lr: float, seq_len: int, gnorm: torch.Tensor,
+                     step_loss: torch.Tensor, hidden: list):
+        bad = ~(torch.isfinite(gnorm) & torch.isfinite(step_loss))
+        if self.world > 1:  # every rank's loss: one small all-reduce on the device, no sync
+            bad = D.all_reduce_max(bad.to(torch.float32)) > 0
+        if self._run_dev is None:  # the host's count is exact here (just settled)
+            self._run_dev = torch.full((), float(self.bad_run), device=self.device)
+            self._tripped_dev = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._run_dev = (self._run_dev + 1) * bad
+        self._tripped_dev = self._tripped_dev | (self._run_dev > self.cfg.train.max_bad_steps)
+        skip = bad | self._tripped_dev
+        self.engine.apply_unless(skip)
+        self.hidden = _select(skip, self.hidden, hidden)
+        self.interval["loss"] = self.interval["loss"] + torch.where(skip, 0.0, step_loss)
+        self._pending.append((skip, seq_len, lr))
+        self.step += 1  # as if applied; _settle takes back the left-out ones
+        self.epoch_step += 1
+        self.tokens += seq_len * self.cfg.train.global_batch
+        if self.world == 1:  # the local clock and signal are the agreed ones
+            self._tick(agree=False)
+            self.signalled = self._signal
+        return lr, seq_len, torch.where(skip, 0.0, gnorm)
+
+    def _must_settle(self) -> bool:
+        """Whether the host must read the pending steps now: a full log interval, or the step
+        counter (as if every pending step was applied) reaches a log, validation, checkpoint,
+        fault-injection or stop point; it passes each such point before the exact counter
+        does, so none is missed."""
+        if not self._pending:
+            return False
+        s, t, every = self.step, self.cfg.train, max(1, self.cfg.log.every_steps)
+        points = (every, t.eval_every_steps, self.cfg.checkpoint.every_steps)
+        return (len(self._pending) >= every or any(n and s % n == 0 for n in points)
+                or (self.kill_at and s == self.kill_at) or self.stop_reason() is not None)
+
+    def _settle(self) -> bool:
+        """Read which pending steps were left out (one host sync) and bring the counters, the
+        interval's step count and the non-finite log to what the host path leaves; on several
+        ranks the clock and the stop signal are agreed in the same collective. Returns True when
+        the latest step was left out."""
+        pending, self._pending = self._pending, []
+        self._run_dev = self._tripped_dev = None
+        if self.world > 1:
+            self._tick(agree=False)
+        head = torch.tensor([self.elapsed, float(self._signal)], dtype=torch.float64,
+                            device=self.device)
+        buf = D.all_reduce_max(torch.cat([head, torch.stack([p[0] for p in pending]).double()]))
+        vals = buf.tolist()
+        if self.world > 1:
+            self.elapsed, self.signalled = vals[0], int(vals[1])
+        B = self.cfg.train.global_batch
+        self.step -= len(pending)
+        self.epoch_step -= len(pending)
+        self.tokens -= sum(p[1] for p in pending) * B
+        for skipped, (_, seq_len, lr) in zip(vals[2:], pending):
+            if not skipped:
+                self.bad_run = 0
+                self.step += 1
+                self.epoch_step += 1
+                self.tokens += seq_len * B
+                continue
+            self.interval["n"] -= 1
+            if self.bad_run <= self.cfg.train.max_bad_steps:  # else: left out after the trip
+                self._count_skip(lr, seq_len)
+        return bool(vals[-1])
 
     def _after_step(self, lr: float, seq_len: int, gnorm, wait: float) -> None:
         """Log, validate and checkpoint at their intervals; the SIGKILL fault injection."""
@@ -576,6 +679,8 @@ class Trainer:
         self.interval["gnorm"] = self.interval["gnorm"] + gnorm
         self.meter.add(seq_len * cfg.train.global_batch, wait)
         self.sink.progress(1)
+        if self._must_settle() and self._settle():
+            return  # this step was left out on the device
         if self.step % max(1, cfg.log.every_steps) == 0:
             rec = self._interval_record(lr, seq_len)
             self.run_tps.append(rec["tokens_per_s"])
@@ -595,6 +700,8 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _end_epoch(self) -> None:
+        if self._pending:
+            self._settle()
         self.epoch += 1
         self.epoch_step = 0
         self.hidden = None
@@ -762,6 +869,14 @@ def load_weights(module, step_dir: Path, name: str) -> None:
         raise UserError(f"checkpoint {step_dir} does not fit this model config: "
                         f"{state_dict_mismatch(exc)}; use the model flags of the run that wrote "
                         f"it.") from None
+
+
+def _select(skip: torch.Tensor, old, new):
+    """`old` where the 0-dim bool `skip` is set, else `new`, tensor by tensor through nested
+    hidden states (on the device: the hidden states a left-out step leaves as they were)."""
+    if isinstance(new, torch.Tensor):
+        return torch.where(skip, old.to(new.dtype), new)
+    return type(new)(_select(skip, o, n) for o, n in zip(old, new))
 
 
 def _to(h, device):
