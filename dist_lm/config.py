@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.prepared import default_dir
 from .errors import UserError
 from .fileio import write_text_atomic
 
@@ -304,10 +305,7 @@ class Config:
 
     def shards_dir(self) -> Path:
         """The prepared corpus directory for this config."""
-        if self.data.shards:
-            return Path(self.data.shards)
-        name = self.data.corpus.replace(":", "_").replace("/", "_")
-        return Path("shards") / name
+        return Path(self.data.shards) if self.data.shards else default_dir(self.data.corpus)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {

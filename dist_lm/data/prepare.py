@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import UserError
 from .corpora import SPLITS, Corpus, Source, resolve_corpus
+from .prepared import default_dir
 from .shards import MANIFEST, FORMAT, SplitWriter, dtype_for
 from .tokenizers import EOS, KINDS, UNK, ByteTokenizer, CharTokenizer, WordTokenizer, train_bpe
 
@@ -389,10 +390,6 @@ def final_vocab(prov_itos: list[str], train_counts: np.ndarray, oov_elsewhere: b
 # ----------------------------------------------------------------------------- output dir
 
 
-def default_out(corpus: str) -> Path:
-    return Path("shards") / corpus.replace(":", "_").replace("/", "_")  # = Config.shards_dir()
-
-
 def _check_out(out: Path) -> None:
     if out.exists() and not (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))):
         raise UserError(f"--out {out} exists and is not a prepared corpus; choose another "
@@ -440,7 +437,7 @@ def prepare_corpus(corpus: str, out: str | os.PathLike | None = None, data_dir=N
             raise UserError(f"--{name} must be an integer >= {low}, got {value!r}.")
     if tokenizer is not None and tokenizer not in KINDS:
         raise UserError(f"--tokenizer {tokenizer!r} is unknown; use one of {', '.join(KINDS)}.")
-    out = Path(out) if out else default_out(corpus)
+    out = Path(out) if out else default_dir(corpus)
     _check_out(out)
     c = resolve_corpus(corpus, data_dir=data_dir, download=download, mirror=mirror)
     kind = tokenizer or c.tokenizer

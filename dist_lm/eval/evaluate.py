@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..data.prepared import PreparedCorpus
 from ..fileio import write_text_atomic
 from ..metrics.meter import ppl_or_bpc
 from ..metrics.writer import wandb_init, wandb_mode
@@ -128,13 +129,8 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
 def corpus_dir_for(run, corpus: str | None = None) -> Path:
     """The prepared corpus of a run (its config's data.shards, or `corpus`), checked against
     the run's vocabulary: evaluating with another vocabulary would be silently wrong."""
-    from ..data.tokenizers import load_tokenizer
-
     d = Path(corpus) if corpus else run.config.shards_dir()
-    if not (d / "manifest.json").is_file():
-        raise UserError(f"prepared corpus {d} not found (no manifest.json); run `dist-lm prepare "
-                        f"{run.config.data.corpus}` or pass --corpus DIR.")
-    theirs = load_tokenizer(d)
+    theirs = PreparedCorpus.open(d, run.config.data.corpus, fix="pass --corpus DIR").tokenizer
     if list(theirs.itos) != list(run.tokenizer.itos):
         raise UserError(f"vocabulary mismatch: {d}/vocab.json ({theirs.vocab_size} tokens) differs "
                         f"from the run's vocab.json ({run.tokenizer.vocab_size} tokens) in "
@@ -146,10 +142,8 @@ def corpus_dir_for(run, corpus: str | None = None) -> Path:
 def make_loader(corpus_dir: Path, split: str, batch_size: int, bptt: int,
                 device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1):
     """Fixed-bptt windows over B contiguous streams (the evaluation protocols)."""
-    from ..data.streams import StreamLoader
-
-    return StreamLoader(corpus_dir, split, batch_size, rank=rank, world_size=world_size,
-                        bptt=bptt, variable_bptt=False, device=device)
+    return PreparedCorpus(corpus_dir, device=device).loader(split, batch_size, bptt, rank=rank,
+                                                            world=world_size)
 
 
 def check_protocol(protocol: str) -> None:

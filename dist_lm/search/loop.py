@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, load_config, to_dict
+from ..data.prepared import PreparedCorpus
 from ..errors import Stopped, UserError
 from ..fileio import write_text_atomic
 from ..models import detach_hidden
@@ -67,8 +68,6 @@ def _to(h, device):
 
 class Search:
     def __init__(self, cfg: Config, base_config: str | None = None):
-        from ..data.streams import StreamLoader
-        from ..data.tokenizers import load_tokenizer
         from ..distributed import pick_device
         from ..train.engines import LocalEngine
 
@@ -93,20 +92,13 @@ class Search:
             raise UserError(f"search.baseline_decay must be in [0, 1); got {s.baseline_decay}.")
         self.cfg, self.base_config = cfg, base_config
         self.device = pick_device(t.device)
-        self.corpus_dir = cfg.shards_dir()
-        if not (self.corpus_dir / "manifest.json").is_file():
-            raise UserError(f"no prepared corpus at {self.corpus_dir}; run `dist-lm prepare "
-                            f"{cfg.data.corpus}` or set data.shards.")
-        tok = load_tokenizer(self.corpus_dir)
-        self.vocab_size = tok.vocab_size
-        url = cfg.data.shard_url or None
-        max_len = t.max_seq_len or t.bptt + 20
+        corpus = PreparedCorpus.open(cfg.shards_dir(), cfg.data.corpus,
+                                     shard_url=cfg.data.shard_url, device=self.device)
+        self.corpus_dir, self.vocab_size = corpus.dir, corpus.vocab_size
 
         def loader(split, batch, variable):
-            return StreamLoader(self.corpus_dir, split, batch, bptt=t.bptt,
-                                variable_bptt=variable, seed=t.seed,
-                                max_seq_len=max_len if variable else 0, device=self.device,
-                                shard_url=url)
+            return corpus.loader(split, batch, t.bptt, variable=variable, seed=t.seed,
+                                 max_seq_len=t.max_seq_len)
 
         self.make_loader = loader
         self.train_loader = loader(cfg.data.train_split, t.global_batch, t.variable_bptt)

@@ -33,6 +33,7 @@ import torch
 
 from .. import distributed as D
 from ..config import RESOLVED, Config, load_config, to_dict
+from ..data.prepared import PreparedCorpus, window_cap
 from ..errors import Stopped, UserError
 from ..fileio import fs_error, write_text_atomic
 from ..metrics.baselines import baseline_key, device_kind, read_baseline, record_baseline
@@ -105,8 +106,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, *, clock: Callable[[], float] = time.perf_counter):
-        from ..data.streams import StreamLoader
-        from ..data.tokenizers import load_tokenizer
         from ..models import build_model
 
         self.cfg = cfg
@@ -116,7 +115,6 @@ class Trainer:
         self.device = D.pick_device(t.device)
         _setup_process_group(cfg, self.device)
         self.rank, self.world = D.get_rank(), D.get_world_size()
-        self.corpus_dir = cfg.shards_dir()
 
         # batch geometry: B streams = world * accum * micro
         B = t.global_batch
@@ -124,7 +122,7 @@ class Trainer:
             raise UserError(f"train.global_batch={B} does not divide over {self.world} ranks; "
                             f"choose a multiple of {self.world}.")
         b = B // self.world
-        self.max_seq_len = t.max_seq_len or t.bptt + 20
+        self.max_seq_len = window_cap(t.bptt, t.max_seq_len)
         self.micro_cap = micro_token_cap(t.max_micro_tokens, self.device)
         self.micro = t.micro_batch or auto_micro_batch(
             b, self.max_seq_len if t.variable_bptt else t.bptt, self.micro_cap)
@@ -135,27 +133,19 @@ class Trainer:
         self.accum = b // self.micro
 
         # data
-        if not (self.corpus_dir / "manifest.json").is_file():
-            raise UserError(f"no prepared corpus at {self.corpus_dir}; run `dist-lm prepare "
-                            f"{cfg.data.corpus}` or set data.shards.")
-        tok = load_tokenizer(self.corpus_dir)
-        self.vocab_size = tok.vocab_size
-        self.char_level = tok.kind in ("char", "byte")
-        url = cfg.data.shard_url or None
-
-        def loader(split, batch, rank, world, variable):
-            return StreamLoader(self.corpus_dir, split, batch, rank=rank, world_size=world,
-                                bptt=t.bptt, variable_bptt=variable, seed=t.seed,
-                                max_seq_len=self.max_seq_len if variable else 0,
-                                device=self.device, shard_url=url)
-
-        self.make_loader = loader
-        self.train_loader = loader(cfg.data.train_split, B, self.rank, self.world,
-                                   t.variable_bptt)
-        self.valid_loader, self.valid_reduce = self._eval_loader(cfg.data.valid_split,
-                                                                 cfg.data.eval_batch_size)
-        self.test_loader, self.test_reduce = self._eval_loader(cfg.data.test_split,
-                                                               cfg.data.test_batch_size)
+        corpus = PreparedCorpus.open(cfg.shards_dir(), cfg.data.corpus,
+                                     shard_url=cfg.data.shard_url, device=self.device)
+        self.corpus_dir = corpus.dir
+        self.vocab_size, self.char_level = corpus.vocab_size, corpus.char_level
+        self.train_loader = corpus.loader(cfg.data.train_split, B, t.bptt,
+                                          variable=t.variable_bptt, seed=t.seed,
+                                          max_seq_len=t.max_seq_len, rank=self.rank,
+                                          world=self.world)
+        shares = {"bptt": t.bptt, "rank": self.rank, "world": self.world}
+        self.valid_loader, self.valid_reduce = corpus.eval_loader(
+            cfg.data.valid_split, cfg.data.eval_batch_size, **shares)
+        self.test_loader, self.test_reduce = corpus.eval_loader(
+            cfg.data.test_split, cfg.data.test_batch_size, **shares)
         for split_loader in (self.train_loader, self.valid_loader, self.test_loader):
             split_loader.check()  # a damaged shard stops the run before anything is written
 
@@ -232,12 +222,6 @@ class Trainer:
             setattr(self, k, float(sd[k]))
 
     # ---- helpers -------------------------------------------------------------------------
-
-    def _eval_loader(self, split: str, batch: int):
-        """Each rank evaluates its share of the streams when they divide, else all of them."""
-        if batch % self.world == 0:
-            return self.make_loader(split, batch, self.rank, self.world, False), True
-        return self.make_loader(split, batch, 0, 1, False), False
 
     def progress(self) -> float:
         """The fraction of the run's bound spent: steps (max_steps) or epochs, and seconds
