@@ -130,6 +130,9 @@ BAD_SPACES = [
     ('[space."model.arch"]\ntype = "categorical"\nchoices = ["lstm", "gru"]\n'
      '[space."model.qrnn_window"]\ntype = "categorical"\nchoices = [1, 2]\n'
      'when = { "model.arch" = "qrnn" }', "never true"),
+    # a condition on a key outside the space: the recipe's value (lstm) never meets it
+    ('[space."model.qrnn_window"]\ntype = "categorical"\nchoices = [1, 2]\n'
+     'when = { "model.arch" = "qrnn" }', "never true: it is not in the space, and the recipe"),
     ('[space."train.run_dir"]\ntype = "categorical"\nchoices = ["a", "b"]', "set by the sweep"),
     ('[space."optim.lr"]\ntype = "loguniform"\nlow = 1\nhigh = 5\n[[enqueue]]\n"optim.wd" = 1',
      "not in the space"),
@@ -604,6 +607,37 @@ def test_killed_study_continues_and_requeues_the_interrupted_trial(tmp_path, bas
     assert len(finals) == 1 and finals[0]["valid_ppl"] == t0.value  # the new run's, not the old
     cfg = json.loads((sdir / "trials" / "0" / "config.json").read_text())
     assert cfg["optim"]["lr"] == t0.params["optim.lr"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="a process group's SIGINT, as a terminal's "
+                    "Ctrl-C sends it")
+def test_ctrl_c_stops_in_one_line_and_the_rerun_samples_a_new_point(tmp_path, base, env):
+    f = study_file(tmp_path / "s.toml", base, 'name = "cc"\ntrials = 2\n'
+                   'sampler = { kind = "random", seed = 5 }', LR_DROPOUT)
+    sdir = tmp_path / "study"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_lm", "sweep", str(f), "--dir",
+                             str(sdir)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: records(sdir / "trials" / "0"), 120, "trial 0 to train")
+        os.killpg(proc.pid, signal.SIGINT)  # the sweep and its trainer, as Ctrl-C does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    # the hint repeats the --dir it was given
+    assert f"re-queued for the next `dist-lm sweep {f} --dir {sdir}`" in err
+    res = sweep(f, "--dir", sdir, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = load(sdir, "cc").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE,
+                                         TrialState.COMPLETE]
+    assert trials[1].params == trials[0].params  # the interrupted point, re-queued
+    # a sampler seeded as before replays its sequence: trial 2 would be trial 0's point again
+    assert trials[2].params != trials[0].params
 
 
 @pytest.mark.slow
