@@ -130,7 +130,10 @@ BAD_SPACES = [
     ('[space."model.arch"]\ntype = "categorical"\nchoices = ["lstm", "gru"]\n'
      '[space."model.qrnn_window"]\ntype = "categorical"\nchoices = [1, 2]\n'
      'when = { "model.arch" = "qrnn" }', "never true"),
-    # a condition on a key outside the space: the recipe's value (lstm) never meets it
+    # a condition on a key outside the space: the recipe's value never meets it
+    ('[[space."optim.lr"]]\ntype = "loguniform"\nlow = 1\nhigh = 2\n'
+     'when = { "train.device" = "cpu" }\n[[space."optim.lr"]]\ntype = "loguniform"\nlow = 2\n'
+     'high = 3\nwhen = { "train.device" = "cuda" }', "when train.device in ['cuda'] is never true"),
     ('[space."model.qrnn_window"]\ntype = "categorical"\nchoices = [1, 2]\n'
      'when = { "model.arch" = "qrnn" }', "never true: it is not in the space, and the recipe"),
     ('[space."train.run_dir"]\ntype = "categorical"\nchoices = ["a", "b"]', "set by the sweep"),
@@ -233,15 +236,16 @@ EXCLUSIVE_VARIANTS = [  # (space, Optuna names of the variants)
     (OPTIM_VARIANTS, ["optim.lr[optim.name=sgd]", "optim.lr[optim.name=adam]"]),
     # a key only one condition names does not matter when a common key tells them apart
     (OPTIM_VARIANTS.replace('when = { "optim.name" = "sgd" }',
-                            'when = { "optim.name" = "sgd", "model.dropout" = [0.0, 0.1] }'),
-     ["optim.lr[optim.name=sgd, model.dropout=0.0|0.1]", "optim.lr[optim.name=adam]"]),
+                            'when = { "optim.name" = "sgd", "model.dropout" = [0.4, 0.1] }'),
+     ["optim.lr[optim.name=sgd, model.dropout=0.4|0.1]", "optim.lr[optim.name=adam]"]),
     # gru is a valid arch, but not one that this space samples
     (_variants('["lstm", "qrnn"]', '{ "model.arch" = ["lstm", "gru"] }',
                '{ "model.arch" = ["gru", "qrnn"] }'),
      ["optim.lr[model.arch=lstm|gru]", "optim.lr[model.arch=gru|qrnn]"]),
     # a key outside the space has the recipe's value (train.device = "cpu")
-    (_variants('["lstm"]', '{ "train.device" = "cpu" }', '{ "train.device" = "cuda" }'),
-     ["optim.lr[train.device=cpu]", "optim.lr[train.device=cuda]"]),
+    (_variants('["lstm", "qrnn"]', '{ "train.device" = "cpu", "model.arch" = "lstm" }',
+               '{ "model.arch" = "qrnn" }'),
+     ["optim.lr[train.device=cpu, model.arch=lstm]", "optim.lr[model.arch=qrnn]"]),
 ]
 
 
@@ -256,7 +260,8 @@ OVERLAPPING_VARIANTS = [
     OPTIM_VARIANTS.replace('"optim.name" = "adam"', '"optim.name" = ["adam", "sgd"]'),
     OPTIM_VARIANTS.replace('when = { "optim.name" = "adam" }\n', ""),  # always holds
     # conditions on different keys: sgd with qrnn holds both
-    OPTIM_VARIANTS.replace('when = { "optim.name" = "adam" }', 'when = { "model.arch" = "qrnn" }'),
+    '[space."model.arch"]\ntype = "categorical"\nchoices = ["lstm", "qrnn"]\n'
+    + OPTIM_VARIANTS.replace('when = { "optim.name" = "adam" }', 'when = { "model.arch" = "qrnn" }'),
     # the recipe's value of a key outside the space satisfies both
     _variants('["lstm"]', '{ "train.device" = "cpu" }', '{ "train.device" = ["cuda", "cpu"] }'),
 ]
