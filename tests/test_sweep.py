@@ -541,6 +541,12 @@ def _wait_for(cond, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _start_sweep(f: Path, sdir: Path, env: dict, cwd: Path, **popen) -> subprocess.Popen:
+    """`dist-lm sweep F --dir SDIR` in the background."""
+    return subprocess.Popen([sys.executable, "-m", "dist_lm", "sweep", str(f), "--dir",
+                             str(sdir)], env=env, cwd=cwd, **popen)
+
+
 def _processes_with(text: str) -> list[int]:
     """Live processes whose command line contains `text` (Linux /proc)."""
     found = []
@@ -561,9 +567,8 @@ def test_killed_study_continues_and_requeues_the_interrupted_trial(tmp_path, bas
     f = study_file(tmp_path / "s.toml", base, 'name = "kill"\ntrials = 2\n'
                    'sampler = { kind = "random", seed = 5 }', LR_DROPOUT)
     sdir = tmp_path / "study"
-    proc = subprocess.Popen([sys.executable, "-m", "dist_lm", "sweep", str(f), "--dir",
-                             str(sdir)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = _start_sweep(f, sdir, env, tmp_path, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
     try:
         trainer = str(sdir / "trials" / "1")
         _wait_for(lambda: _processes_with(trainer), 120, "trial 1's trainer to start")
@@ -621,9 +626,8 @@ def test_ctrl_c_stops_in_one_line_and_the_rerun_samples_a_new_point(tmp_path, ba
     f = study_file(tmp_path / "s.toml", base, 'name = "cc"\ntrials = 2\n'
                    'sampler = { kind = "random", seed = 5 }', LR_DROPOUT)
     sdir = tmp_path / "study"
-    proc = subprocess.Popen([sys.executable, "-m", "dist_lm", "sweep", str(f), "--dir",
-                             str(sdir)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = _start_sweep(f, sdir, env, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True, start_new_session=True)
     try:
         _wait_for(lambda: records(sdir / "trials" / "0"), 120, "trial 0 to train")
         os.killpg(proc.pid, signal.SIGINT)  # the sweep and its trainer, as Ctrl-C does
