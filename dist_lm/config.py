@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 import typing
@@ -325,9 +326,43 @@ def _resolve(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls)[name]
 
 
+# Flags of the reference implementations (salesforce/awd-lstm-lm, its QRNN and MoS forks)
+# whose dist-lm key is not the closest spelling: --model.nhid is hidden_size, not head.
+ALIASES = {"nhid": "hidden_size", "emsize": "emb_size", "nlayers": "n_layers",
+           "batch_size": "global_batch", "wdecay": "weight_decay", "alpha": "ar", "beta": "tar",
+           "optimizer": "name", "when": "milestones", "save": "run_dir", "model": "arch",
+           "log_interval": "every_steps"}
+
+
+def suggest(name: str, options: list[str]) -> str | None:
+    """The option meant by a misspelt dotted key (or bare field name): a known alias of its
+    field, the key whose field is spelt the same (`lr` -> `optim.lr`), else the closest
+    spelling of the field (in the section the user wrote, if it has one close enough, else in
+    any section); None when nothing is close."""
+    field_of = {o: o.rsplit(".", 1)[-1] for o in options}
+    last = name.rsplit(".", 1)[-1].replace("-", "_")
+    section = name.rsplit(".", 1)[0] if "." in name else ""
+    for want in (ALIASES.get(last), last):
+        same = [o for o, f in field_of.items() if f == want]
+        if same:  # the section the user wrote first, when it has that field
+            return next((o for o in same if o.startswith(section + ".")), same[0])
+    # the field's spelling alone: a shared "model." would make any two model keys look alike
+    ranked = sorted(options, key=lambda o: (not o.startswith(section + "."),
+                                            -difflib.SequenceMatcher(None, last,
+                                                                     field_of[o]).ratio()))
+    best = ranked[0] if ranked else None
+    if best and difflib.SequenceMatcher(None, last, field_of[best]).ratio() >= 0.6:
+        return best
+    return None
+
+
 def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(options))}."
+    match = suggest(name, options)
+    if match:
+        return f" Did you mean '{match}'?"
+    if len(options) > 12:
+        return " `dist-lm train --help` lists every key."
+    return f" Valid keys: {', '.join(sorted(options))}."
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -377,13 +412,18 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool):
             raise UserError(f"config key '{key}' expects a number, got {value!r}.")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and not math.isfinite(number):  # NaN passes every > and < test
+            raise UserError(f"config key '{key}' expects a finite number, got {value!r}.")
+        if number is not None:
+            return number
         raise UserError(f"config key '{key}' expects a number, got {value!r}.")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -406,8 +446,7 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     obj = getattr(cfg, section)
     hints = typing.get_type_hints(type(obj))
     if name not in hints:
-        names = [f"{section}.{n}" for n in hints]
-        raise UserError(f"unknown config key '{key}'.{_closest(key, names)}")
+        raise UserError(f"unknown config key '{key}'.{_closest(key, list(flat_keys()))}")
     coerced = _coerce(key, value, hints[name])
     choices = _CHOICES.get(key)
     if choices and coerced not in choices:
@@ -460,6 +499,11 @@ def load_config(path: str | os.PathLike | None = None,
     cfg = Config()
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            tomls = sorted(p.glob("*.toml"))[:3]
+            example = ", ".join(str(t) for t in tomls) or "configs/cpu_smoke.toml"
+            raise UserError(f"config file {p} is a directory; pass a TOML file such as "
+                            f"{example}.")
         if not p.is_file():
             hint = ""
             if not p.suffix:
@@ -523,6 +567,60 @@ def _resolve_scaling_keys(cfg: Config, file_batch: int, given: dict[str, int]) -
     if s.base_batch == 0:
         s.base_batch = file_batch
 
+def wandb_credentials() -> str | None:
+    """Where wandb would find an API key without prompting (the same places wandb.login reads:
+    $WANDB_API_KEY or an identity-token file, the netrc entry of the W&B host, an api_key in
+    the settings file), or None. Read here with the standard library: wandb's own lookup is
+    private API that moves between releases, and importing wandb costs seconds."""
+    import netrc
+    from urllib.parse import urlparse
+
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if os.environ.get(var):
+            return f"${var}"
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    try:
+        if netrc.netrc(str(path)).authenticators(host or ""):
+            return str(path)
+    except (OSError, netrc.NetrcParseError):
+        pass
+    conf = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser()
+    try:
+        if "api_key" in (conf / "settings").read_text(errors="replace"):
+            return str(conf / "settings")
+    except OSError:
+        pass
+    return None
+
+
+def check_corpus(cfg: Config) -> None:
+    """A misspelt data.corpus with nothing prepared under its name: name the closest preset
+    (the trainer would say `dist-lm prepare ptbb`, which prepare refuses in turn)."""
+    from .data.corpora import PRESETS
+
+    d = cfg.data
+    if d.shards or d.corpus in PRESETS or d.corpus.startswith("text:"):
+        return
+    if (cfg.shards_dir() / "manifest.json").is_file():  # a corpus prepared under that name
+        return
+    match = difflib.get_close_matches(d.corpus, list(PRESETS), n=1, cutoff=0.5)
+    hint = f" Did you mean --data.corpus={match[0]}?" if match else ""
+    raise UserError(f"data.corpus '{d.corpus}' is not a corpus preset ({', '.join(PRESETS)}) "
+                    f"and {cfg.shards_dir()} holds no prepared corpus.{hint} Use a preset, "
+                    f"text:DIR, or set data.shards to a directory written by `dist-lm prepare`.")
+
+
+def check_wandb_login(cfg: Config) -> None:
+    """Online W&B without credentials: wandb.init waits for its login prompt to time out
+    (about 100 s), then raises; refuse before anything is started or written."""
+    mode = os.environ.get("WANDB_MODE") or cfg.log.wandb_mode
+    if mode == "online" and wandb_credentials() is None:
+        raise UserError("log.wandb_mode is online but no W&B login was found (no $WANDB_API_KEY, "
+                        "no api.wandb.ai entry in ~/.netrc); run `wandb login` first, or pass "
+                        "--log.wandb_mode=offline and upload later with `wandb sync`.")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks, with the key to change named in the message."""
     t, m = cfg.train, cfg.model
@@ -532,8 +630,12 @@ def validate(cfg: Config) -> None:
         raise UserError("train.micro_batch must be >= 0 (0 means global_batch / world_size).")
     if t.bptt < 2:
         raise UserError("train.bptt must be >= 2.")
-    if m.n_layers < 1:
-        raise UserError("model.n_layers must be >= 1.")
+    for name in ("emb_size", "hidden_size", "n_layers", "n_experts"):
+        if getattr(m, name) < 1:
+            raise UserError(f"model.{name} must be >= 1; got {getattr(m, name)}.")
+    for name in ("mos_latent", "hsm_classes"):
+        if getattr(m, name) < 0:
+            raise UserError(f"model.{name} must be >= 0 (0 chooses it); got {getattr(m, name)}.")
     for name in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop", "zoneout", "dropoutl"):
         v = getattr(m, name)
         if not 0.0 <= v < 1.0:
@@ -550,6 +652,11 @@ def validate(cfg: Config) -> None:
                             f"fraction of the run (0 < m < 1); e.g. [12, 18] or [0.5, 0.75].")
     if t.max_seconds < 0 or t.max_steps < 0 or t.epochs < 0:
         raise UserError("train.max_seconds, train.max_steps and train.epochs must be >= 0.")
+    if t.epochs == 0 and t.max_steps == 0:  # the run would stop before its first step
+        raise UserError("train.epochs = 0 with train.max_steps = 0 trains nothing; set "
+                        "train.epochs >= 1 or train.max_steps >= 1.")
+    if cfg.optim.clip < 0:
+        raise UserError(f"optim.clip must be >= 0 (0 turns clipping off); got {cfg.optim.clip}.")
     if cfg.optim.lr <= 0:
         raise UserError(f"optim.lr must be > 0; got {cfg.optim.lr}.")
     s = cfg.schedule
@@ -565,6 +672,8 @@ def validate(cfg: Config) -> None:
     if t.max_micro_tokens < -1:
         raise UserError(f"train.max_micro_tokens must be > 0, 0 (the device's default) or -1 (no "
                         f"cap); got {t.max_micro_tokens}.")
+    check_corpus(cfg)
+    check_wandb_login(cfg)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -596,3 +705,21 @@ def help_text() -> str:
     for key, doc in flat_keys().items():
         lines.append(f"  --{key}={defaults[key]!r}\n      {doc}")
     return "\n".join(lines)
+
+
+def check_main(argv: list[str]) -> None:
+    """`python -c 'from dist_lm.config import check_main; ...' CONFIG [--overrides]`: load the
+    config as `dist-lm train CONFIG [--overrides]` would (fire parses the same signature) and
+    exit 2 with the one-line error if it is refused. launch/torchrun.sh runs it once before
+    torchrun, whose elastic restarts would otherwise repeat a permanent error on every rank."""
+    import fire
+
+    def train(config: str, resume: str | None = None, overwrite: bool = False,
+              **overrides) -> None:
+        load_config(config, overrides)
+
+    try:
+        fire.Fire(train, command=argv, name="dist-lm train")
+    except UserError as exc:
+        print(f"dist-lm: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

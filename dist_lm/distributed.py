@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import torch
 import torch.distributed as dist
@@ -98,10 +99,29 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _released(t: torch.Tensor, limit_s: float = 10.0) -> torch.Tensor:
+    """Wait until the collective's worker has let go of `t`. gloo's all_reduce returns when the
+    result is in place, but its worker thread drops its references to the tensor (the work and
+    its future hold it) a moment later: in about one call of five the count is still 4 on
+    return. If the process ends in that moment, the last reference goes away in the worker
+    thread after Python has begun to shut down; the tensor's Python object cannot be freed
+    there and the process aborts ("terminate called without an active exception", SIGABRT):
+    rank 1 of a 2-rank `dist-lm eval`, which exits right after its one all-reduce, did so under
+    load. Waiting here makes the caller the last owner. CPU (gloo) tensors only: NCCL's
+    watchdog holds CUDA tensors longer by design and frees them without Python."""
+    if t.device.type != "cpu":
+        return t
+    deadline = time.monotonic() + limit_s
+    while t._use_count() > 1 and time.monotonic() < deadline:
+        time.sleep(1e-4)
+    return t
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks in place (identity for one process); returns it."""
     if is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        _released(t)
     return t
 
 
@@ -138,6 +158,7 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     """Maximum of a tensor over ranks in place (identity for one process); returns it."""
     if is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        _released(t)
     return t
 
 

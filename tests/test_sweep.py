@@ -130,6 +130,12 @@ BAD_SPACES = [
     ('[space."model.arch"]\ntype = "categorical"\nchoices = ["lstm", "gru"]\n'
      '[space."model.qrnn_window"]\ntype = "categorical"\nchoices = [1, 2]\n'
      'when = { "model.arch" = "qrnn" }', "never true"),
+    # a condition on a key outside the space: the recipe's value never meets it
+    ('[[space."optim.lr"]]\ntype = "loguniform"\nlow = 1\nhigh = 2\n'
+     'when = { "train.device" = "cpu" }\n[[space."optim.lr"]]\ntype = "loguniform"\nlow = 2\n'
+     'high = 3\nwhen = { "train.device" = "cuda" }', "when train.device in ['cuda'] is never true"),
+    ('[space."model.qrnn_window"]\ntype = "categorical"\nchoices = [1, 2]\n'
+     'when = { "model.arch" = "qrnn" }', "never true: it is not in the space, and the recipe"),
     ('[space."train.run_dir"]\ntype = "categorical"\nchoices = ["a", "b"]', "set by the sweep"),
     ('[space."optim.lr"]\ntype = "loguniform"\nlow = 1\nhigh = 5\n[[enqueue]]\n"optim.wd" = 1',
      "not in the space"),
@@ -230,15 +236,16 @@ EXCLUSIVE_VARIANTS = [  # (space, Optuna names of the variants)
     (OPTIM_VARIANTS, ["optim.lr[optim.name=sgd]", "optim.lr[optim.name=adam]"]),
     # a key only one condition names does not matter when a common key tells them apart
     (OPTIM_VARIANTS.replace('when = { "optim.name" = "sgd" }',
-                            'when = { "optim.name" = "sgd", "model.dropout" = [0.0, 0.1] }'),
-     ["optim.lr[optim.name=sgd, model.dropout=0.0|0.1]", "optim.lr[optim.name=adam]"]),
+                            'when = { "optim.name" = "sgd", "model.dropout" = [0.4, 0.1] }'),
+     ["optim.lr[optim.name=sgd, model.dropout=0.4|0.1]", "optim.lr[optim.name=adam]"]),
     # gru is a valid arch, but not one that this space samples
     (_variants('["lstm", "qrnn"]', '{ "model.arch" = ["lstm", "gru"] }',
                '{ "model.arch" = ["gru", "qrnn"] }'),
      ["optim.lr[model.arch=lstm|gru]", "optim.lr[model.arch=gru|qrnn]"]),
     # a key outside the space has the recipe's value (train.device = "cpu")
-    (_variants('["lstm"]', '{ "train.device" = "cpu" }', '{ "train.device" = "cuda" }'),
-     ["optim.lr[train.device=cpu]", "optim.lr[train.device=cuda]"]),
+    (_variants('["lstm", "qrnn"]', '{ "train.device" = "cpu", "model.arch" = "lstm" }',
+               '{ "model.arch" = "qrnn" }'),
+     ["optim.lr[train.device=cpu, model.arch=lstm]", "optim.lr[model.arch=qrnn]"]),
 ]
 
 
@@ -253,7 +260,8 @@ OVERLAPPING_VARIANTS = [
     OPTIM_VARIANTS.replace('"optim.name" = "adam"', '"optim.name" = ["adam", "sgd"]'),
     OPTIM_VARIANTS.replace('when = { "optim.name" = "adam" }\n', ""),  # always holds
     # conditions on different keys: sgd with qrnn holds both
-    OPTIM_VARIANTS.replace('when = { "optim.name" = "adam" }', 'when = { "model.arch" = "qrnn" }'),
+    '[space."model.arch"]\ntype = "categorical"\nchoices = ["lstm", "qrnn"]\n'
+    + OPTIM_VARIANTS.replace('when = { "optim.name" = "adam" }', 'when = { "model.arch" = "qrnn" }'),
     # the recipe's value of a key outside the space satisfies both
     _variants('["lstm"]', '{ "train.device" = "cpu" }', '{ "train.device" = ["cuda", "cpu"] }'),
 ]
@@ -533,6 +541,12 @@ def _wait_for(cond, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _start_sweep(f: Path, sdir: Path, env: dict, cwd: Path, **popen) -> subprocess.Popen:
+    """`dist-lm sweep F --dir SDIR` in the background."""
+    return subprocess.Popen([sys.executable, "-m", "dist_lm", "sweep", str(f), "--dir",
+                             str(sdir)], env=env, cwd=cwd, **popen)
+
+
 def _processes_with(text: str) -> list[int]:
     """Live processes whose command line contains `text` (Linux /proc)."""
     found = []
@@ -553,9 +567,8 @@ def test_killed_study_continues_and_requeues_the_interrupted_trial(tmp_path, bas
     f = study_file(tmp_path / "s.toml", base, 'name = "kill"\ntrials = 2\n'
                    'sampler = { kind = "random", seed = 5 }', LR_DROPOUT)
     sdir = tmp_path / "study"
-    proc = subprocess.Popen([sys.executable, "-m", "dist_lm", "sweep", str(f), "--dir",
-                             str(sdir)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = _start_sweep(f, sdir, env, tmp_path, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
     try:
         trainer = str(sdir / "trials" / "1")
         _wait_for(lambda: _processes_with(trainer), 120, "trial 1's trainer to start")
@@ -604,6 +617,36 @@ def test_killed_study_continues_and_requeues_the_interrupted_trial(tmp_path, bas
     assert len(finals) == 1 and finals[0]["valid_ppl"] == t0.value  # the new run's, not the old
     cfg = json.loads((sdir / "trials" / "0" / "config.json").read_text())
     assert cfg["optim"]["lr"] == t0.params["optim.lr"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="a process group's SIGINT, as a terminal's "
+                    "Ctrl-C sends it")
+def test_ctrl_c_stops_in_one_line_and_the_rerun_samples_a_new_point(tmp_path, base, env):
+    f = study_file(tmp_path / "s.toml", base, 'name = "cc"\ntrials = 2\n'
+                   'sampler = { kind = "random", seed = 5 }', LR_DROPOUT)
+    sdir = tmp_path / "study"
+    proc = _start_sweep(f, sdir, env, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        text=True, start_new_session=True)
+    try:
+        _wait_for(lambda: records(sdir / "trials" / "0"), 120, "trial 0 to train")
+        os.killpg(proc.pid, signal.SIGINT)  # the sweep and its trainer, as Ctrl-C does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    # the hint repeats the --dir it was given
+    assert f"re-queued for the next `dist-lm sweep {f} --dir {sdir}`" in err
+    res = sweep(f, "--dir", sdir, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = load(sdir, "cc").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE,
+                                         TrialState.COMPLETE]
+    assert trials[1].params == trials[0].params  # the interrupted point, re-queued
+    # a sampler seeded as before replays its sequence: trial 2 would be trial 0's point again
+    assert trials[2].params != trials[0].params
 
 
 @pytest.mark.slow

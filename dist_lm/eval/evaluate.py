@@ -101,8 +101,10 @@ def parse_options(options: dict[str, Any]) -> tuple[dict, CacheOptions | None, D
                         "not both in one command.")
     cache = CacheOptions(**groups["cache"]) if enabled["cache"] else None
     dyn = DynamicOptions(**groups["dynamic"]) if enabled["dynamic"] else None
-    if cache is not None and (cache.window < 1 or not 0 <= cache.lambdah <= 1):
-        raise UserError("--cache.window must be >= 1 and --cache.lambdah in [0, 1].")
+    if cache is not None and (cache.window < 1 or not 0 <= cache.lambdah <= 1
+                              or not 0 <= cache.theta < float("inf")):
+        raise UserError("--cache.window must be >= 1, --cache.theta a finite number >= 0 and "
+                        "--cache.lambdah in [0, 1].")
     if dyn is not None and (dyn.bptt < 1 or dyn.lr < 0 or dyn.decay < 0 or dyn.stat_batch < 1):
         raise UserError("--dynamic.bptt and --dynamic.stat_batch must be >= 1, "
                         "--dynamic.lr and --dynamic.decay >= 0.")
@@ -144,6 +146,35 @@ def make_loader(corpus_dir: Path, split: str, batch_size: int, bptt: int,
     """Fixed-bptt windows over B contiguous streams (the evaluation protocols)."""
     return PreparedCorpus(corpus_dir, device=device).loader(split, batch_size, bptt, rank=rank,
                                                             world=world_size)
+
+
+class _Progress:
+    """A loader with a tqdm bar of its predicted tokens on stderr, as training has: rank 0
+    only, and only when stderr is a terminal (logs and pipes stay clean). Other attributes
+    are the loader's."""
+
+    def __init__(self, loader, desc: str):
+        self._loader, self._desc = loader, desc
+
+    def __getattr__(self, name: str):
+        return getattr(self._loader, name)
+
+    def __iter__(self):
+        from tqdm import tqdm
+
+        total = max(0, self._loader.stream_len - 1) * self._loader.b  # this rank's targets
+        with tqdm(total=total, desc=self._desc, unit="tok", unit_scale=True, leave=False,
+                  dynamic_ncols=True) as bar:
+            for inputs, targets in self._loader:
+                yield inputs, targets
+                bar.update(targets.numel())
+
+
+def with_progress(loader, desc: str):
+    """`loader` behind a progress bar when rank 0 writes to a terminal, else `loader` itself."""
+    from ..distributed import is_main
+
+    return _Progress(loader, desc) if is_main() and sys.stderr.isatty() else loader
 
 
 def check_protocol(protocol: str) -> None:
@@ -223,7 +254,8 @@ def evaluate_run(run, split: str = "test", protocol: str = "reference", batch_si
                         f"{split} uses {B}: run it in one process to reproduce it exactly).")
 
     def loader_for(s: str, b: int):
-        return make_loader(d, s, b, bptt, device=device, rank=rank, world_size=world)
+        return with_progress(make_loader(d, s, b, bptt, device=device, rank=rank,
+                                         world_size=world), f"eval {s}")
 
     if cache is not None:
         res["method"] = "cache"
@@ -274,7 +306,8 @@ def _evaluate_dynamic(run, d: Path, split: str, B: int, opt: DynamicOptions, res
         log(f"dynamic search on {cfg.data.valid_split}: best lr {opt.lr:g} decay {opt.decay:g} "
             f"({_fmt(ppl_or_bpc(best['nll'], kind))} on {best['tokens']} tokens)")
     res["dynamic"] = dataclasses.asdict(opt)
-    total, n = dyn.evaluate(make_loader(d, split, B, opt.bptt, device), opt.lr, opt.decay, opt.eps)
+    total, n = dyn.evaluate(with_progress(make_loader(d, split, B, opt.bptt, device),
+                                          f"dynamic eval {split}"), opt.lr, opt.decay, opt.eps)
     return _finish(res, total, n, kind)
 
 

@@ -35,7 +35,6 @@ mistake is one UserError naming the key and, for a misspelt one, the nearest val
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import typing
@@ -43,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, _flatten, _set, flat_keys, load_config, to_dict, tomllib
+from ..config import (Config, _flatten, _set, flat_keys, load_config, suggest, to_dict,
+                      tomllib)
 from ..errors import UserError
 
 PARAM_TYPES = ("uniform", "loguniform", "int", "categorical")
@@ -72,8 +72,8 @@ MANAGED = ("train.run_dir", "log.group", "log.name", *BUDGETS.values())
 
 def closest(name: str, options) -> str:
     """' Did you mean X?' for a misspelt name (config.py's suggestion, for sweep names)."""
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else ""
+    match = suggest(name, list(options))
+    return f" Did you mean '{match}'?" if match else ""
 
 
 def field_type(key: str) -> Any:
@@ -467,6 +467,7 @@ def load_spec(path: str | Path, base: str | None = None) -> Spec:
     spec.base_table = _flatten(read_toml(spec.base, "base config"))
     cfg = load_config(spec.base, {**spec.fixed, **spec.budget_overrides()})  # base + fixed valid
     spec.base_values = _flatten(to_dict(cfg))
+    _check_conditions(spec)
     _check_exclusive(spec)
     for i, point in enumerate(spec.enqueue):  # the variant a point samples needs base_values
         _check_enqueued(spec, point, f"[[enqueue]] #{i + 1}")
@@ -511,6 +512,22 @@ def _domain(spec: Spec, key: str) -> list | None:
     if any(p.when for p in variants):
         values.append(spec.base_values.get(key))
     return values
+
+
+def _check_conditions(spec: Spec) -> None:
+    """A condition no trial can meet: a key outside the space whose recipe (or [fixed]) value
+    is not among the allowed ones, or a swept categorical key that never takes them (the
+    parameter would never be sampled)."""
+    for p in spec.params:
+        for ckey, allowed in p.when.items():
+            domain = _domain(spec, ckey)
+            if domain is not None and not any(v in domain for v in allowed):
+                where = ("its choices" if spec.variants(ckey) else
+                         "it is not in the space, and the recipe with [fixed] sets it")
+                values = sorted({repr(v) for v in domain})
+                raise UserError(f"[space.\"{p.key}\"]: when {ckey} in {allowed} is never true: "
+                                f"{where}: {', '.join(values)}; sweep {ckey} or change the "
+                                f"condition.")
 
 
 def _can_both_hold(spec: Spec, a: Param, b: Param) -> bool:

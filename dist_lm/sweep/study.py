@@ -34,6 +34,7 @@ from typing import Any
 from ..config import load_config
 from ..errors import Stopped, UserError
 from ..fileio import read_json, write_text_atomic
+from . import LOCKSTEP_ENV
 from .space import Spec, closest, load_spec
 
 POLL_S = 0.2  # how often a running trial's metrics.jsonl is read
@@ -54,10 +55,11 @@ class TrialFailed(Exception):
 
 
 class _QuietFailures(logging.Filter):
-    """Optuna logs a failed trial with its traceback; ours carry their reason already."""
+    """Optuna logs a failed trial with its traceback; ours carry their reason already, and a
+    Ctrl-C (KeyboardInterrupt) is the user's own doing: one line, no traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], TrialFailed):
+        if record.exc_info and isinstance(record.exc_info[1], (TrialFailed, KeyboardInterrupt)):
             record.exc_info = None
         return True
 
@@ -134,11 +136,18 @@ def _build(kind_table: dict, classes: dict, what: str):
         raise UserError(f"study.{what} = {kind} ({cls.__name__}): {exc}.") from None
 
 
-def make_sampler(spec: Spec):
+def make_sampler(spec: Spec, tried: int = 0):
+    """The study's sampler; a seeded one starts at seed + `tried` (the trials already in the
+    storage): a seeded sampler replays its sequence from the start in every process, so a
+    study continued after Ctrl-C, or joined by another machine, would sample the points it
+    already tried again. A new study (tried = 0) keeps the seed's own, reproducible points."""
     import optuna
 
-    return _build(spec.sampler, {"tpe": optuna.samplers.TPESampler,
-                                 "random": optuna.samplers.RandomSampler}, "sampler")
+    table = dict(spec.sampler)
+    if isinstance(table.get("seed"), int) and not isinstance(table["seed"], bool) and tried:
+        table["seed"] += tried
+    return _build(table, {"tpe": optuna.samplers.TPESampler,
+                          "random": optuna.samplers.RandomSampler}, "sampler")
 
 
 def make_pruner(spec: Spec):
@@ -163,8 +172,12 @@ def open_study(spec: Spec, url: str, create: bool = True):
         except KeyError:
             raise UserError(f"storage {url} holds no study named {spec.name!r}; run "
                             f"`dist-lm sweep {spec.path}` first.") from None
-    return optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler,
-                               pruner=pruner, direction="minimize", load_if_exists=True)
+    study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler,
+                                pruner=pruner, direction="minimize", load_if_exists=True)
+    tried = len(study.get_trials(deepcopy=False))
+    if tried:
+        study.sampler = make_sampler(spec, tried)
+    return study
 
 
 # ---- interrupted trials ---------------------------------------------------------------------
@@ -370,10 +383,17 @@ class TrialRunner:
             cmd = [sys.executable, "-c", _DEATHSIG, str(os.getpid()), *cmd]
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", self.threads)
+        # Lockstep: the trainer waits after each validation until the pruner has seen it, so
+        # a pruned trial stops at the validation that pruned it however late this loop reads
+        # (without it, a trial of a few seconds could finish before its first record is read).
+        # Only for a trainer started directly: a launcher need not pass its stdin to rank 0.
+        lockstep = not spec.launcher
+        if lockstep:
+            env[LOCKSTEP_ENV] = "1"
         err_path = logs / f"trial-{n}.err"
         with open(logs / f"trial-{n}.out", "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                    env=env)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env,
+                                    stdin=subprocess.PIPE if lockstep else subprocess.DEVNULL)
         follower, final, key = _Follower(run_dir / "metrics.jsonl"), None, None
         try:
             while True:
@@ -387,11 +407,12 @@ class TrialRunner:
                         final = rec
                         continue
                     key = _objective_key(spec, rec)
-                    if key is None:
-                        continue  # a training record
-                    trial.report(float(rec[key]), step)
-                    if trial.should_prune():
-                        raise optuna.TrialPruned(f"{key} = {rec[key]:.4g} at step {step}")
+                    if key is not None:
+                        trial.report(float(rec[key]), step)
+                        if trial.should_prune():
+                            raise optuna.TrialPruned(f"{key} = {rec[key]:.4g} at step {step}")
+                    if lockstep and "valid_loss" in rec:
+                        _resume(proc)
                 if exited:
                     break
                 if self.stop.is_set():
@@ -432,7 +453,21 @@ class TrialRunner:
         return value
 
 
+def _resume(proc: subprocess.Popen) -> None:
+    """Let a lockstep trainer go on past the validation it waits at."""
+    try:
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+    except (BrokenPipeError, OSError):  # it has exited: the loop sees that
+        pass
+
+
 def _terminate(proc: subprocess.Popen) -> None:
+    if proc.stdin is not None:  # a lockstep trainer waiting at a validation reads EOF
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
     if proc.poll() is not None:
         return
     proc.terminate()
@@ -514,8 +549,11 @@ def sweep_command(space: str, study_dir: str | None = None, workers: int = 0, tr
         if stop.is_set():  # the trials stopped here go back into the queue
             requeued = recover(study, spec)
             if requeued:
+                again = shlex.join(["dist-lm", "sweep", str(space)]
+                                   + (["--dir", str(study_dir)] if study_dir else [])
+                                   + (["--storage", storage] if storage else []))
                 print(f"dist-lm: stopped; trial(s) {', '.join(map(str, requeued))} re-queued "
-                      f"for the next `dist-lm sweep {space}`", file=sys.stderr, flush=True)
+                      f"for the next `{again}`", file=sys.stderr, flush=True)
     done = study.get_trials(deepcopy=False)
     states = {s: sum(1 for t in done if t.state.name == s) for s in ("COMPLETE", "PRUNED", "FAIL")}
     interrupted = len(retried_numbers(done))

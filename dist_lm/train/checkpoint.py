@@ -148,8 +148,8 @@ class Checkpointer:
             if self.rank == 0:
                 shutil.rmtree(step_dir, ignore_errors=True)
             done = list_checkpoints(self.root.parent)
-            prev = (f"--resume auto continues from {done[-1]}, which is intact" if done else
-                    "no earlier checkpoint exists")
+            prev = (f"continue with --resume auto from {done[-1]}, which is intact" if done else
+                    "start the run again (no earlier checkpoint exists)")
             raise UserError(f"cannot write checkpoint {step_dir}: {exc.strerror or exc}"
                             f"{' (' + exc.filename + ')' if exc.filename else ''}; free disk "
                             f"space or fix the permissions of train.run_dir, then {prev}.") from None

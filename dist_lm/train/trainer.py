@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -743,6 +744,7 @@ class Trainer:
         if event:
             rec["event"] = event
         self.sink.log(rec)
+        self._await_sweep()
         best = perplexity_fields(self.best_val, self.char_level, "best_valid_")
         self.sink.set_summary(**best, best_valid_loss=self.best_val, best_step=self.best_step,
                               **self._target_fields())
@@ -753,6 +755,15 @@ class Trainer:
             print(f"dist-lm: {what} at step {self.step}", flush=True)
         if improved and self.last_saved != self.step:
             self.save()
+
+    def _await_sweep(self) -> None:
+        """Under `dist-lm sweep` (dist_lm.sweep.LOCKSTEP_ENV set), rank 0 waits for the sweep to
+        read this validation and ask its pruner: a pruned trial then stops here, whatever the
+        machine's speed (EOF: the sweep stopped it; its SIGTERM ends the run)."""
+        from ..sweep import LOCKSTEP_ENV
+
+        if self.rank == 0 and os.environ.get(LOCKSTEP_ENV):
+            sys.stdin.readline()
 
     def _target_fields(self) -> dict:
         if self.target_step < 0:

@@ -1,0 +1,43 @@
+"""The collective helpers return a CPU tensor only once gloo's worker thread has let go of it.
+
+Without the wait, about one all-reduce in five returned while the worker still held the
+tensor (use count 4: its work and future). A process that ended in that moment dropped the
+last reference in the worker after Python had begun to shut down, and aborted ("terminate
+called without an active exception"): rank 1 of a 2-rank `dist-lm eval`, which exits right
+after its one all-reduce (tests/test_eval_protocol.py::test_two_ranks_equal_one_process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dist_lm.train.trainer import _free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import torch
+from dist_lm.distributed import all_reduce_max, all_reduce_sum, init_distributed
+init_distributed(torch.device("cpu"), "gloo")
+held = 0
+for i in range(200):
+    t = torch.tensor([1.0, float(i)], dtype=torch.float64)
+    (all_reduce_sum if i % 2 else all_reduce_max)(t)
+    held += t._use_count() > 1
+print("held", held, flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_reduced_tensors_are_released_before_the_helpers_return(tmp_path):
+    script = tmp_path / "reduce.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("held 0") == 2, res.stdout

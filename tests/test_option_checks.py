@@ -1,0 +1,173 @@
+"""Options refused before anything starts (issue 20's smaller items): each case runs the real
+CLI (dist_lm.__main__.main, in process) and expects exit 2, one `dist-lm: error:` line naming
+the key and the fix, no traceback and nothing written in the working directory. The CASES
+rows have the shape of the bad-input table (tests/test_bad_inputs.py): argv, needles.
+
+Also here: launch/torchrun.sh refusing a bad config once instead of once per rank and restart,
+and the progress bar of `dist-lm eval` on a terminal (none in a log)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+
+from _data_helpers import assert_clean_failure
+from dist_lm.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = """
+[data]
+corpus = "ptb"
+[model]
+emb_size = 16
+hidden_size = 32
+n_layers = 1
+[train]
+device = "cpu"
+global_batch = 10
+bptt = 20
+max_steps = 20
+run_dir = "run"
+[log]
+progress = false
+"""
+
+# (id, arguments after `dist-lm`, needles of the one error line); CONFIG is the tiny recipe
+CASES = [
+    ("hidden_size=0", ["train", "CONFIG", "--model.hidden_size=0"],
+     ["model.hidden_size must be >= 1", "got 0"]),
+    ("emb_size<0", ["train", "CONFIG", "--model.emb_size=-4"], ["model.emb_size must be >= 1"]),
+    ("n_experts=0", ["train", "CONFIG", "--model.n_experts=0"], ["model.n_experts must be >= 1"]),
+    ("lr=nan", ["train", "CONFIG", "--optim.lr=nan"], ["optim.lr", "finite number"]),
+    ("lr=inf", ["train", "CONFIG", "--optim.lr=inf"], ["optim.lr", "finite number"]),
+    ("epochs=0", ["train", "CONFIG", "--train.epochs=0", "--train.max_steps=0"],
+     ["train.epochs = 0 with train.max_steps = 0 trains nothing", "train.epochs >= 1"]),
+    ("clip=-1", ["train", "CONFIG", "--optim.clip=-1"],
+     ["optim.clip must be >= 0", "0 turns clipping off"]),
+    ("wandb-online-no-login", ["train", "CONFIG", "--log.wandb_mode=online"],
+     ["log.wandb_mode is online", "wandb login", "--log.wandb_mode=offline"]),
+    ("corpus=ptbb", ["train", "CONFIG", "--data.corpus=ptbb"],
+     ["data.corpus 'ptbb' is not a corpus preset", "Did you mean --data.corpus=ptb?"]),
+    ("nhid", ["train", "CONFIG", "--model.nhid=64"], ["'model.nhid'", "'model.hidden_size'"]),
+    ("lr-without-section", ["train", "CONFIG", "--lr=3"], ["'lr'", "Did you mean 'optim.lr'?"]),
+    ("key-in-wrong-section", ["train", "CONFIG", "--train.lr=3"], ["Did you mean 'optim.lr'?"]),
+    ("config-is-a-folder", ["train", "FOLDER"], ["is a directory", "TOML file"]),
+    ("cache.theta<0", ["eval", "RUN", "--cache.theta=-1"], ["--cache.theta", ">= 0"]),
+]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("argv,needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_refused_in_one_line_and_nothing_written(tmp_path, monkeypatch, capsys, argv, needles):
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))  # none there
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.toml").write_text(TINY)
+    (tmp_path / "folder").mkdir()
+    names = {"CONFIG": "tiny.toml", "FOLDER": "folder", "RUN": "run"}
+    before = _tree(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main([names.get(a, a) for a in argv])
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dist-lm: error: "), err
+    assert "Traceback" not in err + out
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert len(lines[0]) < 400  # a suggestion, not the list of every key
+    assert _tree(tmp_path) == before
+
+
+def test_wandb_credentials_found_where_wandb_reads_them(tmp_path, monkeypatch):
+    from dist_lm.config import wandb_credentials
+
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "conf"))
+    assert wandb_credentials() is None
+    (tmp_path / "netrc").write_text("machine example.org login u password p\n")
+    assert wandb_credentials() is None  # another host's entry
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password 0123abcd\n")
+    assert wandb_credentials() == str(tmp_path / "netrc")
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a private server
+    assert wandb_credentials() is None
+    monkeypatch.setenv("WANDB_API_KEY", "0123abcd")
+    assert wandb_credentials() == "$WANDB_API_KEY"
+
+
+def test_torchrun_script_refuses_a_bad_config_once(tmp_path):
+    """Before: torchrun started the ranks, each refused the config, and the elastic restarts
+    repeated it (8 copies of the message). Now one line, exit 2, no rank started."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    env = dict(os.environ, NPROC="2", TORCHRUN=str(BIN / "torchrun"), MAX_RESTARTS="3",
+               PYTHONPATH=str(REPO))
+    res = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"),
+                          str(tmp_path / "tiny.toml"), "--optim.clip=-1",
+                          f"--train.run_dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert_clean_failure(res, "optim.clip must be >= 0")
+    assert res.returncode == 2
+    assert res.stderr.count("dist-lm: error:") == 1
+    assert "torchrun" not in res.stdout  # the launch line is printed just before torchrun runs
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    from _eval_helpers import make_corpus, make_run, sentences
+
+    root = tmp_path_factory.mktemp("progress")
+    corpus = make_corpus(root, sentences(200, 1), sentences(60, 2), sentences(40, 3))
+    return make_run(root, corpus, train_steps=0)
+
+
+def _eval(run_dir: Path, tty: bool) -> str:
+    """stderr of `dist-lm eval RUN --split valid`, on a pseudo-terminal or a pipe."""
+    cmd = [sys.executable, "-m", "dist_lm", "eval", str(run_dir), "--split", "valid"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if not tty:
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res.stderr
+    master, slave = pty.openpty()
+    # a terminal of 100 columns: a fresh pty has 0, where tqdm draws an empty bar
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(120) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_eval_shows_progress_on_a_terminal_only(small_run):
+    on_tty = _eval(small_run, tty=True)
+    assert "eval valid" in on_tty and "tok" in on_tty, on_tty[-500:]
+    assert "eval valid" not in _eval(small_run, tty=False)
