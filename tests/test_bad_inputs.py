@@ -10,7 +10,8 @@ disk fails them with ENOSPC.
 
 To add a case, append a Case to CASES: argv may name {run} (a trained run, shared: no case may
 change it), {corpus} (its prepared corpus), {other} (another corpus, another vocabulary),
-{toml} (the tiny recipe) and {tmp} (the case's own folder, built by setup).
+{toml} (the tiny recipe) and {tmp} (the case's own folder, built by setup, and the command's
+working directory, so that a stray relative write shows in its tree).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Case:
     expect_in_stderr: list[str]  # the problem and the fix, each a substring of the one line
     setup: Callable[[dict], None] | None = None  # builds the case's folders in {tmp}
     prefix: list[str] = field(default_factory=list)  # no_bypass(), file_limit(n)
+    env: dict[str, str | None] = field(default_factory=dict)  # set (None: unset) for the CLI
 
 
 def train(*args: str) -> list[str]:
@@ -200,6 +202,59 @@ CASES = [
          setup=read_only_parent, prefix=no_bypass()),
 ]
 
+# Options refused before anything starts: a tiny recipe ({tmp}/tiny.toml) with one bad value
+TINY = """
+[data]
+corpus = "ptb"
+[model]
+emb_size = 16
+hidden_size = 32
+n_layers = 1
+[train]
+device = "cpu"
+global_batch = 10
+bptt = 20
+max_steps = 20
+run_dir = "run"
+[log]
+progress = false
+"""
+
+
+def tiny(p):
+    (p["tmp"] / "tiny.toml").write_text(TINY)
+    (p["tmp"] / "folder").mkdir()
+
+
+def option(name: str, args: list[str], needles: list[str], **kw) -> Case:
+    return Case(name, ["train", "{tmp}/tiny.toml", *args], needles, setup=tiny, **kw)
+
+
+NO_WANDB_LOGIN = {"WANDB_API_KEY": None, "WANDB_IDENTITY_TOKEN_FILE": None, "WANDB_MODE": None,
+                  "NETRC": "{tmp}/no-netrc", "WANDB_CONFIG_DIR": "{tmp}/no-wandb-config"}
+CASES += [
+    option("hidden_size=0", ["--model.hidden_size=0"], ["model.hidden_size must be >= 1",
+                                                        "got 0"]),
+    option("emb_size<0", ["--model.emb_size=-4"], ["model.emb_size must be >= 1"]),
+    option("n_experts=0", ["--model.n_experts=0"], ["model.n_experts must be >= 1"]),
+    option("lr=nan", ["--optim.lr=nan"], ["optim.lr", "finite number"]),
+    option("lr=inf", ["--optim.lr=inf"], ["optim.lr", "finite number"]),
+    option("epochs=0", ["--train.epochs=0", "--train.max_steps=0"],
+           ["train.epochs = 0 with train.max_steps = 0 trains nothing", "train.epochs >= 1"]),
+    option("clip=-1", ["--optim.clip=-1"], ["optim.clip must be >= 0", "0 turns clipping off"]),
+    option("wandb-online-no-login", ["--log.wandb_mode=online"],
+           ["log.wandb_mode is online", "wandb login", "--log.wandb_mode=offline"],
+           env=NO_WANDB_LOGIN),
+    option("corpus=ptbb", ["--data.corpus=ptbb"],
+           ["data.corpus 'ptbb' is not a corpus preset", "Did you mean --data.corpus=ptb?"]),
+    option("nhid", ["--model.nhid=64"], ["'model.nhid'", "'model.hidden_size'"]),
+    option("lr-without-section", ["--lr=3"], ["'lr'", "Did you mean 'optim.lr'?"]),
+    option("key-in-wrong-section", ["--train.lr=3"], ["Did you mean 'optim.lr'?"]),
+    Case("config-is-a-folder", ["train", "{tmp}/folder"], ["is a directory", "TOML file"],
+         setup=tiny),
+    Case("cache.theta<0", ["eval", "{run}", "--cache.theta=-1"], ["--cache.theta", ">= 0"]),
+]
+
 
 # ---- fixtures and the test ----------------------------------------------------------------
 
@@ -220,10 +275,11 @@ def places(tmp_path_factory, ptb_slice, shared_data):
     return p
 
 
-def env() -> dict:
+def env(extra: dict[str, str | None] | None = None) -> dict:
     e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO),
              PYTHONDONTWRITEBYTECODE="1")
-    return {k: v for k, v in e.items() if not k.startswith("DIST_LM_FAULT_")}
+    e.update(extra or {})
+    return {k: v for k, v in e.items() if not k.startswith("DIST_LM_FAULT_") and v is not None}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -235,8 +291,10 @@ def test_bad_input_is_one_line_and_touches_nothing(case, places, tmp_path):
     watched = [places["run"], places["corpus"], places["other"], tmp_path]
     before = [tree(w) for w in watched]
     try:
-        proc = subprocess.run([*case.prefix, sys.executable, "-m", "dist_lm", *argv], cwd=REPO,
-                              env=env(), capture_output=True, text=True, timeout=300)
+        extra = {k: None if v is None else v.format(**p) for k, v in case.env.items()}
+        proc = subprocess.run([*case.prefix, sys.executable, "-m", "dist_lm", *argv],
+                              cwd=tmp_path, env=env(extra), capture_output=True, text=True,
+                              timeout=300)
     finally:
         writable(tmp_path)  # so that pytest can clean up
     lines = proc.stderr.strip().splitlines()
@@ -245,6 +303,7 @@ def test_bad_input_is_one_line_and_touches_nothing(case, places, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("dist-lm: error: "), proc.stderr
     for text in case.expect_in_stderr:
         assert text in lines[0], lines[0]
+    assert len(lines[0]) < 600, lines[0]  # a suggestion, not the list of every key
     for w, was in zip(watched, before):
         assert tree(w) == was, f"{case.name} changed {w}"
 
