@@ -4,7 +4,7 @@
 
 The wrappers (forget_mult_triton_*, qrnn_fused_triton_*) run on CPU tensors over the argument
 combinations the ops pass them: dtypes, h0/c0 in the input dtype or fp32 (an fp32 carry),
-zoneout masks (none, bool, 0/1 floats of y's dtype), dL/dc or none, T = 1, 16, 17, 140, row
+zoneout masks (none, bool, 0/1 floats of y's dtype), dL/dc_last or none, T = 1, 16, 17, 140, row
 lengths of every alignment the kernels declare, a carry that is a misaligned view. Their
 launches go through Triton's own JIT entry (JITFunction.run, with warmup=True: bind, specialize,
 compile, no launch), with the active driver replaced by one that answers "device 0 of an sm_90
@@ -92,7 +92,7 @@ def describe(args, kwargs):
 
 def tensor(shape, dtype, misaligned=False):
     """torch.empty of shape, or a view of it 1 element into a larger buffer (a pointer that
-    is not 16-byte aligned, as c[-1] of an odd-sized c is)."""
+    is not 16-byte aligned, as a carry sliced out of a larger tensor is)."""
     if not misaligned:
         return torch.empty(shape, dtype=dtype)
     n = 1
@@ -129,8 +129,8 @@ def qrnn_launches():
             c0 = tensor((b, H), c0_dt, misaligned=i == 4)
             mask = None if mk is None else tensor((T, b, H), dt if mk == "y" else mk)
             scale = 1.0 if mask is not None else 0.75
-            h, c = qf.qrnn_fused_triton_forward(y, c0, mask, scale)
-            for gc in (None, torch.empty_like(c)):  # c without and with a gradient
+            h, c, c_last = qf.qrnn_fused_triton_forward(y, c0, mask, scale)
+            for gc in (None, torch.empty_like(c_last)):  # the carry without and with a gradient
                 qf.qrnn_fused_triton_backward(torch.empty_like(h), gc, y, c0, mask, c, scale)
 
 

@@ -55,11 +55,12 @@ def test_gradients_match_naive_implementation():
     x = torch.randn(6, 2, 4, requires_grad=True)
     c0 = torch.randn(1, 2, 6, requires_grad=True)
     prev = torch.randn(1, 2, 4)
-    y, _ = layer(x, (c0, prev))
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, c0, layer.weight_raw, layer.bias], g)
-    ref, _ = naive_qrnn(layer, x, c0[0], prev=prev[0])
-    ref_grads = torch.autograd.grad(ref, [x, c0, layer.weight_raw, layer.bias], g)
+    y, hidden = layer(x, (c0, prev))
+    g, gc = torch.randn_like(y), torch.randn(2, 6)  # a loss on h and on the carried state
+    leaves = [x, c0, layer.weight_raw, layer.bias]
+    grads = torch.autograd.grad((y * g).sum() + (hidden[0][0] * gc).sum(), leaves)
+    ref, c_ref = naive_qrnn(layer, x, c0[0], prev=prev[0])
+    ref_grads = torch.autograd.grad((ref * g).sum() + (c_ref * gc).sum(), leaves)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

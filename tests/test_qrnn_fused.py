@@ -20,8 +20,8 @@ SHAPES = [(1, 1, 1), (1, 3, 5), (4, 2, 7), (6, 2, 17), (11, 3, 40)]
 
 
 def case(T, b, H, gates="mid", zoneout=False, seed=0, dtype=torch.float32):
-    """y, c0, mask, dL/dh, dL/dc. gates='edge': pre-activations of +-10 (sigmoid within 5e-5 of
-    0 or 1, tanh saturated) mixed with ordinary ones."""
+    """y, c0, mask, dL/dh, dL/dc_last ([b, H]). gates='edge': pre-activations of +-10 (sigmoid
+    within 5e-5 of 0 or 1, tanh saturated) mixed with ordinary ones."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randn(T, b, 3 * H, generator=g, dtype=torch.float64) * 2
     if gates == "edge":
@@ -30,7 +30,7 @@ def case(T, b, H, gates="mid", zoneout=False, seed=0, dtype=torch.float32):
     c0 = torch.randn(b, H, generator=g, dtype=torch.float64)
     mask = torch.rand(T, b, H, generator=g) < 0.75 if zoneout else None
     gh = torch.randn(T, b, H, generator=g, dtype=torch.float64)
-    gc = torch.randn(T, b, H, generator=g, dtype=torch.float64)
+    gc = torch.randn(b, H, generator=g, dtype=torch.float64)
     return y.to(dtype), c0.to(dtype), mask, gh.to(dtype), gc.to(dtype)
 
 
@@ -59,13 +59,26 @@ def test_float64_takes_the_reference_path_and_passes_gradcheck():
 
 def test_reference_is_the_gate_by_gate_recurrence():
     y, c0, mask, _, _ = case(5, 2, 3, zoneout=True, dtype=torch.float64)
-    h, c = qrnn_fused_reference(y, c0, mask, 0.9)
+    h, c_last = qrnn_fused_reference(y, c0, mask, 0.9)
     z, f, o = y.tanh()[..., :3], y.sigmoid()[..., 3:6] * mask * 0.9, y.sigmoid()[..., 6:]
     prev = c0
     for t in range(5):
         prev = f[t] * z[t] + (1 - f[t]) * prev
-        torch.testing.assert_close(c[t], prev)
         torch.testing.assert_close(h[t], o[t] * prev)
+    torch.testing.assert_close(c_last, prev)
+
+
+@pytest.mark.parametrize("fn", [qrnn_fused, qrnn_fused_reference])
+def test_an_empty_window_hands_its_carry_on(fn):
+    """T = 0 (an epoch's empty tail): no output, c0 comes back as the carry (at least fp32) and
+    dL/dc_last flows back to c0 unchanged."""
+    _, c0, _, _, gc = case(1, 2, 5)
+    c0 = c0.bfloat16().requires_grad_()
+    h, c_last = fn(torch.zeros(0, 2, 15, dtype=torch.bfloat16), c0)
+    assert h.shape == (0, 2, 5) and c_last.dtype == torch.float32
+    assert torch.equal(c_last, c0.detach().float())
+    (g,) = torch.autograd.grad(c_last, c0, gc)
+    assert torch.equal(g, gc.bfloat16())
 
 
 @pytest.mark.parametrize("shape", SHAPES + [(70, 4, 150)])
@@ -91,6 +104,7 @@ def test_cpu_kernel_is_the_one_running(monkeypatch):
     h, _ = qrnn_fused(yy, c0, mask)
     assert type(h.grad_fn).__name__ == "_FusedCPUBackward"
     got = run(qrnn_fused, y, c0, mask, 1.0, gh, gc)
+    assert [t.shape for t in got] == [(6, 2, 17), (2, 17), (6, 2, 51), (2, 17)]
     monkeypatch.setattr(qrnn_fused_cpu, "library", lambda: None)
     h, _ = qrnn_fused(yy, c0, mask)
     assert type(h.grad_fn).__name__ != "_FusedCPUBackward"
@@ -150,13 +164,22 @@ TRITON_SCRIPT = textwrap.dedent("""
                 for a, b in zip(got, want):
                     torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
             for dt in (torch.bfloat16, torch.float16)[:1 + n % 2]:  # 16-bit I/O, fp32 carry
-                yl, ghl, gcl = y.to(dt), gh.to(dt), gc.to(dt)
+                yl, ghl = y.to(dt), gh.to(dt)  # dL/dc_last stays fp32, as the carry's grad is
                 want = run(qrnn_fused_reference, yl.double(), c0.double(), mask, scale,
-                           ghl.double(), gcl.double())
-                got = run(_FusedTriton.apply, yl, c0, mask, scale, ghl, gcl)
+                           ghl.double(), gc.double())
+                got = run(_FusedTriton.apply, yl, c0, mask, scale, ghl, gc)
                 assert [t.dtype for t in got] == [dt, torch.float32, dt, torch.float32]
                 for a, b in zip(got, want):
                     torch.testing.assert_close(a.double(), b, rtol=3e-2, atol=3e-2)
+                # the carry is the fp32 register state, not its rounding: within fp32 error of
+                # the fp64 recurrence on the same 16-bit gates; the saved c[-1] is its rounding
+                # to dt (within one ulp: the interpreter truncates to bf16, a GPU rounds)
+                torch.testing.assert_close(got[1].double(), want[1], rtol=1e-5, atol=1e-5)
+                h, c_last = _FusedTriton.apply(yl.detach().requires_grad_(), c0, mask, scale)
+                c = h.grad_fn.saved_tensors[3]  # the cell states the backward reads
+                assert c.dtype == dt and c.shape == h.shape and c_last.shape == c0.shape
+                torch.testing.assert_close(c[-1].float(), c_last.detach(), atol=0,
+                                           rtol=torch.finfo(dt).eps)
             n += 1
     print("ok", n)
 """)
@@ -193,7 +216,8 @@ PTX_SCRIPT = textwrap.dedent("""
            "BLOCK": "constexpr"}
     bwd = {**fp("GH F X H0 H GF GX GH0", "*fp32"), "T": "i32", "N_DIV": "i32",
            "ALIGN": "constexpr", "BLOCK": "constexpr"}
-    qfwd = {**fp("Y C0 M HOUT C", "*fp32"), "M": "*u8", "T": "i32", "B": "i32", "H_DIV": "i32",
+    qfwd = {**fp("Y C0 M HOUT C CLAST", "*fp32"), "M": "*u8", "T": "i32", "B": "i32",
+            "H_DIV": "i32",
             "scale": "fp32", "HAS_MASK": "constexpr", "ALIGN": "constexpr", "BLOCK": "constexpr"}
     qbwd = {**fp("GH GC Y C0 M C DY DC0", "*fp32"), "M": "*u8", "T": "i32", "B": "i32",
             "H_DIV": "i32", "scale": "fp32", "HAS_MASK": "constexpr", "HAS_GC": "constexpr",
@@ -209,7 +233,7 @@ PTX_SCRIPT = textwrap.dedent("""
     got = accesses(fm._forget_mult_bwd, bwd, {"ALIGN": a, "BLOCK": fm.BLOCK}, 8, 4)
     assert got == vec, got
     c = {"HAS_MASK": False, "ALIGN": fm.pow2_divisor(1548), "BLOCK": qf.BLOCK}
-    got = accesses(qf._qrnn_fwd, qfwd, c, 5, qf.NUM_WARPS)
+    got = accesses(qf._qrnn_fwd, qfwd, c, 6, qf.NUM_WARPS)
     assert got == vec, got
     got = accesses(qf._qrnn_bwd, qbwd, {**c, "HAS_GC": True}, 8, qf.NUM_WARPS)
     assert got == vec, got

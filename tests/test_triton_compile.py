@@ -3,8 +3,8 @@ with this machine's Triton and with the device image's Triton 3.6.0; and T (the 
 never selects a new variant.
 
 tests/_triton_compile.py runs the wrappers over the argument combinations the ops pass them
-(dtypes, fp32 or same-dtype carries, zoneout masks, dL/dc or none, T = 1, 16, 17, 140, every
-declared alignment, b*H and H not multiples of 16, a misaligned carry) and sends each launch
+(dtypes, fp32 or same-dtype carries, zoneout masks, dL/dc_last or none, T = 1, 16, 17, 140,
+every declared alignment, b*H and H not multiples of 16, a misaligned carry) and sends each launch
 through Triton's own JIT entry with warmup=True, against a stand-in driver that answers for an
 sm_90 device: the variants compiled are the ones the JIT would build on the GPU, from the real
 launch arguments. Triton 3.6.0 is installed from PyPI into this session's tmp dir (about 190 MB

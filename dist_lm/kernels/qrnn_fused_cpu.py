@@ -3,13 +3,14 @@
 One pass over T per lane forward (gate nonlinearities, zoneout mask, recurrence, output gate) and
 one backward (the gates recomputed from the pre-activations, the reverse recurrence, all three
 gate gradients written straight into the [T, b, 3H] input gradient): forward reads y and the
-mask and writes h and c, backward reads dL/dh, y, c, the mask and writes dL/dy. Unfused, the
-same work is about twenty torch ops on [T, b, H] tensors plus one or five single-threaded ops per
-step of the recurrence, each streaming through memory; here a lane's row of H floats stays in
-L1 from one step to the next. exp is the kernel's own (vectorisable) polynomial
-(csrc/exp_gate.h), within a few ulp of torch's sigmoid and tanh. The b x H lanes are split over
-torch.get_num_threads() threads (c_threads.py). Built by c_loader.py; where it cannot be built,
-`library()` is None and qrnn_fused.py takes the unfused torch path.
+mask and writes h and c (fp32; c[-1] is the carry), backward reads dL/dh, y, c, the mask and
+dL/dc[-1] and writes dL/dy. Unfused, the same work is about twenty torch ops on [T, b, H]
+tensors plus one or five single-threaded ops per step of the recurrence, each streaming through
+memory; here a lane's row of H floats stays in L1 from one step to the next. exp is the kernel's
+own (vectorisable) polynomial (csrc/exp_gate.h), within a few ulp of torch's sigmoid and tanh.
+The b x H lanes are split over torch.get_num_threads() threads (c_threads.py). Built by
+c_loader.py; where it cannot be built, `library()` is None and qrnn_fused.py takes the unfused
+torch path.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def forward(y: Tensor, c0: Tensor, mask: Tensor | None, scale: float) -> tuple[T
 
 def backward(gh: Tensor, gc: Tensor | None, y: Tensor, c0: Tensor, mask: Tensor | None,
              c: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Gradients (dL/dy [T, b, 3H], dL/dc0 [b, H]) of forward's outputs h (gh) and c (gc, or
-    None when c received none); fp32 throughout."""
+    """Gradients (dL/dy [T, b, 3H], dL/dc0 [b, H]) from dL/dh (gh [T, b, H]) and dL/dc[-1]
+    (gc [b, H], the carry's gradient, or None when it received none); fp32 throughout."""
     lib = library()
     T, B, H3 = y.shape
     H = H3 // 3

@@ -5,11 +5,15 @@ Input is the gate matmul's output y [T, b, 3H] (z | f | o pre-activations along 
 One program owns BLOCK consecutive columns j of one batch row and walks T with the carry c in
 fp32 registers; loads and stores are in the tensors' own dtype (fp32, bf16, fp16).
 
-  forward   reads y (3), the zoneout mask (1, bytes or floats, optional); writes h, c (2)
-  backward  reads dL/dh, y, c, mask, dL/dc (optional); writes dL/dy (3) and dL/dc0
+  forward   reads y (3), the zoneout mask (1, bytes or floats, optional), c0 [b, H]; writes h
+            and c (2, in y's dtype: c is kept for the backward only) and c_last [b, H] in fp32,
+            the register carry after the last step (the state the next window starts from)
+  backward  reads dL/dh, y, c, mask, c0 and dL/dc_last [b, H] (optional: it starts the fp32
+            reverse carry); writes dL/dy (3) and dL/dc0 [b, H]
             (the gate activations are recomputed from y rather than saved)
 
-about 12-13 [T, b, H] passes in all, where the unfused torch sequence makes about 43.
+about 12-13 [T, b, H] passes in all, where the unfused torch sequence makes about 43; the fp32
+carry adds one [b, H] write forward and one read backward, not a pass over T.
 Each step's loads for the next step are issued before the current step's arithmetic (software
 pipelining: the memory latency of step t+1 hides behind the math and stores of step t).
 H is passed as H_DIV * ALIGN with ALIGN the largest power of two (<= 16) dividing H, so the
@@ -39,7 +43,7 @@ def _tanh(x):
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def _qrnn_fwd(Y, C0, M, HOUT, C, T, B, H_DIV, scale,
+def _qrnn_fwd(Y, C0, M, HOUT, C, CLAST, T, B, H_DIV, scale,
               HAS_MASK: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     H = H_DIV * ALIGN  # a multiple of ALIGN the compiler can see
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -76,6 +80,7 @@ def _qrnn_fwd(Y, C0, M, HOUT, C, T, B, H_DIV, scale,
         tl.store(h_ptr, (o * c).to(HOUT.dtype.element_ty), mask=lane)
         c_ptr += hs
         h_ptr += hs
+    tl.store(CLAST + hc, c, mask=lane)  # T >= 1 (the wrapper): c is step T-1's, unrounded
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -93,7 +98,7 @@ def _qrnn_bwd(GH, GC, Y, C0, M, C, DY, DC0, T, B, H_DIV, scale,
     HC_LAST = (T - 1).to(tl.int64) * hs
     y_ptr = Y + Y_LAST + row * 3 * H + j
     dy_ptr = DY + Y_LAST + row * 3 * H + j
-    gh_ptr, gc_ptr, m_ptr = GH + HC_LAST + hc, GC + HC_LAST + hc, M + HC_LAST + hc
+    gh_ptr, m_ptr = GH + HC_LAST + hc, M + HC_LAST + hc
     cp_ptr = C + HC_LAST - hs + hc  # c_{t-1} of the current step t
     c0 = tl.load(C0 + hc, mask=lane, other=0.0).to(tl.float32)
     ct = tl.load(C + HC_LAST + hc, mask=lane, other=0.0).to(tl.float32)
@@ -104,12 +109,15 @@ def _qrnn_bwd(GH, GC, Y, C0, M, C, DY, DC0, T, B, H_DIV, scale,
     on = tl.load(y_ptr + 2 * H, mask=lane, other=0.0)
     ghn = tl.load(gh_ptr, mask=lane, other=0.0)
     mn = tl.load(m_ptr, mask=lane, other=0) if HAS_MASK else zn
-    gcn = tl.load(gc_ptr, mask=lane, other=0.0) if HAS_GC else ghn
-    carry = tl.zeros([BLOCK], dtype=tl.float32)
+    # the reverse carry dL/dc_t not through h_t; at t = T-1 that is dL/dc_last (fp32)
+    if HAS_GC:
+        carry = tl.load(GC + hc, mask=lane, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(T):
         t = tl.zeros_like(j) + (T - 1 - i)  # as a vector, see the forward
-        zr, fr, orr, ghr, mr, gcr = zn, fn, on, ghn, mn, gcn
-        # prefetch step t-1: its y, dL/dh, mask, dL/dc, and its c_{t-2} (c0 at t-1 = 0)
+        zr, fr, orr, ghr, mr = zn, fn, on, ghn, mn
+        # prefetch step t-1: its y, dL/dh, mask, and its c_{t-2} (c0 at t-1 = 0)
         nxt = lane & (t >= 1)
         y_ptr -= ys
         gh_ptr -= hs
@@ -122,9 +130,6 @@ def _qrnn_bwd(GH, GC, Y, C0, M, C, DY, DC0, T, B, H_DIV, scale,
         if HAS_MASK:
             m_ptr -= hs
             mn = tl.load(m_ptr, mask=nxt, other=0)
-        if HAS_GC:
-            gc_ptr -= hs
-            gcn = tl.load(gc_ptr, mask=nxt, other=0.0)
         z = _tanh(zr.to(tl.float32))
         sf = tl.sigmoid(fr.to(tl.float32))
         keep = scale
@@ -134,8 +139,6 @@ def _qrnn_bwd(GH, GC, Y, C0, M, C, DY, DC0, T, B, H_DIV, scale,
         o = tl.sigmoid(orr.to(tl.float32))
         gh = ghr.to(tl.float32)
         g = gh * o + carry
-        if HAS_GC:
-            g = g + gcr.to(tl.float32)
         gz = g * f
         d_o = gh * ct * o * (1.0 - o)
         d_z = gz * (1.0 - z * z)
@@ -157,38 +160,43 @@ def _mask_arg(mask: Tensor | None, dummy: Tensor) -> Tensor:
 
 
 def qrnn_fused_triton_forward(y: Tensor, c0: Tensor, mask: Tensor | None,
-                              scale: float) -> tuple[Tensor, Tensor]:
+                              scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """y: [T, b, 3H]; c0: [b, H]; mask: [T, b, H] (bool or 0/1 floats) or None.
-    Returns h: [T, b, H] in y's dtype, and c: [T, b, H] in fp32 (the carry the next window
-    starts from is never rounded to the activation dtype)."""
+    Returns h and c: [T, b, H] in y's dtype (c, the cell states, for the backward), and
+    c_last: [b, H] in fp32, the last cell state before rounding (c0 when T = 0): the carry the
+    next window starts from is never rounded to the activation dtype."""
     y, c0 = y.contiguous(), c0.contiguous()
     T, B, H3 = y.shape
     H = H3 // 3
-    h, c = y.new_empty(T, B, H), y.new_empty(T, B, H, dtype=torch.float32)
-    if T > 0 and B * H > 0:
+    h, c = y.new_empty(T, B, H), y.new_empty(T, B, H)
+    if T == 0:
+        return h, c, c0.float().clone()
+    c_last = y.new_empty(B, H, dtype=torch.float32)
+    if B * H > 0:
         align = pow2_divisor(H)
         _qrnn_fwd[(triton.cdiv(H, BLOCK), B)](
-            y, c0, _mask_arg(mask, y), h, c, T, B, H // align, float(scale),
+            y, c0, _mask_arg(mask, y), h, c, c_last, T, B, H // align, float(scale),
             HAS_MASK=mask is not None, ALIGN=align, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return h, c
+    return h, c, c_last
 
 
 def qrnn_fused_triton_backward(gh: Tensor, gc: Tensor | None, y: Tensor, c0: Tensor,
                                mask: Tensor | None, c: Tensor,
                                scale: float) -> tuple[Tensor, Tensor]:
-    """dL/dy [T, b, 3H] (y's dtype) and dL/dc0 [b, H] (c0's dtype) from dL/dh and, where c
-    received a gradient, dL/dc."""
+    """dL/dy [T, b, 3H] (y's dtype) and dL/dc0 [b, H] (c0's dtype) from dL/dh [T, b, H], the
+    saved cell states c [T, b, H] and, where c_last received a gradient, dL/dc_last [b, H] (None:
+    zero)."""
     gh, y, c0, c = gh.contiguous(), y.contiguous(), c0.contiguous(), c.contiguous()
     T, B, H3 = y.shape
     H = H3 // 3
     dy, dc0 = torch.empty_like(y), torch.empty_like(c0)
-    if T > 0 and B * H > 0:
+    if T == 0:  # c_last was c0
+        return dy, (dc0.zero_() if gc is None else dc0.copy_(gc))
+    if B * H > 0:
         align = pow2_divisor(H)
         _qrnn_bwd[(triton.cdiv(H, BLOCK), B)](
             gh, gh if gc is None else gc.contiguous(), y, c0, _mask_arg(mask, y), c, dy, dc0,
             T, B, H // align, float(scale),
             HAS_MASK=mask is not None, HAS_GC=gc is not None, ALIGN=align, BLOCK=BLOCK,
             num_warps=NUM_WARPS)
-    else:
-        dc0.zero_()
     return dy, dc0

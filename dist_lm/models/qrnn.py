@@ -10,7 +10,7 @@ DropConnect `wdrop` applies to the whole gate matrix, as the reference wraps `li
 WeightDrop. The hidden state is (c [1, b, H],) or, for window 2, (c, x_prev [1, b, input_size]):
 the previous window's last input travels in the hidden state rather than in module state, so
 streams, micro-batch splits and checkpoints stay exact; zeros (init_hidden) reproduce the
-reference's first window.
+reference's first window. c is the fused op's carry c_last, fp32 whatever the activation dtype.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class QRNNLayer(nn.Module):
         w = weight_drop(self.weight_raw, self.wdrop, self.training)
         y = F.linear(source, w, self.bias)  # [T, b, 3H]: z | f | o pre-activations
         mask, scale = self._zoneout(y)
-        h, c = qrnn_fused(y, hidden[0][0], mask, scale)
-        new_hidden = (c[-1:],) if self.window == 1 else (c[-1:], x[-1:])
+        h, c_last = qrnn_fused(y, hidden[0][0], mask, scale)  # c_last: [b, H], fp32
+        c = c_last.unsqueeze(0)
+        new_hidden = (c,) if self.window == 1 else (c, x[-1:])
         return h, new_hidden

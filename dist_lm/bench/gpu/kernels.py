@@ -3,14 +3,16 @@
 kernels: each op against an fp64 reference (a plain torch loop, autograd through it) in fp32,
 bf16 and fp16, at the recipes' shapes, T = 1, T = 1000 and b*H not a multiple of 16: forward
 outputs and every gradient, max |error| / max |reference| per tensor against a per-dtype
-tolerance; a zoneout case (mask, eval scale, dL/dc given); one case per op above 2^31 elements
+tolerance (the fused op's "c" is its fp32 carry c_last = c_{T-1}, [b, H]); a zoneout case (mask,
+eval scale, dL/dc_last given); one case per op above 2^31 elements
 (bf16, checked on lanes at both ends of the tensor). Each (op, dtype, shape) is its own case.
 On the GPU the ops run through their public entry points (the Triton kernels); in the CPU
 rehearsal the Triton kernels are called directly under TRITON_INTERPRET=1 on CPU tensors.
 
-kernel_speed: forward and backward time of both kernels against the bytes they must move, as a
-fraction of a device-to-device copy of as many bytes (the bandwidth ceiling; target: the fused
-op at the WT-103 shape >= 60 %), and forward + backward through autograd against the unfused
+kernel_speed: forward and backward time of both kernels against the bytes they must move (every
+[T, b, H] pass in the activation dtype plus the fp32 [b, H] states each kernel reads or writes),
+as a fraction of a device-to-device copy of as many bytes (the bandwidth ceiling; target: the
+fused op at the WT-103 shape >= 60 %), and forward + backward through autograd against the unfused
 path (the torch sequence the fused op replaced, forget-mult's step-by-step loop). On the CPU
 the C kernels are timed (fp32).
 """
@@ -85,13 +87,13 @@ def _forget_run(f, x, h0, gh, direct: bool):
 
 
 def _fused_run(y, c0, mask, scale, gh, gc, direct: bool):
-    """h, c, dy, dc0 of the fused op (see _forget_run for `direct`)."""
+    """h, c_last, dy, dc0 of the fused op (see _forget_run for `direct`); gc is dL/dc_last."""
     if direct:
         from ...kernels.qrnn_fused_triton import (qrnn_fused_triton_backward,
                                                  qrnn_fused_triton_forward)
 
-        h, c = qrnn_fused_triton_forward(y, c0, mask, scale)
-        return (h, c, *qrnn_fused_triton_backward(gh, gc, y, c0, mask, c, scale))
+        h, c, c_last = qrnn_fused_triton_forward(y, c0, mask, scale)
+        return (h, c_last, *qrnn_fused_triton_backward(gh, gc, y, c0, mask, c, scale))
     from ...kernels import qrnn_fused
 
     yl, cl = y.detach().requires_grad_(), c0.detach().requires_grad_()
@@ -137,7 +139,7 @@ def check_fused(shape, dtype, device, direct: bool, scale: float, zoneout: bool 
     mask = torch.rand(T, b, H, device=dev, generator=g) < 0.75 if zoneout else None
     fscale = 0.9 if zoneout else 1.0
     gh = torch.randn(T, b, H, device=dev, generator=g, dtype=dtype)
-    gc = torch.randn(T, b, H, device=dev, generator=g, dtype=dtype) if zoneout else None
+    gc = torch.randn(b, H, device=dev, generator=g) if zoneout else None  # dL/dc_last, fp32
     got = _fused_run(y, c0, mask, fscale, gh, gc, direct)
     rows = _lanes(b, 1) if lanes_k else None
     cols = _lanes(H, lanes_k) if lanes_k else None
@@ -153,6 +155,7 @@ def check_fused(shape, dtype, device, direct: bool, scale: float, zoneout: bool 
     yr, cr = sub(y, 3).requires_grad_(), sub(c0).requires_grad_()
     mr = None if mask is None else sub(mask).bool()
     hr, crr = _ref_fused(yr, cr, mr, fscale)
+    crr = crr[-1]  # the carry the op returns
     loss = (hr * sub(gh)).sum() + ((crr * sub(gc)).sum() if gc is not None else 0)
     dyr, dcr = torch.autograd.grad(loss, (yr, cr))
     h, c, dy, dc0 = got
@@ -163,7 +166,7 @@ def check_fused(shape, dtype, device, direct: bool, scale: float, zoneout: bool 
         errors[k] = _max_rel(dys[..., i * n:(i + 1) * n], dyrs[..., i * n:(i + 1) * n])
     errors["dc0"] = _max_rel(sub(dc0), dcr)
     del got, y, h, c, dy
-    what = " zoneout mask, scale 0.9, dL/dc" if zoneout else ""
+    what = " zoneout mask, scale 0.9, dL/dc_last" if zoneout else ""
     where = "" if cols is None else f", rows 0/{b - 1} x {len(cols)} columns at both ends"
     return verdict(f"qrnn_fused {DT_NAME[dtype]} T={T} b={b} H={H}{what}{where}", errors,
                     dtype, scale, elements=T * b * 3 * H)
@@ -257,21 +260,25 @@ def bandwidth_rows(plan: Plan, shape) -> list[dict]:
     n = T * b * H
     f, x, h0, gh, y = _inputs(shape, dt, dev)
     h = ff(f, x, h0)
-    _, c = qf(y, h0, None, 1.0)
-    # elements each kernel must read and write (the [b, H] states aside): forget fwd f, x -> h;
-    # bwd dh, f, x, h -> df, dx; fused fwd y (3) -> h, c; fused bwd dh, y (3), c -> dy (3)
-    kern = [("forget_mult fwd", lambda: ff(f, x, h0), 3),
-            ("forget_mult bwd", lambda: fb(gh, f, x, h0, h), 6),
-            ("qrnn_fused fwd", lambda: qf(y, h0, None, 1.0), 5),
-            ("qrnn_fused bwd", lambda: qb(gh, None, y, h0, None, c, 1.0), 8)]
+    c = qf(y, h0, None, 1.0)[1]  # the saved cell states, in dt (the CPU kernel's: fp32)
+    ces = c.element_size()
+    # bytes each kernel must read and write: [T, b, H] passes in dt, c's passes in c's dtype,
+    # and the fp32 [b, H] states (h0/c0 read; the fused op's carry c_last written forward,
+    # dL/dh0, dL/dc0 written backward). forget fwd f, x -> h; bwd dh, f, x, h -> df, dx;
+    # fused fwd y (3) -> h, c, c_last; fused bwd dh, y (3), c -> dy (3), dc0
+    bh4 = b * H * 4
+    kern = [("forget_mult fwd", lambda: ff(f, x, h0), 3 * n * es + bh4),
+            ("forget_mult bwd", lambda: fb(gh, f, x, h0, h), 6 * n * es + 2 * bh4),
+            ("qrnn_fused fwd", lambda: qf(y, h0, None, 1.0), 4 * n * es + n * ces + 2 * bh4),
+            ("qrnn_fused bwd", lambda: qb(gh, None, y, h0, None, c, 1.0),
+             7 * n * es + n * ces + 2 * bh4)]
     rows = []
-    for name, fn, passes in kern:
-        nbytes = passes * n * es
-        src = torch.empty(nbytes // es, dtype=dt, device=dev)
+    for name, fn, nbytes in kern:
+        src = torch.empty(-(-nbytes // es), dtype=dt, device=dev)  # as many bytes, rounded up
         dst = torch.empty_like(src)
         t_k = median(fn, plan.time_reps, plan.time_calls)
         t_c = median(lambda: dst.copy_(src), plan.time_reps, plan.time_calls)
-        bw, copy_bw = nbytes / t_k / 1e9, 2 * nbytes / t_c / 1e9
+        bw, copy_bw = nbytes / t_k / 1e9, 2 * src.numel() * es / t_c / 1e9
         label = f"{name} {DT_NAME[dt]} T={T} b={b} H={H}"
         row = {"name": label + " bandwidth vs copy", "value": bw, "unit": "GB/s",
                "baseline": copy_bw, "ratio": bw / copy_bw, "ms": t_k * 1e3, "bytes": nbytes}

@@ -43,15 +43,16 @@ void qrnn_fwd(const float *y, const float *c0, const uint8_t *mask, float scale,
     }
 }
 
-/* Backward of qrnn_fwd, the gates recomputed from y: gh = dL/dh [T, B, H]; gc = extra dL/dc
-   [T, B, H] or 0; dy [T, B, 3H] receives dL/dy; dc0 [B, H] holds the reverse carry and ends as
-   dL/dc0. f = sigmoid(y_f) * keep with keep = scale * mask: df/dy_f = keep sf (1 - sf). */
-#define BWD_LANES(KEEP, GC)                                               \
+/* Backward of qrnn_fwd, the gates recomputed from y: gh = dL/dh [T, B, H]; gc = dL/dc_{T-1}
+   [B, H] (the gradient of the carry the forward hands on) or 0; dy [T, B, 3H] receives dL/dy;
+   dc0 [B, H] holds the reverse carry (starting at gc) and ends as dL/dc0.
+   f = sigmoid(y_f) * keep with keep = scale * mask: df/dy_f = keep sf (1 - sf). */
+#define BWD_LANES(KEEP)                                                   \
     _Pragma("GCC ivdep")                                                  \
     for (int64_t j = j0; j < j1; j++) {                                   \
         float z = tanh_gate(yz[j]), sf = sigmoid_gate(yf[j]);             \
         float o = sigmoid_gate(yo[j]), keep = (KEEP), f = sf * keep;      \
-        float ghj = g_h[j], g = ghj * o + carry[j] + (GC), gz = g * f;    \
+        float ghj = g_h[j], g = ghj * o + carry[j], gz = g * f;           \
         d_o[j] = ghj * ct[j] * o * (1.0f - o);                            \
         dz[j] = gz * (1.0f - z * z);                                      \
         df[j] = g * (z - cp[j]) * keep * sf * (1.0f - sf);                \
@@ -64,7 +65,7 @@ void qrnn_bwd(const float *y, const float *c0, const uint8_t *mask, const float 
 {
     for (int64_t bi = b0; bi < b1; bi++) {
         float *restrict carry = dc0 + bi * H;
-        for (int64_t j = j0; j < j1; j++) carry[j] = 0.0f;
+        for (int64_t j = j0; j < j1; j++) carry[j] = gc ? gc[bi * H + j] : 0.0f;
         for (int64_t t = T - 1; t >= 0; t--) {
             const int64_t row = (t * B + bi) * H;
             const float *restrict yz = y + 3 * row;
@@ -73,19 +74,14 @@ void qrnn_bwd(const float *y, const float *c0, const uint8_t *mask, const float 
             const float *restrict ct = c + row;
             const float *restrict cp = t > 0 ? c + row - B * H : c0 + bi * H;
             const float *restrict g_h = gh + row;
-            const float *restrict g_c = gc ? gc + row : 0;
             const uint8_t *restrict m = mask ? mask + row : 0;
             float *restrict dz = dy + 3 * row;
             float *restrict df = dz + H;
             float *restrict d_o = dz + 2 * H;
-            if (m && g_c) {
-                BWD_LANES(scale * (float)m[j], g_c[j])
-            } else if (m) {
-                BWD_LANES(scale * (float)m[j], 0.0f)
-            } else if (g_c) {
-                BWD_LANES(scale, g_c[j])
+            if (m) {
+                BWD_LANES(scale * (float)m[j])
             } else {
-                BWD_LANES(scale, 0.0f)
+                BWD_LANES(scale)
             }
         }
     }
