@@ -42,6 +42,7 @@ from ..runs import (RunLock, clear_run, find_checkpoint, first_whole, holds_run,
                     write_run_files)
 from .checkpoint import Checkpointer, RNGState
 from .engines import build_engine
+from .noise_scale import NoiseScale, resolve_every
 from .optim import NTASGD, LRSchedule, ParamAverager, uses_averaging
 
 # Fault injection for the fault tests (tests/test_faults.py): SIGKILL this process right after
@@ -186,6 +187,15 @@ class Trainer:
         self.ntasgd = NTASGD(cfg.optim.nonmono, enabled=uses_averaging(cfg.optim) or t.finetune,
                              finetune=t.finetune)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, B)
+        every = resolve_every(t.noise_scale_every, cfg.dist.engine, self.accum * self.world)
+        if every and self.accum * self.world < 2:
+            raise UserError(f"train.noise_scale_every={every} needs two micro batches per step "
+                            f"and this run has one ({B} streams on 1 rank in one pass); set "
+                            f"--train.micro_batch to a divisor of {B} below it, run on several "
+                            f"ranks, or set --train.noise_scale_every=0.")
+        self.noise = NoiseScale(module, micro=self.micro, accum=self.accum, world=self.world,
+                                global_batch=B, base_batch=self.schedule.scaling.base_batch,
+                                bptt=t.bptt, every=every, device=self.device) if every else None
         L = self.train_loader.stream_len
         self.steps_per_epoch = max(1.0, (L - 1) / (t.bptt * (0.975 if t.variable_bptt else 1.0)))
 
@@ -203,7 +213,8 @@ class Trainer:
         self.checkpointer = Checkpointer(
             Path(t.run_dir), self.rank, model=self.module, engine=self.engine,
             shared={"trainer": self, "schedule": self.schedule, "ntasgd": self.ntasgd,
-                    "averager": self.averager},
+                    "averager": self.averager,
+                    **({"noise": self.noise} if self.noise else {})},
             per_rank={"loader": self.train_loader, "hidden": _Hidden(self),
                       "rng": RNGState(self.device)},  # the RNG last: nothing after it may draw
             meta={"world_size": self.world, "global_batch": B, "engine": cfg.dist.engine})
@@ -528,6 +539,8 @@ class Trainer:
 
         seq_len = inputs.shape[0]
         lr = self.set_lr(seq_len)
+        if self.noise:
+            self.noise.begin(self.step)
         check = self.cfg.train.max_bad_steps >= 0
         step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         hidden = list(self.hidden)
@@ -549,6 +562,8 @@ class Trainer:
             if self._agree(bad):
                 return self._skip_step(lr, seq_len)
             self.engine.apply()
+            if self.noise:
+                self.noise.update(gnorm)  # the unclipped norm (clip returns it)
         else:  # DeepSpeed steps as one: a non-finite loss is caught before it, and stops the run
             if self._agree(~torch.isfinite(step_loss) if check else None):
                 self.bad_run = self.cfg.train.max_bad_steps + 1
@@ -630,6 +645,8 @@ class Trainer:
                "grad_norm": float(interval["gnorm"]) / max(1, interval["n"]),
                "averaging": int(self.averaging), "tokens": self.tokens,
                "elapsed_s": self.elapsed, **self.meter.snapshot()}
+        if self.noise:
+            rec.update(self.noise.record())
         if self.baseline > 0:
             rec["scaling_efficiency"] = rec["tokens_per_s"] / (self.baseline * self.world)
         return rec
