@@ -29,6 +29,7 @@ import math
 import torch
 
 from .. import distributed as D
+from ..errors import UserError
 
 DECAY = 0.99  # EMA decay per measured step: about the last 100 measurements
 
@@ -136,9 +137,21 @@ class NoiseScale:
         self._hooks = []
 
 
-def resolve_every(every: int, engine: str, micro_batches: int) -> int:
-    """train.noise_scale_every as a run uses it: -1 (auto) is every step when a step has at
-    least two micro batches (accumulation or ranks) on the local or DDP engine, else off."""
-    if every >= 0:
-        return every
-    return 1 if micro_batches >= 2 and engine != "deepspeed" else 0
+def noise_scale_for(cfg, module: torch.nn.Module, *, micro: int, accum: int, world: int,
+                    base_batch: int, device: torch.device) -> NoiseScale | None:
+    """The run's NoiseScale, or None when train.noise_scale_every leaves it off: -1 (auto)
+    measures every step when a step has at least two micro batches (accumulation or ranks) on
+    the local or DDP engine (config.validate refuses an explicit N on DeepSpeed)."""
+    t, micro_batches = cfg.train, accum * world
+    every = t.noise_scale_every
+    if every < 0:
+        every = 1 if micro_batches >= 2 and cfg.dist.engine != "deepspeed" else 0
+    if every and micro_batches < 2:
+        raise UserError(f"train.noise_scale_every={every} needs two micro batches per step and "
+                        f"this run has one ({t.global_batch} streams on 1 rank in one pass); set "
+                        f"--train.micro_batch to a divisor of {t.global_batch} below it, run on "
+                        f"several ranks, or set --train.noise_scale_every=0.")
+    if not every:
+        return None
+    return NoiseScale(module, micro=micro, accum=accum, world=world, global_batch=t.global_batch,
+                      base_batch=base_batch, bptt=t.bptt, every=every, device=device)

@@ -42,7 +42,7 @@ from ..runs import (RunLock, clear_run, find_checkpoint, first_whole, holds_run,
                     write_run_files)
 from .checkpoint import Checkpointer, RNGState
 from .engines import build_engine
-from .noise_scale import NoiseScale, resolve_every
+from .noise_scale import noise_scale_for
 from .optim import NTASGD, LRSchedule, ParamAverager, uses_averaging
 
 # Fault injection for the fault tests (tests/test_faults.py): SIGKILL this process right after
@@ -187,15 +187,9 @@ class Trainer:
         self.ntasgd = NTASGD(cfg.optim.nonmono, enabled=uses_averaging(cfg.optim) or t.finetune,
                              finetune=t.finetune)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, B)
-        every = resolve_every(t.noise_scale_every, cfg.dist.engine, self.accum * self.world)
-        if every and self.accum * self.world < 2:
-            raise UserError(f"train.noise_scale_every={every} needs two micro batches per step "
-                            f"and this run has one ({B} streams on 1 rank in one pass); set "
-                            f"--train.micro_batch to a divisor of {B} below it, run on several "
-                            f"ranks, or set --train.noise_scale_every=0.")
-        self.noise = NoiseScale(module, micro=self.micro, accum=self.accum, world=self.world,
-                                global_batch=B, base_batch=self.schedule.scaling.base_batch,
-                                bptt=t.bptt, every=every, device=self.device) if every else None
+        self.noise = noise_scale_for(cfg, module, micro=self.micro, accum=self.accum,
+                                     world=self.world, device=self.device,
+                                     base_batch=self.schedule.scaling.base_batch)
         L = self.train_loader.stream_len
         self.steps_per_epoch = max(1.0, (L - 1) / (t.bptt * (0.975 if t.variable_bptt else 1.0)))
 
