@@ -65,12 +65,13 @@ def run(quick: bool) -> list[dict]:
              "value": tps, "unit": "tokens/s"}] + noise_scale_cost(quick)
 
 
-def noise_scale_cost(quick: bool) -> list[dict]:
+def noise_scale_cost(quick: bool, reps: int = 0) -> list[dict]:
     """The gradient noise scale's cost (train.noise_scale_every=1: every step measured) at the
     PTB recipe's size (configs/ptb_awd_lstm.toml: 400/1150x3, batch 20, bptt 70, vocab 10k) as
     2 micro batches of 10 streams, the least accumulation it needs: the Trainer's step (micro
     batches, clip, SGD step) of one model with the noise scale's hooks and update against an
-    identical model without, interleaved. ratio = step time off / on (0.97: 3 % dearer)."""
+    identical model without, interleaved: ratio = step time off / on (0.97: 3 % dearer); and
+    the added work alone, ratio = its time / a step's (0.03: 3 %). reps: 0 is 12 (2 quick)."""
     from ..models import build_model, detach_hidden
     from ..train.engines import LocalEngine
     from ..train.noise_scale import NoiseScale
@@ -108,9 +109,30 @@ def noise_scale_cost(quick: bool) -> list[dict]:
 
         return step
 
-    med = _interleaved({"off": step_fn(False), "on": step_fn(True)}, reps=2 if quick else 12)
+    def added_work():
+        """What measuring adds to a step, alone: each micro batch's norms of gradients shaped
+        like the model's (the hooks' work) and the update (robust to a loaded machine, where
+        the difference of two step times is within their noise)."""
+        model = build_model(cfg.model, vocab)
+        noise = NoiseScale(model, micro=micro, accum=accum, world=1, global_batch=B,
+                           base_batch=B, bptt=T, every=1, device=torch.device("cpu"))
+        grads = [torch.randn_like(p) for p in model.parameters()]
+
+        def work():
+            noise.begin(0)
+            for _ in range(accum):
+                for g in grads:
+                    noise._hook(g)
+            noise.update(torch.ones(()))
+
+        return work
+
+    med = _interleaved({"off": step_fn(False), "on": step_fn(True), "added": added_work()},
+                       reps=reps or (2 if quick else 12))
     m = cfg.model
-    return [{"name": f"train step lstm {m.emb_size}/{m.hidden_size}x{m.n_layers} B{B} "
-                     f"({accum}x{micro}) T{T} V{vocab}: noise scale every step vs off",
-             "value": med["on"] * 1e3, "unit": "ms", "baseline": med["off"] * 1e3,
-             "ratio": med["off"] / med["on"]}]
+    name = (f"train step lstm {m.emb_size}/{m.hidden_size}x{m.n_layers} B{B} ({accum}x{micro}) "
+            f"T{T} V{vocab}: noise scale")
+    return [{"name": f"{name} every step vs off", "value": med["on"] * 1e3, "unit": "ms",
+             "baseline": med["off"] * 1e3, "ratio": med["off"] / med["on"]},
+            {"name": f"{name}'s added work alone vs a step", "value": med["added"] * 1e3,
+             "unit": "ms", "baseline": med["off"] * 1e3, "ratio": med["added"] / med["off"]}]
