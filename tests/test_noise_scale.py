@@ -183,3 +183,13 @@ def test_auto_is_off_for_one_pass_and_refusals(tmp_path, ptb_slice):
     off = tiny_config(tmp_path / "off", ptb_slice, **{"train.micro_batch": 1,
                                                        "train.noise_scale_every": 0})
     assert make_trainer(off).noise is None
+
+
+def test_bench_rows_time_the_noise_scale_against_its_absence():
+    from dist_lm.bench.train import noise_scale_cost
+
+    rows = noise_scale_cost(True, reps=1)  # the tiny --quick model; the figures are not checked
+    assert [r["name"].split(": ")[1] for r in rows] == [
+        "noise scale every step vs off", "noise scale's added work alone vs a step"]
+    for r in rows:
+        assert r["value"] > 0 and r["ratio"] == pytest.approx(r["baseline"] / r["value"])
