@@ -215,6 +215,11 @@ class TrainConfig:
     """A step whose loss or gradient norm is NaN/inf is not applied (counted and logged); after
     this many in a row the run stops, naming the last good checkpoint. -1 turns the check off
     (it costs one host sync per step)."""
+    noise_scale_every: int = -1
+    """Measure the gradient noise scale B_noise every N optimizer steps (logged as b_noise in
+    streams, b_noise_tokens and the AdaScale gain adascale_gain; docs/training.md, "Gradient
+    noise scale"); it needs two micro batches per step (accumulation or several ranks) and the
+    local or DDP engine. 0: off; -1: every step where it can be measured, else off."""
 
 
 @dataclass
@@ -669,6 +674,14 @@ def validate(cfg: Config) -> None:
         raise UserError(f"schedule.warmup_steps must be >= 0 (or -1: derived) and "
                         f"schedule.warmup_base_steps >= 0; got {s.warmup_steps} and "
                         f"{s.warmup_base_steps}.")
+    if t.noise_scale_every < -1:
+        raise UserError(f"train.noise_scale_every must be N > 0 (every N steps), 0 (off) or -1 "
+                        f"(every step where it can be measured); got {t.noise_scale_every}.")
+    if t.noise_scale_every > 0 and cfg.dist.engine == "deepspeed":
+        raise UserError("train.noise_scale_every needs dist.engine=local or ddp: DeepSpeed "
+                        "reduces, clips and steps in one call, with no norm of the whole unclipped "
+                        "gradient to read; drop --train.noise_scale_every or use "
+                        "--dist.engine=ddp.")
     if t.max_micro_tokens < -1:
         raise UserError(f"train.max_micro_tokens must be > 0, 0 (the device's default) or -1 (no "
                         f"cap); got {t.max_micro_tokens}.")

@@ -94,13 +94,17 @@ def test_device_skip_equals_host_skip_without_a_sync_per_step(tmp_path, ptb_slic
                                                               optim):
     over = {"optim.name": optim, "optim.lr": 0.3 if optim == "momentum" else 0.01,
             "train.max_steps": 14, "log.every_steps": 4, "checkpoint.every_steps": 5,
-            "train.eval_every_steps": 6}
-    nan = {1, 3, 8, 9}  # the first step (no optimizer state yet), one alone, two in a row
+            "train.eval_every_steps": 6,
+            "train.micro_batch": 2}  # 2 micro batches: the noise scale is measured (auto)
+    # forward calls (2 per step attempt): attempts 1 (no optimizer state yet), 3 (alone), 8 and
+    # 9 (two in a row)
+    nan = {1, 5, 15, 17}
     host, hres, hreads = train(tmp_path / "host", ptb_slice, monkeypatch, "host", nan, **over)
     dev, dres, dreads = train(tmp_path / "dev", ptb_slice, monkeypatch, "device", nan, **over)
     assert hres["step"] == dres["step"] == 14 and host.bad_steps == 4
     assert_same_state(host, dev)
-    assert records(tmp_path / "host") == records(tmp_path / "dev")
+    assert records(tmp_path / "host") == records(tmp_path / "dev")  # b_noise too
+    assert any("b_noise" in r for r in records(tmp_path / "dev"))
     assert sum(r.get("event") == "non-finite" for r in records(tmp_path / "dev")) == 4
     ck = [sorted(p.name for p in (d / "checkpoints").iterdir()) for d in (tmp_path / "host",
                                                                            tmp_path / "dev")]

@@ -108,6 +108,22 @@ def test_deepspeed_zero_matches(single, tmp_path, ptb_slice, stage):
     assert (tmp_path / "ds" / "checkpoints" / "step-00000006" / "model.pt").is_file()
 
 
+def test_ddp_noise_scale_equals_its_accumulation_twin(tmp_path, ptb_slice):
+    """B_noise from 2 ranks' local gradients (1 pass of 2 streams each) against one process
+    accumulating the same 2 passes: the same micro batches, the same estimate."""
+    args = ("train.micro_batch=2", "train.max_steps=5", "schedule.base_batch=2")
+    run(tmp_path, "acc", 1, ptb_slice, f"train.run_dir={tmp_path/'acc'}", *args)
+    run(tmp_path, "ddp", 2, ptb_slice, f"train.run_dir={tmp_path/'ddp'}", "dist.engine=ddp",
+        *args)
+    keys = ("b_noise", "b_noise_tokens", "adascale_gain")
+    rows = [[r for r in metrics(tmp_path / d) if "b_noise" in r] for d in ("acc", "ddp")]
+    assert len(rows[0]) == len(rows[1]) >= 3
+    for a, b in zip(*rows):
+        assert a["step"] == b["step"]
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-7), (k, a, b)
+
+
 # every regularizer on: weight drop, locked dropouts, embedding dropout, AR/TAR, variable bptt
 REGULARIZED = ("model.dropout=0.3", "model.dropouti=0.2", "model.dropouth=0.2",
                "model.dropoute=0.1", "model.wdrop=0.3", "train.variable_bptt=true")

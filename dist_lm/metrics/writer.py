@@ -25,7 +25,8 @@ def fmt(v) -> str:
 
 CONSOLE_KEYS = ("epoch", "step", "loss", "ppl", "bpc", "valid_loss", "valid_ppl", "valid_bpc",
                 "test_ppl", "test_bpc", "lr", "seq_len", "grad_norm", "tokens_per_s",
-                "tokens_per_s_per_device", "data_wait_share", "scaling_efficiency", "averaging")
+                "tokens_per_s_per_device", "data_wait_share", "scaling_efficiency", "b_noise",
+                "b_noise_tokens", "adascale_gain", "averaging")
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -171,8 +171,9 @@ class Checkpointer:
 
         load_weights(self.model, step_dir, "model.pt")
         self.engine.load(step_dir, self.rank)
+        # a piece the checkpoint predates (the noise scale's EMAs) gets {}: it starts afresh
         for k, piece in self.shared.items():
-            piece.load_state_dict(shared[k])
+            piece.load_state_dict(shared.get(k, {}))
         mine = load_tensor_file(step_dir / rank_file(self.rank))
         for k, piece in self.per_rank.items():
             piece.load_state_dict(mine[k])

@@ -45,6 +45,7 @@ from ..runs import (RunLock, check_resume_config, choose_start, clear_run, find_
                     step_dir_name, write_run_files)
 from .checkpoint import Checkpointer, RNGState
 from .engines import STEP_SKIP_ENV, build_engine
+from .noise_scale import noise_scale_for
 from .optim import NTASGD, LRSchedule, ParamAverager, uses_averaging
 
 # Fault injection for the fault tests (tests/test_faults.py): SIGKILL this process right after
@@ -178,6 +179,9 @@ class Trainer:
         self.ntasgd = NTASGD(cfg.optim.nonmono, enabled=uses_averaging(cfg.optim) or t.finetune,
                              finetune=t.finetune)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, B)
+        self.noise = noise_scale_for(cfg, module, micro=self.micro, accum=self.accum,
+                                     world=self.world, device=self.device,
+                                     base_batch=self.schedule.scaling.base_batch)
         L = self.train_loader.stream_len
         self.steps_per_epoch = max(1.0, (L - 1) / (t.bptt * (0.975 if t.variable_bptt else 1.0)))
 
@@ -201,7 +205,8 @@ class Trainer:
         self.checkpointer = Checkpointer(
             Path(t.run_dir), self.rank, model=self.module, engine=self.engine,
             shared={"trainer": self, "schedule": self.schedule, "ntasgd": self.ntasgd,
-                    "averager": self.averager},
+                    "averager": self.averager,
+                    **({"noise": self.noise} if self.noise else {})},
             per_rank={"loader": self.train_loader, "hidden": _Hidden(self),
                       "rng": RNGState(self.device)},  # the RNG last: nothing after it may draw
             meta={"world_size": self.world, "global_batch": B, "engine": cfg.dist.engine})
@@ -512,6 +517,8 @@ class Trainer:
 
         seq_len = inputs.shape[0]
         lr = self.set_lr(seq_len)
+        if self.noise:
+            self.noise.begin(self.step)
         check = self.cfg.train.max_bad_steps >= 0
         step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         hidden = list(self.hidden)
@@ -537,6 +544,8 @@ class Trainer:
             if self._agree(bad):
                 return self._skip_step(lr, seq_len)
             self.engine.apply()
+            if self.noise:
+                self.noise.update(gnorm)  # the unclipped norm (clip returns it)
         else:  # DeepSpeed steps as one: a non-finite loss is caught before it, and stops the run
             if self._agree(~torch.isfinite(step_loss) if check else None):
                 self.bad_run = self.cfg.train.max_bad_steps + 1
@@ -601,6 +610,8 @@ class Trainer:
         self._tripped_dev = self._tripped_dev | (self._run_dev > self.cfg.train.max_bad_steps)
         skip = bad | self._tripped_dev
         self.engine.apply_unless(skip)
+        if self.noise:
+            self.noise.update(gnorm, skip=skip)  # a left-out step is not measured
         self.hidden = _select(skip, self.hidden, hidden)
         self.interval["loss"] = self.interval["loss"] + torch.where(skip, 0.0, step_loss)
         self._pending.append((skip, seq_len, lr))
@@ -714,6 +725,8 @@ class Trainer:
                "grad_norm": float(interval["gnorm"]) / max(1, interval["n"]),
                "averaging": int(self.averaging), "tokens": self.tokens,
                "elapsed_s": self.elapsed, **self.meter.snapshot()}
+        if self.noise:
+            rec.update(self.noise.record())
         if self.baseline > 0:
             rec["scaling_efficiency"] = rec["tokens_per_s"] / (self.baseline * self.world)
         return rec
