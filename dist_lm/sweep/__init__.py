@@ -7,12 +7,6 @@ describes the study file.
 
 from __future__ import annotations
 
-# Set by the sweep for a trainer it runs directly (no study.launcher): rank 0 then waits after
-# each validation record for a line on its stdin, which the sweep writes once the pruner has
-# seen the record (see dist_lm/sweep/study.py, TrialRunner).
-LOCKSTEP_ENV = "DIST_LM_SWEEP_LOCKSTEP"
-
-
 def sweep_command(space: str, target: str | None = None, study_dir: str | None = None,
                   workers: int = 0, trials: int = 0, storage: str | None = None,
                   top: int = 10) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 from ..config import load_config
 from ..errors import Stopped, UserError
 from ..fileio import read_json, write_text_atomic
-from . import LOCKSTEP_ENV
+from ..train.lockstep import LOCKSTEP_ENV
 from .space import Spec, closest, load_spec
 
 POLL_S = 0.2  # how often a running trial's metrics.jsonl is read

@@ -22,10 +22,8 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -45,6 +43,7 @@ from ..runs import (RunLock, check_resume_config, choose_start, clear_run, find_
                     step_dir_name, write_run_files)
 from .checkpoint import Checkpointer, RNGState
 from .engines import STEP_SKIP_ENV, build_engine
+from .lockstep import await_sweep
 from .noise_scale import noise_scale_for
 from .optim import NTASGD, LRSchedule, ParamAverager, uses_averaging
 
@@ -757,7 +756,7 @@ class Trainer:
         if event:
             rec["event"] = event
         self.sink.log(rec)
-        self._await_sweep()
+        await_sweep(self.rank)  # under `dist-lm sweep`: its pruner reads this first
         best = perplexity_fields(self.best_val, self.char_level, "best_valid_")
         self.sink.set_summary(**best, best_valid_loss=self.best_val, best_step=self.best_step,
                               **self._target_fields())
@@ -768,15 +767,6 @@ class Trainer:
             print(f"dist-lm: {what} at step {self.step}", flush=True)
         if improved and self.last_saved != self.step:
             self.save()
-
-    def _await_sweep(self) -> None:
-        """Under `dist-lm sweep` (dist_lm.sweep.LOCKSTEP_ENV set), rank 0 waits for the sweep to
-        read this validation and ask its pruner: a pruned trial then stops here, whatever the
-        machine's speed (EOF: the sweep stopped it; its SIGTERM ends the run)."""
-        from ..sweep import LOCKSTEP_ENV
-
-        if self.rank == 0 and os.environ.get(LOCKSTEP_ENV):
-            sys.stdin.readline()
 
     def _target_fields(self) -> dict:
         if self.target_step < 0:
