@@ -29,8 +29,7 @@ import torch
 
 from ..config import Config
 from ..errors import UserError
-from ..runs import load_tensor_file
-from .checkpoint import save_file
+from ..run.files import load_tensor_file, save_file
 from .optim import build_optimizer
 
 
