@@ -16,6 +16,7 @@ directory.py     the lock, the one decision fresh / resume / refuse / overwrite,
                  checks, the run's own files; `open_run` is every writer's way in
 checkpointer.py  the Checkpointer and its Stateful pieces: what a step directory holds
 inference.py     `load_run`: a checkpoint's model, config and tokenizer for inference
+stop.py          SIGTERM / SIGINT noted, so a writer checkpoints and stops resumably
 
 Import from the modules (dist_lm.run.layout, ...); this file imports nothing, so reading a
 run's layout never pulls in torch.

@@ -52,6 +52,7 @@ from ..train.trainer import KILL_ENV
 from ..run.checkpointer import Checkpointer, RNGState
 from ..run.directory import open_run
 from ..run.layout import list_checkpoints
+from ..run.stop import StopSignals
 from .controller import Controller
 from .supernet import build_supernet, set_cell
 
@@ -380,11 +381,8 @@ class Search:
                 raise
         return start
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum: int) -> None:
         self._signal = signum
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM
-                          else signal.default_int_handler)
 
     def run(self, resume: str | None = None, overwrite: bool = False,
             stop_at: int = 0) -> dict:
@@ -401,8 +399,7 @@ class Search:
                                 resume_step=None if start is None else self.step)
         if start is not None:
             print(f"dist-lm: search resumed from {start} (step {self.step})", flush=True)
-        previous = {sig: signal.signal(sig, self._on_signal)
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        stops = StopSignals(self._on_signal).install()  # SIGTERM / SIGINT: stop resumably
         t0, e0 = time.perf_counter(), self.elapsed
         every = cfg.checkpoint.every_steps
         try:
@@ -443,8 +440,7 @@ class Search:
                   f"train it: dist-lm train {path}", flush=True)
             return {**rec, "config": str(path)}
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            stops.restore()
             self.train_loader.close()
             self.valid_loader.close()
             self.sink.close()

@@ -41,6 +41,7 @@ from ..run.checkpointer import Checkpointer, RNGState
 from ..run.directory import open_run
 from ..run.files import load_tensor_file, load_weights, weights_of
 from ..run.layout import AVERAGED, checkpoint_dir, find_checkpoint, list_checkpoints
+from ..run.stop import StopSignals
 from .engines import build_engine
 from .optim import NTASGD, LRSchedule, ParamAverager, uses_averaging
 
@@ -51,7 +52,6 @@ from .optim import NTASGD, LRSchedule, ParamAverager, uses_averaging
 KILL_ENV = "DIST_LM_FAULT_KILL_AT_STEP"
 NAN_ENV = "DIST_LM_FAULT_NAN_AT_STEPS"
 FAULT_RANK_ENV = "DIST_LM_FAULT_RANK"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def train_command(config: str, resume: str | None = None, overwrite: bool = False,
@@ -423,7 +423,7 @@ class Trainer:
         self.run_tps: list[float] = []
         self.interval = self._new_interval()
         self._elapsed0, self._t0 = self.elapsed, self.clock()
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        stops = StopSignals(self._on_signal).install()  # SIGTERM / SIGINT: stop resumably
         try:
             while self.stop_reason() is None:
                 if self.hidden is None:
@@ -443,19 +443,16 @@ class Trainer:
                 self._stop_early()
             return self._finish()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            stops.restore()
             self.train_loader.close()  # a stop mid-epoch leaves shard readers (pipe:) open
             sink.close()
             if self.rank == 0:
                 self.lock.release()
 
-    def _on_signal(self, signum, frame) -> None:
-        """SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, checkpoint, exit resumable.
-        A second signal acts at once (the default handlers are back)."""
+    def _on_signal(self, signum: int) -> None:
+        """SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, checkpoint, exit resumable
+        (run.stop.StopSignals; a second signal acts at once)."""
         self._signal = signum
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
 
     def _stop_early(self) -> None:
         """A stop on a signal checkpoints the step every rank agreed on and raises Stopped
