@@ -74,7 +74,8 @@ def checkpoint_files(step_dir: Path) -> dict[str, list]:
     out = {}
     for p in sorted(step_dir.rglob("*")):
         rel = p.relative_to(step_dir).as_posix()
-        if p.is_file() and rel != MARKER and not rel.startswith("eval-") and not rel.endswith(".tmp"):
+        if p.is_file() and rel != MARKER and not rel.startswith("eval-") \
+                and not rel.endswith(".tmp"):
             out[rel] = [p.stat().st_size, _sha256(p)]
     return out
 

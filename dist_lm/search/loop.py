@@ -48,11 +48,11 @@ from ..errors import Stopped, UserError
 from ..fileio import write_text_atomic
 from ..models import detach_hidden
 from ..models.cell import Genotype, uniform_genotype
-from ..train.trainer import KILL_ENV
 from ..run.checkpointer import Checkpointer, RNGState
 from ..run.directory import open_run
 from ..run.layout import list_checkpoints
 from ..run.stop import StopSignals
+from ..train.trainer import KILL_ENV
 from .controller import Controller
 from .supernet import build_supernet, set_cell
 
