@@ -208,7 +208,8 @@ def search(config: str, resume: str | None = None, overwrite: bool = False,
 
     Args:
       config: TOML recipe (the base of the derived config), e.g. configs/ptb_small_cpu.toml.
-      resume: 'auto' (the latest search checkpoint in train.run_dir) or a checkpoint file.
+      resume: 'auto' (the latest complete search checkpoint in train.run_dir; a fresh start
+        when there is none) or a checkpoint directory.
       overwrite: delete the previous search's outputs in train.run_dir and start afresh.
       random: random-search baseline: cells sampled uniformly, same budget.
       overrides: dotted config keys, e.g. --search.n_nodes=8 --search.rounds=20.

@@ -23,7 +23,7 @@ from typing import Any
 from .eval.evaluate import CacheOptions, DynamicOptions, evaluate_run
 from .eval.generate import generate_text
 from .eval.score import score_text as _score_text
-from .runs import Run, load_run
+from .run.inference import Run, load_run
 
 __all__ = ["Run", "load_run", "evaluate", "score_text", "generate"]
 

@@ -16,7 +16,8 @@ from dist_lm.data.prepare import prepare_corpus
 from dist_lm.data.streams import StreamLoader
 from dist_lm.data.tokenizers import load_tokenizer
 from dist_lm.models import build_model, detach_hidden
-from dist_lm.runs import step_dir_name, write_run_files
+from dist_lm.run.directory import write_run_files
+from dist_lm.run.layout import step_dir_name
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

@@ -15,7 +15,7 @@ from dist_lm.eval.cache import (NeuralCache, full_cache_distribution, mix_log_pr
                                 pointer_reference)
 from dist_lm.eval.evaluate import (CacheOptions, cache_search, evaluate_cache, evaluate_stream,
                                    make_loader)
-from dist_lm.runs import load_run
+from dist_lm.run.inference import load_run
 
 
 def run_cache(logp, keys, targets, window, theta, lam, block, normalize=False):

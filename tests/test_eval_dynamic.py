@@ -13,7 +13,7 @@ from _eval_helpers import one_thread  # noqa: F401 (autouse fixture)
 from dist_lm.__main__ import main
 from dist_lm.eval.dynamic import DynamicEvaluator
 from dist_lm.eval.evaluate import evaluate_stream, make_loader
-from dist_lm.runs import load_run
+from dist_lm.run.inference import load_run
 
 
 @pytest.fixture(scope="module")

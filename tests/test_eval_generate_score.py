@@ -20,7 +20,7 @@ from dist_lm.config import Config, ModelConfig
 from dist_lm.data.tokenizers import CharTokenizer
 from dist_lm.eval.generate import detokenize, filter_logits, sample_ids, start_ids
 from dist_lm.models import build_model
-from dist_lm.runs import Run
+from dist_lm.run.inference import Run
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ uninterrupted run; no complete checkpoint is ever lost.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ from _eval_helpers import one_thread  # noqa: F401  (autouse: tiny models, one t
 from train_helpers import make_trainer, metrics, tiny_config
 
 from dist_lm.errors import UserError
-from dist_lm.runs import damage, find_checkpoint, list_checkpoints, step_of
+from dist_lm.run.layout import damage, find_checkpoint, list_checkpoints, step_of
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -289,3 +290,64 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_says_so(tmp_path, pt
     run_ok(train_cmd(tmp_path, ptb_slice, tmp_path / "full", *steps))
     run_ok(train_cmd(tmp_path, ptb_slice, rd, *steps, "--resume=auto"))
     assert_same_end(tmp_path / "full", rd)
+
+
+# ---- 6. a search SIGKILLed mid-way ---------------------------------------------------------
+
+SEARCH = ("--search.n_nodes=4", "--search.rounds=2", "--search.shared_steps=3",
+          "--search.controller_steps=2", "--search.controller_hidden=12",
+          "--search.derive_samples=3", "--search.derive_windows=2", "--model.n_layers=1",
+          "--train.variable_bptt=true", "--checkpoint.every_steps=3")
+
+
+def search_cmd(tmp: Path, shards: Path, run_dir: Path, *args: str) -> list[str]:
+    cfg = tmp / "fault.toml"
+    cfg.write_text(TOML)
+    return [sys.executable, "-m", "dist_lm", "search", str(cfg), f"--data.shards={shards}",
+            f"--train.run_dir={run_dir}", *SEARCH, *args]
+
+
+def assert_equal_states(a, b, where=""):
+    """Nested checkpoint states (dicts, lists, tensors, numbers) equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_equal_states(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_states(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+def test_search_sigkilled_resumes_bit_exact(tmp_path, ptb_slice):
+    """A search SIGKILLed after step 7 (the fault injection of `train`) leaves only complete,
+    whole step directories; `--resume auto` continues from step 6 and ends with the supernet,
+    its optimizer, the controller, its optimizer, the baseline, the loaders, hidden states and
+    generators, and the derived cell of an uninterrupted search."""
+    run_ok(search_cmd(tmp_path, ptb_slice, tmp_path / "full"))
+    rd = tmp_path / "part"
+    p = subprocess.run(search_cmd(tmp_path, ptb_slice, rd), cwd=REPO,
+                       env=env(DIST_LM_FAULT_KILL_AT_STEP=7), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert [step_of(c) for c in list_checkpoints(rd)] == [3, 6]
+    no_incomplete(rd)
+    assert not (rd / "derive.json").exists()
+    p = run_ok(search_cmd(tmp_path, ptb_slice, rd, "--resume=auto"))
+    assert "resumed from" in p.stdout and "step-00000006" in p.stdout
+    assert_same_end(tmp_path / "full", rd)  # the supernet and its optimizer
+    (ca, *_), (cb, *_) = last_state(tmp_path / "full"), last_state(rd)
+    assert ca.name == cb.name == "step-00000010"
+    for name in ("trainer.pt", "rank-00000.pt"):
+        a, b = (torch.load(c / name, weights_only=True) for c in (ca, cb))
+        if name == "trainer.pt":  # the elapsed seconds are the runs' own
+            assert a["search"].pop("elapsed") > 0 and b["search"].pop("elapsed") > 0
+            assert a["search"]["baseline"] is not None
+        assert_equal_states(a, b, name)
+    derived = [json.loads((d / "derive.json").read_text()) for d in (tmp_path / "full", rd)]
+    assert derived[0]["cell"] == derived[1]["cell"]
+    assert derived[0]["samples"] == derived[1]["samples"]

@@ -134,7 +134,7 @@ def test_baselines(tmp_path, monkeypatch):
 def test_wandb_dir_is_each_runs_own_and_one_line(tmp_path, monkeypatch, capsys):
     """Two runs in one process each write W&B files into their own run directory (nothing
     sticks to the first), and W&B says one line per run."""
-    from dist_lm.runs import new_run_id
+    from dist_lm.run.directory import new_run_id
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_DIR", raising=False)

@@ -200,7 +200,7 @@ def test_cli_search_resume_and_bad_cell(tmp_path, ptb_slice):
     r = _cli("search", str(conf), *over, "--random", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "random search" in (tmp_path / "run" / "cell.toml").read_text()
-    assert (tmp_path / "run" / "checkpoints" / "search-00000005.pt").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-00000005" / "DONE").is_file()
     r = _cli("search", str(conf), *over, "--search.rounds=2", "--resume=auto", "--random",
              cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -239,7 +239,7 @@ def test_sigterm_checkpoints_and_the_search_resumes(tmp_path, ptb_slice):
     with pytest.raises(Stopped, match="SIGTERM at step 2.*--resume auto"):
         s.run()
     assert signal.getsignal(signal.SIGTERM) == previous  # the handlers are restored
-    assert [p.name for p in s.checkpoints()] == ["search-00000002.pt"]
+    assert [p.name for p in s.checkpoints()] == ["step-00000002"]
     r = Search(tiny_config(tmp_path / "s", ptb_slice, **SEARCH))
     assert r.run(resume="auto")["event"] == "derived" and r.step == 10
 
@@ -263,5 +263,5 @@ def test_time_budget_stops_the_search_and_derives(tmp_path, ptb_slice):
     s = Search(tiny_config(tmp_path / "t", ptb_slice, **{**SEARCH, "search.max_seconds": 1e-9}))
     res = s.run()
     assert s.step == 1 and res["event"] == "derived"
-    assert [p.name for p in s.checkpoints()] == ["search-00000001.pt"]
+    assert [p.name for p in s.checkpoints()] == ["step-00000001"]
     assert load_config(tmp_path / "t" / "cell.toml").model.cell == res["cell"]

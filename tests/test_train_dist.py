@@ -20,7 +20,7 @@ import torch
 from train_helpers import make_trainer, metrics, tiny_config
 
 from dist_lm.errors import UserError
-from dist_lm.runs import list_checkpoints, step_of
+from dist_lm.run.layout import list_checkpoints, step_of
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = REPO / "tests" / "train_helpers.py"

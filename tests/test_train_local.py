@@ -20,8 +20,9 @@ from train_helpers import make_trainer, metrics, tiny_config
 
 from dist_lm.errors import UserError
 from dist_lm.eval.windows import evaluate_stream
-from dist_lm.runs import (RunLock, checkpoint_files, find_checkpoint, list_checkpoints,
-                          read_marker, run_id, step_of)
+from dist_lm.run.directory import RunLock, run_id
+from dist_lm.run.layout import (checkpoint_files, find_checkpoint, list_checkpoints, read_marker,
+                                step_of)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ from ..metrics.meter import ppl_or_bpc
 from ..metrics.writer import wandb_init, wandb_mode
 from ..distributed import all_reduce_sum
 from ..errors import UserError
-from ..runs import run_dir_of
+from ..run.layout import run_dir_of
 from .cache import NeuralCache, mix_log_prob
 from .dynamic import SEARCH_DECAYS, SEARCH_LRS, DynamicEvaluator
 from .windows import _sum_over_windows, carried_outputs, eval_mode, evaluate_stream  # noqa: F401  (re-exported)
@@ -224,7 +224,7 @@ def cache_search(model: torch.nn.Module, loader, window: int, normalize: bool = 
 def evaluate_run(run, split: str = "test", protocol: str = "reference", batch_size: int = 0,
                  bptt: int = 0, corpus: str | None = None, cache: CacheOptions | None = None,
                  dynamic: DynamicOptions | None = None, log=print) -> dict:
-    """Evaluate a loaded Run (dist_lm.runs.load_run) on a split; returns the result dict.
+    """Evaluate a loaded Run (dist_lm.run.inference.load_run) on a split; returns the result dict.
 
     Distributed (torchrun): every rank evaluates its own streams and the sums are all-reduced;
     the process group must already be initialized.
@@ -359,7 +359,8 @@ def eval_command(path: str, split: str = "test", protocol: str = "reference",
                  batch_size: int = 0, options: dict | None = None) -> None:
     """`dist-lm eval`: load, evaluate (plain / cache / dynamic), print, write JSON (rank 0)."""
     from ..distributed import init_distributed, is_initialized, is_main, pick_device, set_tf32
-    from ..runs import find_checkpoint, load_run, read_run_config
+    from ..run.inference import load_run, read_run_config
+    from ..run.layout import find_checkpoint
 
     general, cache, dyn = parse_options(dict(options or {}))
     check_protocol(protocol)

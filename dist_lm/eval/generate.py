@@ -119,7 +119,7 @@ def generate_text(run, prompt: str = "", length: int = 100, temperature: float =
 
 def generate_command(path: str, prompt: str = "", length: int = 100, temperature: float = 1.0,
                      top_k: int = 0, top_p: float = 1.0, seed: int = 0, samples: int = 1) -> None:
-    from ..runs import load_run
+    from ..run.inference import load_run
 
     run = load_run(path)
     texts = generate_text(run, prompt=str(prompt), length=length, temperature=temperature,

@@ -104,7 +104,7 @@ def score_text(run, text: str, per: str = "line") -> list[dict]:
 
 
 def score_command(path: str, file: str, per: str = "line", out: str | None = None) -> None:
-    from ..runs import load_run
+    from ..run.inference import load_run
 
     if per not in ("line", "text"):
         raise UserError(f"--per must be 'line' or 'text'; got {per!r}.")

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..fileio import write_text_atomic
+from ..run.layout import METRICS
 from .writer import fmt
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
+    p = Path(run_dir) / METRICS
     if not p.is_file():
         raise UserError(f"{run_dir} has no metrics.jsonl; pass run directories written by "
                         f"`dist-lm train`.")

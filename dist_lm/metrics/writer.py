@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..fileio import write_text_atomic
+from ..run.layout import METRICS
 
 
 def fmt(v) -> str:
@@ -63,7 +64,7 @@ class MetricsSink:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / "metrics.jsonl"
+        path = self.run_dir / METRICS
         if resume_step is not None:
             truncate_metrics(path, resume_step)
         self.jsonl = open(path, "a" if resume_step is not None else "w", buffering=1)
@@ -143,7 +144,7 @@ def wandb_id(run_dir: Path) -> str:
     """The run's W&B id: the id created once in RUN_DIR/run.json (a resume and `eval` reuse it,
     a fresh run into the directory gets a new one); runs older than run.json used a hash of
     their path."""
-    from ..runs import run_id
+    from ..run.directory import run_id
 
     return run_id(run_dir) or hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
 

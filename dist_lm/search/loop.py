@@ -22,17 +22,21 @@ each on validation with the shared weights, and writes the best as RUN/cell.toml
 config with model.arch = "cell" and model.cell = the genotype, ready for `dist-lm train`;
 RUN/derive.json holds every score.
 
-Checkpoints (RUN/checkpoints/search-XXXXXXXX.pt, every checkpoint.every_steps or at the end of
-every round) hold the supernet, its optimizer, the controller, its optimizer, the baseline, the
-counters, both loaders' positions, the carried hidden states and the generators (torch's, which
-draws the dropout masks, and the cell sampler's); `--resume auto` continues bit-exactly.
+Checkpoints are the run directory's step directories (dist_lm.run: RUN/checkpoints/step-XXXXXXXX/
+with its DONE marker and digests, written every checkpoint.every_steps or at the end of every
+round, the newest checkpoint.keep_last kept): the search registers its pieces on the same
+Checkpointer as `train` (the supernet in model.pt, its optimizer in optim.pt; the counters and
+baseline, the controller and its optimizer in trainer.pt; both loaders' positions, the carried
+hidden states and the generators, torch's, which draws the dropout masks, and the cell
+sampler's, in rank-00000.pt). The run directory is opened like `train`'s (the lock, fresh /
+resume / refuse / overwrite, the same refusals), and `--resume auto` continues bit-exactly.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
+import os
 import signal
 import time
 from pathlib import Path
@@ -45,10 +49,13 @@ from ..errors import Stopped, UserError
 from ..fileio import write_text_atomic
 from ..models import detach_hidden
 from ..models.cell import Genotype, uniform_genotype
+from ..run.checkpointer import Checkpointer, RNGState
+from ..run.directory import open_run
+from ..run.layout import list_checkpoints
+from ..run.stop import StopSignals
+from ..train.trainer import KILL_ENV
 from .controller import Controller
 from .supernet import build_supernet, set_cell
-
-_CKPT = re.compile(r"^search-(\d{8})\.pt$")
 
 
 def search_command(config: str, resume: str | None = None, overwrite: bool = False,
@@ -64,6 +71,21 @@ def _to(h, device):
     if h is None or isinstance(h, torch.Tensor):
         return None if h is None else h.to(device)
     return type(h)(_to(x, device) for x in h)
+
+
+class _Carried:
+    """The search's carried hidden states (training and validation streams) as a Stateful
+    piece of the rank file."""
+
+    def __init__(self, search: "Search"):
+        self.search = search
+
+    def state_dict(self) -> dict:
+        return {"hidden": self.search.hidden, "valid_hidden": self.search.valid_hidden}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.search.hidden = _to(sd["hidden"], self.search.device)
+        self.search.valid_hidden = _to(sd["valid_hidden"], self.search.device)
 
 
 class Search:
@@ -119,6 +141,14 @@ class Search:
         self._train_it = self._valid_it = None
         self.sink = None
         self._signal = 0
+        self.last_saved = -1
+        self.checkpointer = Checkpointer(
+            Path(t.run_dir), 0, model=self.model, engine=self.engine,
+            shared={"search": self, "controller": self.controller,
+                    "controller_optim": self.controller_optim},
+            per_rank={"train_loader": self.train_loader, "valid_loader": self.valid_loader,
+                      "hidden": _Carried(self), "rng": RNGState(self.device, cells=self.cells)},
+            meta={"world_size": 1, "global_batch": t.global_batch, "engine": "local"})
 
     # ---- the schedule --------------------------------------------------------------------
 
@@ -238,70 +268,36 @@ class Search:
     # ---- state ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """The search's own counters (the "search" piece of trainer.pt); search.n_nodes and
+        search.random are checked on resume (_check_resume), not loaded."""
         s = self.cfg.search
-        rng = {"torch": torch.get_rng_state(), "cells": self.cells.get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"version": 1, "n_nodes": s.n_nodes, "random": s.random, "step": self.step,
-                "elapsed": self.elapsed, "baseline": self.baseline,
-                "model": self.model.state_dict(),
-                "optim": self.engine.optimizer.state_dict(),
-                "controller": self.controller.state_dict(),
-                "controller_optim": self.controller_optim.state_dict(),
-                "train_loader": self.train_loader.state_dict(),
-                "valid_loader": self.valid_loader.state_dict(),
-                "hidden": self.hidden, "valid_hidden": self.valid_hidden, "rng": rng}
+        return {"n_nodes": s.n_nodes, "random": s.random, "step": self.step,
+                "elapsed": self.elapsed, "baseline": self.baseline}
 
     def load_state_dict(self, st: dict) -> None:
+        self.step, self.elapsed = int(st["step"]), float(st["elapsed"])
+        self.baseline = None if st["baseline"] is None else float(st["baseline"])
+        self._train_it = self._valid_it = None  # the loaders continue at their loaded positions
+
+    def _check_resume(self, start: Path) -> None:
+        """Refuse a checkpoint of another search space or kind (before anything is written)."""
+        st = self.checkpointer.read_shared(start)["search"]
         s = self.cfg.search
         for key, mine in (("n_nodes", s.n_nodes), ("random", s.random)):
             if st.get(key) != mine:
                 raise UserError(f"this search checkpoint was written with search.{key}="
                                 f"{st.get(key)!r}, this run has {mine!r}; resume with the same "
                                 f"setting, or start afresh with --overwrite.")
-        try:
-            self.model.load_state_dict(st["model"])
-        except RuntimeError as exc:
-            raise UserError(f"the search checkpoint does not fit this model config: "
-                            f"{str(exc).splitlines()[0]}") from None
-        self.engine.optimizer.load_state_dict(st["optim"])
-        self.controller.load_state_dict(st["controller"])
-        self.controller_optim.load_state_dict(st["controller_optim"])
-        self.train_loader.load_state_dict(st["train_loader"])
-        self.valid_loader.load_state_dict(st["valid_loader"])
-        self._train_it = self._valid_it = None
-        self.hidden = _to(st["hidden"], self.device)
-        self.valid_hidden = _to(st["valid_hidden"], self.device)
-        self.step, self.elapsed = int(st["step"]), float(st["elapsed"])
-        self.baseline = None if st["baseline"] is None else float(st["baseline"])
-        torch.set_rng_state(st["rng"]["torch"])
-        self.cells.set_state(st["rng"]["cells"])
-        if self.device.type == "cuda" and "cuda" in st["rng"]:
-            torch.cuda.set_rng_state(st["rng"]["cuda"], self.device)
 
     def checkpoints(self) -> list[Path]:
-        ck = Path(self.cfg.train.run_dir) / "checkpoints"
-        found = sorted(p for p in ck.glob("search-*.pt") if _CKPT.match(p.name)) \
-            if ck.is_dir() else []
-        return found
+        """The complete step directories of this search, oldest first."""
+        return list_checkpoints(self.cfg.train.run_dir)
 
     def save(self) -> Path:
-        from ..train.checkpoint import save_file
-
-        ck = Path(self.cfg.train.run_dir) / "checkpoints"
-        ck.mkdir(parents=True, exist_ok=True)
-        path = ck / f"search-{self.step:08d}.pt"
-        save_file(self.state_dict(), path)
-        keep = max(1, self.cfg.checkpoint.keep_last)
-        for old in self.checkpoints()[:-keep]:
-            old.unlink(missing_ok=True)
+        path = self.checkpointer.save(self.step, averaged=None, best_step=-1,
+                                      keep_last=self.cfg.checkpoint.keep_last)
         self.last_saved = self.step
         return path
-
-    def load(self, path: Path) -> None:
-        from ..runs import load_tensor_file
-
-        self.load_state_dict(load_tensor_file(path))
 
     # ---- derive --------------------------------------------------------------------------
 
@@ -365,43 +361,20 @@ class Search:
     # ---- the loop ------------------------------------------------------------------------
 
     def _open(self, resume: str | None, overwrite: bool) -> Path | None:
-        from ..runs import RunLock, check_fresh, clear_run, new_run_id, run_id, write_run_files
-
-        run_dir = Path(self.cfg.train.run_dir)
-        if resume and overwrite:
-            raise UserError("--resume and --overwrite contradict each other; pass one.")
-        self.lock = RunLock(run_dir)
-        self.lock.acquire(claim=False)
-        try:
-            start = None
-            if resume == "auto":
-                found = self.checkpoints()
-                start = found[-1] if found else None
-            elif resume:
-                start = Path(resume)
-                if not start.is_file():
-                    raise UserError(f"--resume {resume}: no such search checkpoint; pass auto or "
-                                    f"a RUN/checkpoints/search-XXXXXXXX.pt file.")
-            if start is None:
-                check_fresh(run_dir, overwrite, resuming=resume == "auto")
-            if start is not None:
-                self.load(start)
-            self.lock.claim()
-            if start is None:
-                clear_run(run_dir)  # cell.toml and derive.json included
-            write_run_files(run_dir, self.cfg, self.corpus_dir)
-            if start is None or run_id(run_dir) is None:
-                new_run_id(run_dir)
-        except BaseException:
-            self.lock.release(undo=True)
-            raise
+        """Open the run directory as `train` does (run.directory.open_run) and load the
+        checkpoint it continues from, if any."""
+        self.lock, start = open_run(Path(self.cfg.train.run_dir), self.cfg, self.corpus_dir,
+                                    resume, overwrite, check=self._check_resume)
+        if start is not None:
+            try:
+                self.checkpointer.load(start, self.checkpointer.read_shared(start))
+            except BaseException:
+                self.lock.release()
+                raise
         return start
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum: int) -> None:
         self._signal = signum
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM
-                          else signal.default_int_handler)
 
     def run(self, resume: str | None = None, overwrite: bool = False,
             stop_at: int = 0) -> dict:
@@ -412,13 +385,13 @@ class Search:
         cfg = self.cfg
         start = self._open(resume, overwrite)
         self.last_saved = self.step if start is not None else -1
+        kill_at = int(os.environ.get(KILL_ENV, "0"))  # fault injection (tests), as in `train`
         self.sink = MetricsSink(cfg.train.run_dir, cfg, total_steps=self.total_steps,
                                 initial_step=self.step,
                                 resume_step=None if start is None else self.step)
         if start is not None:
             print(f"dist-lm: search resumed from {start} (step {self.step})", flush=True)
-        previous = {sig: signal.signal(sig, self._on_signal)
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        stops = StopSignals(self._on_signal).install()  # SIGTERM / SIGINT: stop resumably
         t0, e0 = time.perf_counter(), self.elapsed
         every = cfg.checkpoint.every_steps
         try:
@@ -433,6 +406,8 @@ class Search:
                 if (every and self.step % every == 0) or (not every and self.end_of_round(
                         self.step)):
                     self.save()
+                if kill_at and self.step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if self._signal or (stop_at and self.step >= stop_at):
                     if self.last_saved != self.step:
                         self.save()
@@ -457,8 +432,7 @@ class Search:
                   f"train it: dist-lm train {path}", flush=True)
             return {**rec, "config": str(path)}
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            stops.restore()
             self.train_loader.close()
             self.valid_loader.close()
             self.sink.close()

@@ -34,6 +34,8 @@ from typing import Any
 from ..config import load_config
 from ..errors import Stopped, UserError
 from ..fileio import read_json, write_text_atomic
+from ..run.directory import is_run_dir
+from ..run.layout import METRICS
 from ..train.lockstep import LOCKSTEP_ENV
 from .space import Spec, closest, load_spec
 
@@ -351,7 +353,7 @@ class TrialRunner:
         args = [f"--{k}={_arg(v)}" for k, v in spec.overrides(point).items()]
         args += [f"--train.run_dir={_arg(str(run_dir))}", f"--log.group={_arg(spec.name)}",
                  f"--log.name={_arg(f'{spec.name}-trial-{number}')}", f"--log.tags={_arg(tags)}"]
-        if run_dir.exists():  # left by an earlier attempt with this number (e.g. a lost storage)
+        if is_run_dir(run_dir):  # left by an earlier attempt with this number (a lost storage)
             args.append("--overwrite")
         return [*self.launcher, "-m", "dist_lm", "train", str(spec.base), *args]
 
@@ -394,7 +396,7 @@ class TrialRunner:
         with open(logs / f"trial-{n}.out", "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env,
                                     stdin=subprocess.PIPE if lockstep else subprocess.DEVNULL)
-        follower, final, key = _Follower(run_dir / "metrics.jsonl"), None, None
+        follower, final, key = _Follower(run_dir / METRICS), None, None
         try:
             while True:
                 exited = proc.poll() is not None
@@ -436,7 +438,7 @@ class TrialRunner:
                 last = f"killed by {signal.Signals(-rc).name}" + (f" ({last})" if last else "")
             raise self.fail(trial, last or f"exit code {rc}")
         if final is None:
-            raise self.fail(trial, f"no final record in {run_dir / 'metrics.jsonl'}")
+            raise self.fail(trial, f"no final record in {run_dir / METRICS}")
         key = _objective_key(spec, final)
         if key is None:
             has = ", ".join(k for k in final if k.startswith("valid"))

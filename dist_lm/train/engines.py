@@ -32,8 +32,7 @@ import torch
 from .. import distributed as D
 from ..config import Config
 from ..errors import UserError
-from ..runs import load_tensor_file
-from .checkpoint import save_file
+from ..run.files import load_tensor_file, save_file
 from .optim import build_optimizer
 
 # tests: "device" makes the Trainer leave non-finite steps out on the device (fused optimizer,

@@ -34,14 +34,15 @@ from .. import distributed as D
 from ..config import RESOLVED, Config, load_config, to_dict
 from ..data.prepared import PreparedCorpus, window_cap
 from ..errors import Stopped, UserError
-from ..fileio import fs_error, write_text_atomic
+from ..fileio import write_text_atomic
 from ..metrics.baselines import baseline_key, device_kind, read_baseline, record_baseline
 from ..metrics.meter import ThroughputMeter, perplexity_fields
 from ..metrics.writer import MetricsSink
-from ..runs import (RunLock, check_resume_config, choose_start, clear_run, find_checkpoint,
-                    list_checkpoints, load_tensor_file, new_run_id, run_id, state_dict_mismatch,
-                    step_dir_name, write_run_files)
-from .checkpoint import Checkpointer, RNGState
+from ..run.checkpointer import Checkpointer, RNGState
+from ..run.directory import open_run
+from ..run.files import load_tensor_file, load_weights, weights_of
+from ..run.layout import AVERAGED, checkpoint_dir, find_checkpoint, list_checkpoints
+from ..run.stop import StopSignals
 from .engines import STEP_SKIP_ENV, build_engine
 from .lockstep import await_sweep
 from .noise_scale import noise_scale_for
@@ -54,7 +55,6 @@ from .optim import NTASGD, LRSchedule, ParamAverager, uses_averaging
 KILL_ENV = "DIST_LM_FAULT_KILL_AT_STEP"
 NAN_ENV = "DIST_LM_FAULT_NAN_AT_STEPS"
 FAULT_RANK_ENV = "DIST_LM_FAULT_RANK"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def train_command(config: str, resume: str | None = None, overwrite: bool = False,
@@ -154,9 +154,7 @@ class Trainer:
         torch.manual_seed(t.seed)
         module = build_model(cfg.model, self.vocab_size).to(self.device)
         if t.finetune_from:
-            ckpt = find_checkpoint(t.finetune_from)
-            load_weights(module, ckpt, "averaged.pt" if (ckpt / "averaged.pt").is_file()
-                         else "model.pt")
+            load_weights(module, find_checkpoint(t.finetune_from))
         if self.rank > 0:  # rank 0 continues the seeded generator, like the reference
             torch.manual_seed(t.seed + 1000 * self.rank)
         if self.device.type == "cuda":
@@ -302,17 +300,6 @@ class Trainer:
         finally:
             self.averager.swap()
 
-    @contextlib.contextmanager
-    def _weights_of(self, step_dir: Path):
-        """The module with a checkpoint's weights (averaged where saved), restored after."""
-        name = "averaged.pt" if (step_dir / "averaged.pt").is_file() else "model.pt"
-        live = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-        load_weights(self.module, step_dir, name)
-        try:
-            yield
-        finally:
-            self.module.load_state_dict(live)
-
     def stop_reason(self) -> str | None:
         """The one stop decision; the same on every rank (its inputs are)."""
         t = self.cfg.train
@@ -341,28 +328,22 @@ class Trainer:
     # ---- the run directory ---------------------------------------------------------------
 
     def _open_run(self, resume: str | None, overwrite: bool) -> Path | None:
-        """Lock the run directory (rank 0), decide fresh / resume / refuse (runs.choose_start),
-        check the checkpoint against this config, and only then write: a refused or failed
-        start leaves the directory as it was."""
-        run_dir = Path(self.cfg.train.run_dir)
+        """Rank 0 opens the run directory (run.directory.open_run: the lock, fresh / resume /
+        refuse, the checks, then the run's files), checking a checkpoint's trainer.pt against
+        this run first; every rank then loads the checkpoint. A refused or failed start leaves
+        the directory as it was."""
         start, error = None, None
         if self.rank == 0:
-            self.lock = RunLock(run_dir)
+            def check(start: Path) -> None:
+                st = self.checkpointer.read_shared(start)  # format, world size, batch, engine
+                self._check_resume(st, start)
+
             try:
-                self.lock.acquire(claim=False)  # nothing written into an existing run yet
-                start = choose_start(run_dir, resume, overwrite)
-                if start is not None:
-                    check_resume_config(start, self.cfg, self.corpus_dir)
-                    st = self.checkpointer.read_shared(start)  # format, world size, batch, engine
-                    self._check_resume(st, start)
-                self.lock.claim()
-                self._write_run_files(run_dir, fresh=start is None)
+                self.lock, start = open_run(Path(self.cfg.train.run_dir), self.cfg,
+                                            self.corpus_dir, resume, overwrite, check=check,
+                                            write=self._write_resolved)
             except UserError as exc:
                 error = str(exc)
-            except OSError as exc:  # a full disk, a read-only file: one line, nothing left
-                error = f"cannot start the run in {run_dir}: {fs_error(exc) or exc}"
-            if error is not None:
-                self.lock.release(undo=True)
         start, error = D.broadcast_object((None if start is None else str(start), error))
         if error is not None:
             raise UserError(error)
@@ -371,26 +352,9 @@ class Trainer:
         start = Path(start)
         self.checkpointer.load(start, self.checkpointer.read_shared(start))
         if self.averager.count > 0:
-            self.averager.load_average(load_tensor_file(start / "averaged.pt"))
+            self.averager.load_average(load_tensor_file(start / AVERAGED))
         self.last_saved = self.step
         return start
-
-    def _write_run_files(self, run_dir: Path, fresh: bool) -> None:
-        """config.json (with its resolved block), vocab.json and, for a new run, run.json. A
-        fresh start clears the previous run's outputs first and, when a write fails (a full
-        disk), again: no half-written run stays behind."""
-        try:
-            if fresh:
-                clear_run(run_dir)  # a fresh start: nothing of an earlier run survives
-                new_run_id(run_dir)  # first: a folder with a run's files is marked as a run
-            write_run_files(run_dir, self.cfg, self.corpus_dir)
-            self._write_resolved(run_dir)
-            if run_id(run_dir) is None:
-                new_run_id(run_dir)
-        except OSError:
-            if fresh:
-                clear_run(run_dir)
-            raise
 
     def resolved(self) -> dict:
         """What this run derived from its config: the lr rule (optim.LRScaling) and the batch
@@ -456,7 +420,7 @@ class Trainer:
         self.run_tps: list[float] = []
         self.interval = self._new_interval()
         self._elapsed0, self._t0 = self.elapsed, self.clock()
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        stops = StopSignals(self._on_signal).install()  # SIGTERM / SIGINT: stop resumably
         try:
             while self.stop_reason() is None:
                 if self.hidden is None:
@@ -476,19 +440,16 @@ class Trainer:
                 self._stop_early()
             return self._finish()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            stops.restore()
             self.train_loader.close()  # a stop mid-epoch leaves shard readers (pipe:) open
             sink.close()
             if self.rank == 0:
                 self.lock.release()
 
-    def _on_signal(self, signum, frame) -> None:
-        """SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, checkpoint, exit resumable.
-        A second signal acts at once (the default handlers are back)."""
+    def _on_signal(self, signum: int) -> None:
+        """SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, checkpoint, exit resumable
+        (run.stop.StopSignals; a second signal acts at once)."""
         self._signal = signum
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
 
     def _stop_early(self) -> None:
         """A stop on a signal checkpoints the step every rank agreed on and raises Stopped
@@ -501,7 +462,7 @@ class Trainer:
                 self.save()
             name = signal.Signals(self.signalled).name
             raise Stopped(f"stopped by {name} at step {self.step}; checkpoint "
-                          f"{Path(self.cfg.train.run_dir) / 'checkpoints' / step_dir_name(self.step)}"
+                          f"{checkpoint_dir(self.cfg.train.run_dir, self.step)}"
                           f" written; continue with --resume auto")
         last = list_checkpoints(self.cfg.train.run_dir)
         where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
@@ -785,8 +746,7 @@ class Trainer:
         if self.last_saved != self.step:
             self.save()
         best = self.best_step if self.best_step >= 0 else self.step  # < 0: validation was NaN
-        best_dir = Path(cfg.train.run_dir) / "checkpoints" / step_dir_name(best)
-        with self._weights_of(best_dir):
+        with weights_of(self.module, checkpoint_dir(cfg.train.run_dir, best)):
             test = self.evaluate(self.test_loader, self.test_reduce, averaged=False)
         rec = {"step": self.step, "epoch": self.epoch_f(), "final": True, "stop": reason,
                "best_step": self.best_step, "valid_loss": self.best_val,
@@ -857,16 +817,6 @@ def auto_micro_batch(per_rank: int, window: int, cap: int) -> int:
         return per_rank
     return max(m for m in range(1, per_rank + 1)
                if per_rank % m == 0 and (m == 1 or m * window <= cap))
-
-
-def load_weights(module, step_dir: Path, name: str) -> None:
-    """Load step_dir/name into module; a config mismatch is a UserError (resume and finetune)."""
-    try:
-        module.load_state_dict(load_tensor_file(step_dir / name))
-    except RuntimeError as exc:
-        raise UserError(f"checkpoint {step_dir} does not fit this model config: "
-                        f"{state_dict_mismatch(exc)}; use the model flags of the run that wrote "
-                        f"it.") from None
 
 
 def _select(skip: torch.Tensor, old, new):

@@ -1,21 +1,24 @@
-"""The training side of checkpoints: one Checkpointer walks the run's stateful pieces.
+"""The Checkpointer: writes and reads a run's step directories by walking its Stateful pieces
+(the Trainer's for `train`, the Search's for `search`).
 
     checkpoints/step-00001234/
         model.pt          unwrapped model state_dict (rank 0)
         averaged.pt       NT-ASGD averaged parameters, same keys (rank 0, only when averaging)
         trainer.pt        format version, world size, global batch, engine, and the state_dict()
-                          of every shared piece: trainer counters, schedule, NT-ASGD, averager (rank 0)
+                          of every shared piece (rank 0): train: trainer counters, schedule,
+                          NT-ASGD, averager; search: its counters, controller and its optimizer
         optim.pt          optimizer state (local / DDP; DeepSpeed writes deepspeed/ instead)
         rank-00000.pt     per rank: format version, rank, and the state_dict() of every per-rank
-                          piece: StreamLoader position, hidden states, torch (and CUDA) RNG
+                          piece: StreamLoader positions, hidden states, torch (and CUDA) RNG
+                          (search: and the cell sampler's generator)
         DONE              written by rank 0 after a barrier, last: without it the step does not
                           exist. JSON: {"format", "step", "best_step", "files"}: the best
                           validation's step (what `eval` and `load_run` use by default) and the
                           size and sha256 of every file above, checked before anything is loaded
 
 Every piece is Stateful (state_dict() / load_state_dict() with plain values and tensors), so
-no field is copied by hand: a new piece of state is one more entry in the Trainer's dicts.
-Everything is read back with torch.load(weights_only=True) (dist_lm.runs.load_tensor_file).
+no field is copied by hand: a new piece of state is one more entry in its owner's dicts.
+Everything is read back with torch.load(weights_only=True) (files.load_tensor_file).
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ import torch
 
 from ..distributed import barrier
 from ..errors import UserError
-from ..runs import (MARKER, checkpoint_files, list_checkpoints, load_tensor_file, step_dir_name,
-                    step_of)
+from .files import load_tensor_file, load_weights, save_file
+from .layout import (AVERAGED, CHECKPOINTS, MARKER, MODEL, checkpoint_files, list_checkpoints,
+                     step_dir_name, step_of)
 
 FORMAT = 2  # 1: the first layout (hand-wired trainer fields); 2: Stateful pieces + JSON marker
 
@@ -42,63 +46,30 @@ class Stateful(Protocol):
     def load_state_dict(self, sd: dict) -> None: ...
 
 
-class _Writer:
-    """A file for torch.save that keeps the OSError of a failed write: torch reports a full
-    disk or a size limit only as an opaque RuntimeError ('unexpected pos ...')."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self):
-        self.f.flush()
-
-
-def save_file(obj, path: Path) -> None:
-    """torch.save under a temporary name, then rename: a file is either whole or absent. A
-    failed write is the OSError that caused it."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            w = _Writer(f)
-            try:
-                torch.save(obj, w)
-            except RuntimeError:
-                if w.error is not None:
-                    raise w.error from None
-                raise
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
 
 
 class RNGState:
-    """torch's (and the device's CUDA) generator as a Stateful piece."""
+    """torch's (and the device's CUDA) generator, and any named torch.Generator of the run's
+    own (`generators`), as a Stateful piece."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, **generators: torch.Generator):
+        self.device, self.generators = device, generators
 
     def state_dict(self) -> dict:
         st = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             st["cuda"] = torch.cuda.get_rng_state(self.device)
+        st.update({name: g.get_state() for name, g in self.generators.items()})
         return st
 
     def load_state_dict(self, st: dict) -> None:
         torch.set_rng_state(st["torch"])
         if self.device.type == "cuda" and "cuda" in st:
             torch.cuda.set_rng_state(st["cuda"], self.device)
+        for name, g in self.generators.items():
+            g.set_state(st[name])
 
 
 class Checkpointer:
@@ -111,7 +82,7 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, rank: int, *, model: torch.nn.Module, engine,
                  shared: dict[str, Stateful], per_rank: dict[str, Stateful], meta: dict):
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = Path(run_dir) / CHECKPOINTS
         self.rank = rank
         self.model, self.engine = model, engine
         self.shared, self.per_rank, self.meta = shared, per_rank, meta
@@ -127,9 +98,9 @@ class Checkpointer:
                 step_dir.mkdir(parents=True)
             barrier()
             if self.rank == 0:
-                save_file(self.model.state_dict(), step_dir / "model.pt")
+                save_file(self.model.state_dict(), step_dir / MODEL)
                 if averaged is not None:
-                    save_file(averaged, step_dir / "averaged.pt")
+                    save_file(averaged, step_dir / AVERAGED)
                 save_file({"format": FORMAT, **self.meta,
                            **{k: v.state_dict() for k, v in self.shared.items()}},
                           step_dir / "trainer.pt")
@@ -167,9 +138,7 @@ class Checkpointer:
     def load(self, step_dir: Path, shared: dict) -> None:
         """Model, optimizer (engine), shared pieces (from `shared`, read by read_shared), then
         this rank's pieces."""
-        from .trainer import load_weights
-
-        load_weights(self.model, step_dir, "model.pt")
+        load_weights(self.model, step_dir, averaged=False)
         self.engine.load(step_dir, self.rank)
         # a piece the checkpoint predates (the noise scale's EMAs) gets {}: it starts afresh
         for k, piece in self.shared.items():

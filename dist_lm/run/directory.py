@@ -1,224 +1,26 @@
-"""Run directories and the inference side of checkpoints.
-
-A run directory holds config.json, vocab.json, metrics.jsonl and checkpoints/step-XXXXXXXX/.
-A step directory counts only once its DONE marker exists (written last, after every rank
-finished writing). This module finds checkpoints and loads a model for evaluation,
-generation and scoring; the training state lives in dist_lm/train/checkpoint.py.
+"""The run directory's owner for writers: one writer at a time (the lock), the one decision
+fresh / resume / refuse / overwrite, the checks a resume must pass, and the run's own files
+(config.json, vocab.json, run.json). `open_run` is the sequence every writer (train, search)
+goes through; a refused or failed start leaves the directory as it was.
 """
 
 from __future__ import annotations
 
 import copy
 import errno
-import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
-import torch
-
-from .config import Config, from_dict, save_config
-from .errors import UserError
-from .fileio import read_json, write_text_atomic
-
-MARKER = "DONE"
-STEP_RE = re.compile(r"^step-(\d{8})$")
-RUN_FILE = "run.json"  # the run's identity: its W&B id, created once, reused by every resume
-WHICH = "latest, best or step-N"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def step_of(step_dir: Path) -> int:
-    return int(STEP_RE.match(step_dir.name).group(1))
-
-
-def is_complete(step_dir: Path) -> bool:
-    return (step_dir / MARKER).is_file()
-
-
-def read_marker(step_dir: Path) -> dict:
-    """The DONE marker's record ({"format", "step", "best_step", "files"}); {} for a marker of
-    the first format (a bare step number) or one that cannot be read."""
-    try:
-        rec = json.loads((step_dir / MARKER).read_text())
-    except (OSError, ValueError):
-        return {}
-    return rec if isinstance(rec, dict) else {}
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete step directories of a run, oldest first (incomplete ones are ignored)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and is_complete(p)]
-    return sorted(found, key=step_of)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def checkpoint_files(step_dir: Path) -> dict[str, list]:
-    """{relative path: [size, sha256]} of every file a checkpoint holds (its marker, eval
-    results written beside it later and temporary files excluded): what DONE records."""
-    out = {}
-    for p in sorted(step_dir.rglob("*")):
-        rel = p.relative_to(step_dir).as_posix()
-        if p.is_file() and rel != MARKER and not rel.startswith("eval-") and not rel.endswith(".tmp"):
-            out[rel] = [p.stat().st_size, _sha256(p)]
-    return out
-
-
-_VERIFIED: set[tuple[str, int]] = set()  # (step dir, marker mtime) already checked in this process
-
-
-def damage(step_dir: Path) -> str | None:
-    """What is wrong with a complete checkpoint's files against the digests its DONE recorded
-    (None: all whole; a marker without digests, from before they were recorded, is taken as is)."""
-    try:
-        key = (str(step_dir.resolve()), (step_dir / MARKER).stat().st_mtime_ns)
-    except OSError:
-        return f"{MARKER} is missing"
-    if key in _VERIFIED:
-        return None
-    files = read_marker(step_dir).get("files")
-    if not isinstance(files, dict):
-        return None
-    for rel, (size, digest) in files.items():
-        p = step_dir / rel
-        if not p.is_file():
-            return f"{rel} is missing"
-        if p.stat().st_size != size:
-            return f"{rel} has {p.stat().st_size} bytes, {size} were written"
-        if _sha256(p) != digest:
-            return f"{rel} does not match its sha256"
-    _VERIFIED.add(key)
-    return None
-
-
-def first_whole(candidates: list[Path]) -> Path | None:
-    """The first checkpoint in `candidates` whose files verify; each damaged one before it is
-    skipped with a warning naming the file."""
-    for p in candidates:
-        why = damage(p)
-        if why is None:
-            return p
-        print(f"dist-lm: warning: skipping checkpoint {p}: {why} (damaged after it was written)",
-              file=sys.stderr, flush=True)
-    return None
-
-
-def run_dir_of(step_dir: Path) -> Path:
-    """checkpoints/step-X lives two levels under its run directory."""
-    return step_dir.parent.parent
-
-
-def best_checkpoint(run_dir: Path) -> Path | None:
-    """The step directory of the best validation, as the newest complete checkpoint records it
-    (None when that checkpoint records none, or the best one is gone)."""
-    ckpts = list_checkpoints(run_dir)
-    if not ckpts:
-        return None
-    best = read_marker(ckpts[-1]).get("best_step", -1)
-    if not isinstance(best, int) or best < 0:
-        return None
-    p = Path(run_dir) / "checkpoints" / step_dir_name(best)
-    return p if is_complete(p) else None
-
-
-def find_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
-    """A step dir -> itself if complete and whole; a run dir -> its best checkpoint
-    (`which="best"`: the best validation, else the latest when none is recorded), its latest
-    ("latest"), or a given step ("step-N" / "N"). A damaged best or latest checkpoint (a file
-    that no longer matches the digest DONE recorded) is skipped with a warning for the newest
-    whole one; a damaged checkpoint asked for by name is an error."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p} does not exist; pass a run directory (with checkpoints/) "
-                        f"or a checkpoints/step-XXXXXXXX directory.")
-    if STEP_RE.match(p.name):
-        if not is_complete(p):
-            raise UserError(f"checkpoint {p} is incomplete (no {MARKER} marker: the run "
-                            f"stopped while writing it); use an earlier step or the run directory.")
-        return _whole(p)
-    which = str(which).strip()
-    ckpts = list_checkpoints(p)
-    if not ckpts:
-        raise UserError(f"{p} has no finished checkpoint (no checkpoints/step-*/{MARKER}); "
-                        f"train longer or set checkpoint.every_steps so one gets written.")
-    if which in ("latest", "best"):
-        best = best_checkpoint(p) if which == "best" else None
-        found = first_whole(([best] if best else []) + ckpts[::-1])
-        if found is None:
-            raise UserError(f"every checkpoint of {p} is damaged (files no longer match the "
-                            f"digests their {MARKER} recorded); retrain, or restore them from a "
-                            f"copy.")
-        return found
-    m = re.fullmatch(r"(?:step-)?(\d+)", which)
-    if m is None:
-        raise UserError(f"--checkpoint {which!r}: choose {WHICH} (e.g. step-1200).")
-    want = p / "checkpoints" / step_dir_name(int(m.group(1)))
-    if want not in ckpts:
-        have = ", ".join(c.name for c in ckpts)
-        raise UserError(f"{p} has no complete checkpoint {want.name}; it has {have}.")
-    return _whole(want)
-
-
-def _whole(step_dir: Path) -> Path:
-    why = damage(step_dir)
-    if why is not None:
-        raise UserError(f"checkpoint {step_dir} is damaged: {why}; use another step (or the run "
-                        f"directory, which picks the newest whole checkpoint).")
-    return step_dir
-
-
-def load_tensor_file(path: Path) -> Any:
-    """torch.load with weights_only=True: loading a checkpoint never runs pickled code.
-
-    A file holding any other pickled object is refused with dist-lm's own message (never
-    torch's, which suggests turning the check off); an unreadable file is reported as damaged."""
-    import pickle
-    import warnings
-
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols it may not read
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint file {path} is missing; the checkpoint is damaged, "
-                        f"use another step.") from None
-    except pickle.UnpicklingError as exc:
-        if str(exc).startswith("Weights only load failed"):
-            found = re.search(r"GLOBAL (\S+)", str(exc))
-            what = f" (it names {found.group(1)})" if found else ""
-            raise UserError(
-                f"refused to load checkpoint file {path}: it holds pickled objects that are not "
-                f"plain tensors and containers{what}, and loading them could run code. dist-lm "
-                f"never loads such files; use another checkpoint, or re-create this one by "
-                f"training.") from None
-        failure = exc
-    except Exception as exc:  # corrupt zip, truncated or foreign file, ...
-        failure = exc
-    text = str(failure).strip()
-    first = text.splitlines()[0].split(". ")[0][:160] if text else ""  # torch's are paragraphs
-    reason = f"{type(failure).__name__}: {first}" if first else type(failure).__name__
-    raise UserError(f"cannot read checkpoint file {path}: it is damaged or not a torch "
-                    f"checkpoint ({reason}); use another step.")
+from ..config import Config, from_dict, save_config
+from ..errors import UserError
+from ..fileio import fs_error, read_json, write_text_atomic
+from .layout import (CHECKPOINTS, CONFIG, METRICS, RUN_FILE, VOCAB, find_checkpoint, first_whole,
+                     list_checkpoints, run_dir_of)
 
 
 def write_run_files(run_dir: Path, cfg: Config, corpus_dir: Path) -> None:
@@ -226,10 +28,10 @@ def write_run_files(run_dir: Path, cfg: Config, corpus_dir: Path) -> None:
     recorded data.corpus is the one the shards were prepared from (their manifest's), which
     may differ from the config's when only data.shards pointed at another corpus."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(recorded_config(cfg, corpus_dir), run_dir / "config.json")
-    src = corpus_dir / "vocab.json"
+    save_config(recorded_config(cfg, corpus_dir), run_dir / CONFIG)
+    src = corpus_dir / VOCAB
     if src.is_file():
-        write_text_atomic(run_dir / "vocab.json", src.read_text(encoding="utf-8"))
+        write_text_atomic(run_dir / VOCAB, src.read_text(encoding="utf-8"))
 
 
 # ---- run directories: one run each, one writer at a time -----------------------------------
@@ -237,14 +39,13 @@ def write_run_files(run_dir: Path, cfg: Config, corpus_dir: Path) -> None:
 LOCK = ".lock"
 # what a run (train or search) writes at its top level: a fresh start with --overwrite removes
 # exactly these, never any other file of the folder
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "config.json", "vocab.json", RUN_FILE, "wandb",
-               "cell.toml", "derive.json")
+RUN_OUTPUTS = (CHECKPOINTS, METRICS, CONFIG, VOCAB, RUN_FILE, "wandb", "cell.toml", "derive.json")
 
 
 def holds_run(run_dir: Path) -> bool:
     """True when run_dir has a run's checkpoints (complete or not) or metrics."""
-    ck = run_dir / "checkpoints"
-    metrics = run_dir / "metrics.jsonl"
+    ck = run_dir / CHECKPOINTS
+    metrics = run_dir / METRICS
     return (ck.is_dir() and any(ck.iterdir())) or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
@@ -393,13 +194,6 @@ def check_resume_config(start: Path, cfg: Config, corpus_dir: Path) -> None:
                         f"run: another --train.run_dir, or --overwrite without --resume.")
 
 
-def state_dict_mismatch(exc: RuntimeError) -> str:
-    """The first specific line of torch's load_state_dict error (its first line is only
-    'Error(s) in loading state_dict for ...'): a size mismatch or a missing key."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:240]
-
-
 def new_run_id(run_dir: Path) -> str:
     """A fresh identity for a run starting in run_dir (run.json): its W&B id."""
     run_id = secrets.token_hex(6)
@@ -481,48 +275,44 @@ class RunLock:
             self.fd = None
 
 
-def read_run_config(run_dir: Path) -> Config:
-    p = run_dir / "config.json"
-    if not p.is_file():
-        raise UserError(f"{run_dir} has no config.json; it is not a dist-lm run directory.")
-    return from_dict(json.loads(p.read_text()))
+def open_run(run_dir: Path, cfg: Config, corpus_dir: Path, resume: str | None, overwrite: bool,
+             *, check: Callable[[Path], None] | None = None,
+             write: Callable[[Path], None] | None = None) -> tuple[RunLock, Path | None]:
+    """Open run_dir for one writer (train's rank 0, search): lock it, decide fresh / resume /
+    refuse (choose_start), check the checkpoint against this config (check_resume_config, then
+    the writer's own `check(start)`), and only then write: claim the lock, and for a fresh
+    start clear the previous run's outputs and give the run its identity (run.json); then
+    config.json, vocab.json and the writer's own files (`write(run_dir)`). Returns the held
+    lock and the checkpoint to continue from (None: fresh).
 
-
-@dataclass
-class Run:
-    model: torch.nn.Module
-    config: Config
-    tokenizer: Any
-    checkpoint: Path
-    averaged: bool
-
-
-def load_run(path: str | os.PathLike, device: str | torch.device = "cpu",
-             averaged: bool = True, checkpoint: str = "best") -> Run:
-    """Load a trained model for evaluation/generation/scoring (eval mode, no training state).
-
-    A run directory gives its best validation checkpoint (`checkpoint="best"`, the averaged
-    weights where NT-ASGD averaged), or "latest", or "step-N"; a step directory gives itself.
-    """
-    from .data.tokenizers import load_tokenizer
-    from .models import build_model
-
-    ckpt = find_checkpoint(path, checkpoint)
-    run_dir = run_dir_of(ckpt)
-    cfg = read_run_config(run_dir)
-    vocab = run_dir / "vocab.json"
-    if not vocab.is_file():
-        raise UserError(f"{run_dir} has no vocab.json; copy the corpus's vocab.json "
-                        f"(from {cfg.shards_dir()}) into the run directory.")
-    tokenizer = load_tokenizer(vocab)
-    model = build_model(cfg.model, tokenizer.vocab_size)
-    use_avg = averaged and (ckpt / "averaged.pt").is_file()
-    state = load_tensor_file(ckpt / ("averaged.pt" if use_avg else "model.pt"))
+    A refusal is a UserError and a failed write (a full disk, a read-only file) one as well;
+    either way the lock is released and what this call created is removed: a refused or failed
+    start leaves the directory as it was (a fresh start's half-written files are cleared)."""
+    lock = RunLock(run_dir)
+    fresh = False
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UserError(f"checkpoint {ckpt} does not fit the model in {run_dir}/config.json "
-                        f"(vocabulary or sizes differ): {state_dict_mismatch(exc)}; restore the "
-                        f"run's own config.json and vocab.json.") from None
-    model.to(device).eval()
-    return Run(model=model, config=cfg, tokenizer=tokenizer, checkpoint=ckpt, averaged=use_avg)
+        lock.acquire(claim=False)  # nothing written into an existing run yet
+        start = choose_start(run_dir, resume, overwrite)
+        if start is not None:
+            check_resume_config(start, cfg, corpus_dir)
+            if check is not None:
+                check(start)
+        lock.claim()
+        fresh = start is None
+        if fresh:
+            clear_run(run_dir)  # a fresh start: nothing of an earlier run survives
+            new_run_id(run_dir)  # first: a folder with a run's files is marked as a run
+        write_run_files(run_dir, cfg, corpus_dir)
+        if write is not None:
+            write(run_dir)
+        if run_id(run_dir) is None:
+            new_run_id(run_dir)
+    except OSError as exc:
+        if fresh:
+            clear_run(run_dir)
+        lock.release(undo=True)
+        raise UserError(f"cannot start the run in {run_dir}: {fs_error(exc) or exc}") from None
+    except BaseException:
+        lock.release(undo=True)
+        raise
+    return lock, start
