@@ -253,6 +253,8 @@ CASES += [
     Case("config-is-a-folder", ["train", "{tmp}/folder"], ["is a directory", "TOML file"],
          setup=tiny),
     Case("cache.theta<0", ["eval", "{run}", "--cache.theta=-1"], ["--cache.theta", ">= 0"]),
+    Case("eval-a-folder-that-is-not-a-run", ["eval", "{tmp}/folder"],
+         ["is not a dist-lm run directory", "--train.run_dir"], setup=tiny),
 ]
 
 

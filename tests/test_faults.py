@@ -261,6 +261,7 @@ def test_flipped_byte_in_newest_checkpoint_is_skipped_by_resume_and_eval(tmp_pat
         find_checkpoint(newest.parent)  # asked for by name: an error, not a silent fallback
     p = run_ok([sys.executable, "-m", "dist_lm", "eval", str(rd), "--checkpoint", "latest"])
     assert "skipping checkpoint" in p.stderr and "step-00000006: model.pt" in p.stderr
+    assert p.stderr.count("skipping checkpoint") == 1, p.stderr  # one warning, not one per look
     assert (rd / "checkpoints" / "step-00000004" / "eval-test.json").is_file()
     p = run_ok(train_cmd(tmp_path, ptb_slice, rd, "--train.max_steps=8",
                          "--checkpoint.every_steps=2", "--resume=auto"))

@@ -114,9 +114,14 @@ def first_whole(candidates: list[Path]) -> Path | None:
         why = damage(p)
         if why is None:
             return p
-        print(f"dist-lm: warning: skipping checkpoint {p}: {why} (damaged after it was written)",
-              file=sys.stderr, flush=True)
+        if p not in _WARNED:  # once per process: a command may look for its checkpoint twice
+            _WARNED.add(p)
+            print(f"dist-lm: warning: skipping checkpoint {p}: {why} (damaged after it was "
+                  f"written)", file=sys.stderr, flush=True)
     return None
+
+
+_WARNED: set[Path] = set()
 
 
 def run_dir_of(step_dir: Path) -> Path:
@@ -154,6 +159,11 @@ def find_checkpoint(path: str | os.PathLike, which: str = "best") -> Path:
         return _whole(p)
     which = str(which).strip()
     ckpts = list_checkpoints(p)
+    if not ckpts and not any((p / name).exists() for name in (RUN_FILE, CONFIG, METRICS,
+                                                               CHECKPOINTS)):
+        raise UserError(f"{p} is not a dist-lm run directory (no {RUN_FILE}, {CONFIG} or "
+                        f"{CHECKPOINTS}/); pass the folder a `dist-lm train` wrote, its "
+                        f"--train.run_dir.")
     if not ckpts:
         raise UserError(f"{p} has no finished checkpoint (no checkpoints/step-*/{MARKER}); "
                         f"train longer or set checkpoint.every_steps so one gets written.")
