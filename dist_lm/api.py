@@ -16,11 +16,12 @@ Every function also accepts a path instead of a loaded Run. Nothing here writes 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
-from .eval.evaluate import CacheOptions, DynamicOptions, evaluate_run
+from .config import CacheOptions, DynamicOptions, Keys, read_options, validate
+from .errors import UserError
+from .eval.evaluate import evaluate_run
 from .eval.generate import generate_text
 from .eval.score import score_text as _score_text
 from .run.inference import Run, load_run
@@ -32,18 +33,20 @@ def _run(run: Run | str | os.PathLike) -> Run:
     return run if isinstance(run, Run) else load_run(run)
 
 
-def _opts(cls, value):
+def _opts(cls, value, group: str):
+    """api.evaluate's cache= / dynamic=: None or False (off), True (the defaults), an options
+    object, or a dict of its keys read as `dist-lm eval --GROUP.KEY` options are."""
     if value is None or value is False:
         return None
     if value is True:
         return cls()
     if isinstance(value, cls):
+        validate(value)
         return value
-    known = {f.name for f in dataclasses.fields(cls)}
-    bad = set(value) - known
-    if bad:
-        raise TypeError(f"unknown {cls.__name__} keys {sorted(bad)}; valid: {sorted(known)}")
-    return cls(**value)
+    if not isinstance(value, dict):
+        raise UserError(f"{group}= takes True, a dict of {cls.__name__} keys or a {cls.__name__}; "
+                        f"got {value!r}.")
+    return read_options(cls, value, Keys(f"{group} option"))
 
 
 def evaluate(run: Run | str, split: str = "test", protocol: str = "reference", batch_size: int = 0,
@@ -54,12 +57,13 @@ def evaluate(run: Run | str, split: str = "test", protocol: str = "reference", b
 
     protocol "reference": 10 streams for valid, 1 for test, fixed bptt, hidden state carried;
     "fast": 64 streams. `cache` / `dynamic`: True for the defaults or a dict of options
-    (see CacheOptions / DynamicOptions in dist_lm/eval/evaluate.py). Returns the result dict
+    (see CacheOptions / DynamicOptions in dist_lm/config.py; a misspelt key or a
+    bad value is a UserError naming it). Returns the result dict
     ("nll" = mean NLL per predicted token, "tokens", the options used, ...).
     """
     return evaluate_run(_run(run), split=split, protocol=protocol, batch_size=batch_size,
-                        bptt=bptt, corpus=corpus, cache=_opts(CacheOptions, cache),
-                        dynamic=_opts(DynamicOptions, dynamic), log=lambda *a, **k: None)
+                        bptt=bptt, corpus=corpus, cache=_opts(CacheOptions, cache, "cache"),
+                        dynamic=_opts(DynamicOptions, dynamic, "dynamic"), log=lambda *a, **k: None)
 
 
 def score_text(run: Run | str, text: str, per: str = "line") -> list[dict]:

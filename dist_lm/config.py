@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,6 +315,102 @@ class Config:
         return Path(self.data.shards) if self.data.shards else default_dir(self.data.corpus)
 
 
+# ---- Options a user types outside a run config: `dist-lm eval`'s options (api.evaluate's
+# cache= / dynamic= dicts are the same sections) and a sweep's [study] table. They are read by
+# `read_options` with the run config's coercion and checked by the same `validate`.
+
+
+@dataclass
+class CacheOptions:
+    """Neural cache pointer (dist_lm/eval/cache.py); pointer.py's PTB values as defaults."""
+    window: int = 500
+    """Cache size: the hidden states of this many previous tokens."""
+    theta: float = 1.0
+    """Flatness of the cache distribution (scales the similarity scores)."""
+    lambdah: float = 0.1
+    """Weight of the cache distribution in the mixture with the model's."""
+    normalize: bool = False
+    """Cosine similarity instead of the dot product."""
+    search: bool = False
+    """Grid search theta x lambdah on the validation split first."""
+
+
+@dataclass
+class DynamicOptions:
+    """Dynamic evaluation (dist_lm/eval/dynamic.py); Krause et al.'s values as defaults."""
+    lr: float = 5e-5
+    """Learning rate of the adaptation steps."""
+    decay: float = 2e-3
+    """Decay of the adapted weights back to the trained ones."""
+    eps: float = 2e-5
+    """Added to the gradient statistics (RMS normalisation)."""
+    bptt: int = 5
+    """Segment length: the model adapts after every segment."""
+    stat_batch: int = 100
+    """Streams for the gradient statistics on the training split."""
+    stat_batches: int = 0
+    """Windows for the statistics; 0 means the whole training split."""
+    search: bool = False
+    """Grid search lr x decay on the validation split first."""
+    search_tokens: int = 30000
+    """Validation tokens per grid point (0: all; Krause et al.'s gridfast)."""
+
+
+@dataclass
+class EvalOptions:
+    """`dist-lm eval`'s options after the run path (--bptt, --cache.window, ...)."""
+    bptt: int = 0
+    """Window length; 0 means the run's train.bptt."""
+    corpus: str = ""
+    """A prepared corpus directory to evaluate on instead of the run's (same vocabulary)."""
+    device: str = "cpu"
+    """cpu, cuda or auto."""
+    averaged: bool = True
+    """Evaluate the NT-ASGD averaged weights where the checkpoint holds them."""
+    checkpoint: str = "best"
+    """best, latest or step-N."""
+    cache: CacheOptions | None = None
+    """Neural cache (--cache alone: the defaults; any --cache.KEY turns it on)."""
+    dynamic: DynamicOptions | None = None
+    """Dynamic evaluation (--dynamic alone: the defaults; any --dynamic.KEY turns it on)."""
+
+
+OBJECTIVES = ("valid", "valid_ppl", "valid_bpc", "valid_loss")
+BUDGETS = {"steps": "train.max_steps", "epochs": "train.epochs", "seconds": "train.max_seconds"}
+
+
+@dataclass
+class StudyConfig:
+    """A study file's [study] table (dist_lm/sweep/space.py reads the rest of the file)."""
+    name: str = ""
+    """Study name in the storage (also the trials' W&B group)."""
+    base: str = ""
+    """The recipe TOML every trial starts from."""
+    objective: str = "valid"
+    """Minimised metric of the final validation: valid, valid_ppl, valid_bpc or valid_loss."""
+    trials: int = 20
+    """Number of trials in the study (all workers and machines together)."""
+    budget: dict = field(default_factory=dict)
+    """Per-trial bound (required): { steps = N } | { epochs = N } | { seconds = S }."""
+    eval_every_steps: int = 0
+    """Validation interval (the pruner's intermediate values)."""
+    sampler: str | dict = "tpe"
+    """A name, tpe (default) or random, or a table { kind = "tpe", seed = 1, ... }."""
+    pruner: str | dict = "median"
+    """A name, median (default), none, percentile, halving or hyperband, or a table."""
+    storage: str = ""
+    """Empty: STUDY_DIR/study.journal; a journal file path; or an SQLAlchemy URL."""
+    workers: int = 1
+    """Trials run at once by one `dist-lm sweep` process."""
+    launcher: str = ""
+    """Command that runs `-m dist_lm train ...`, e.g. "torchrun --standalone --nproc_per_node
+    2" (default: this Python)."""
+    retries: int = 2
+    """Times an interrupted trial is re-queued."""
+    heartbeat: int = 60
+    """Seconds between heartbeats of a running trial (RDB storages)."""
+
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("lstm", "qrnn", "gru", "cell"),
     "model.head": ("softmax", "adaptive", "mos", "hierarchical"),
@@ -339,6 +436,28 @@ ALIASES = {"nhid": "hidden_size", "emsize": "emb_size", "nlayers": "n_layers",
            "log_interval": "every_steps"}
 
 
+@dataclass(frozen=True)
+class Keys:
+    """How a family of options is named in its messages: the noun and the key as the user
+    writes it ('optim.lr' in a config file or --optim.lr; --cache.window on `dist-lm eval`'s
+    command line; 'window' in api.evaluate's cache dict; 'trials' in a study's [study])."""
+    noun: str
+    flag: bool = False
+    """Written as --key on a command line (else quoted: 'key')."""
+    help: str = ""
+    """Where every key is listed, named when a misspelt key is close to none of them."""
+
+    def show(self, key: str) -> str:
+        return f"--{key}" if self.flag else f"'{key}'"
+
+
+CONFIG_KEYS = Keys("config key", help="`dist-lm train --help` lists every key.")
+EVAL_KEYS = Keys("eval option", flag=True)
+STUDY_KEYS = Keys("[study] key")
+_WANTS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          dict: "a table", list: "a list"}
+
+
 def suggest(name: str, options: list[str]) -> str | None:
     """The option meant by a misspelt dotted key (or bare field name): a known alias of its
     field, the key whose field is spelt the same (`lr` -> `optim.lr`), else the closest
@@ -361,18 +480,35 @@ def suggest(name: str, options: list[str]) -> str | None:
     return None
 
 
-def _closest(name: str, options: list[str]) -> str:
+def closest(name: str, options: list[str], keys: Keys | None = None) -> str:
+    """' Did you mean X?' for a misspelt key, else where the valid keys are listed."""
+    keys = keys or CONFIG_KEYS
     match = suggest(name, options)
     if match:
-        return f" Did you mean '{match}'?"
-    if len(options) > 12:
-        return " `dist-lm train --help` lists every key."
-    return f" Valid keys: {', '.join(sorted(options))}."
+        return f" Did you mean {keys.show(match)}?"
+    if keys.help and len(options) > 12:
+        return f" {keys.help}"
+    return f" Valid keys: {', '.join(sorted(keys.show(o) for o in options))}."
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Convert `value` (from TOML or fire) to the field's type, or raise UserError."""
+def coerce(key: str, value: Any, hint: Any, keys: Keys | None = None) -> Any:
+    """Convert `value` (from TOML, fire or a keyword argument) to the field's type, or raise
+    UserError naming the key as `keys` writes it (config key 'train.bptt', --cache.window)."""
+    keys = keys or CONFIG_KEYS
+    what = f"{keys.noun} {keys.show(key)}"
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # e.g. str | dict: the first type that fits
+        for arm in typing.get_args(hint):
+            try:
+                return coerce(key, value, arm, keys)
+            except UserError:
+                pass
+        wants = " or ".join(_WANTS.get(a, str(a)) for a in typing.get_args(hint))
+        raise UserError(f"{what} expects {wants}, got {value!r}.")
+    if hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise UserError(f"{what} expects a table, got {value!r}.")
     if origin is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, str):
@@ -381,16 +517,16 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 try:
                     value = json.loads(text)
                 except json.JSONDecodeError:
-                    raise UserError(f"config key '{key}': cannot parse {value!r} as a list; "
+                    raise UserError(f"{what}: cannot parse {value!r} as a list; "
                                     f"write it like [1, 2, 3].") from None
             else:
                 value = [v for v in text.split(",") if v.strip()]
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
-            raise UserError(f"config key '{key}' expects a list, got {value!r}; "
+            raise UserError(f"{what} expects a list, got {value!r}; "
                             f"write it like [1, 2, 3].")
-        return [_coerce(key, v, item) for v in value]
+        return [coerce(key, v, item, keys) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -400,10 +536,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return False
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise UserError(f"config key '{key}' expects true or false, got {value!r}.")
+        raise UserError(f"{what} expects true or false, got {value!r}.")
     if hint is int:
         if isinstance(value, bool):
-            raise UserError(f"config key '{key}' expects an integer, got {value!r}.")
+            raise UserError(f"{what} expects an integer, got {value!r}.")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -413,10 +549,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise UserError(f"config key '{key}' expects an integer, got {value!r}.")
+        raise UserError(f"{what} expects an integer, got {value!r}.")
     if hint is float:
         if isinstance(value, bool):
-            raise UserError(f"config key '{key}' expects a number, got {value!r}.")
+            raise UserError(f"{what} expects a number, got {value!r}.")
         number = None
         if isinstance(value, (int, float)):
             number = float(value)
@@ -426,37 +562,93 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             except ValueError:
                 pass
         if number is not None and not math.isfinite(number):  # NaN passes every > and < test
-            raise UserError(f"config key '{key}' expects a finite number, got {value!r}.")
+            raise UserError(f"{what} expects a finite number, got {value!r}.")
         if number is not None:
             return number
-        raise UserError(f"config key '{key}' expects a number, got {value!r}.")
+        raise UserError(f"{what} expects a number, got {value!r}.")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise UserError(f"config key '{key}' expects a string, got {value!r}.")
-    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this file
+        raise UserError(f"{what} expects a string, got {value!r}.")
+    raise TypeError(f"unsupported option type {hint!r} for {key}")  # a bug in this file
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted run-config key, its value coerced to the field's type and checked against
+    the key's choices; an unknown section or key names the closest valid one."""
     parts = key.split(".")
     sections = [f.name for f in dataclasses.fields(Config)]
     if len(parts) != 2:
         all_keys = list(flat_keys())
         raise UserError(f"config key '{key}' must look like section.field "
-                        f"(e.g. optim.lr).{_closest(key, all_keys)}")
+                        f"(e.g. optim.lr).{closest(key, all_keys)}")
     section, name = parts
     if section not in sections:
         raise UserError(f"unknown config section '{section}' in '{key}'."
-                        f"{_closest(section, sections)}")
+                        f"{closest(section, sections)}")
     obj = getattr(cfg, section)
     hints = typing.get_type_hints(type(obj))
     if name not in hints:
-        raise UserError(f"unknown config key '{key}'.{_closest(key, list(flat_keys()))}")
-    coerced = _coerce(key, value, hints[name])
+        raise UserError(f"unknown config key '{key}'.{closest(key, list(flat_keys()))}")
+    coerced = coerce(key, value, hints[name])
     choices = _CHOICES.get(key)
     if choices and coerced not in choices:
         raise UserError(f"config key '{key}' must be one of {', '.join(choices)}; got {coerced!r}.")
     setattr(obj, name, coerced)
+
+
+def _section_type(hint: Any) -> type | None:
+    """The dataclass a field's type names (also `X | None`: a section off until set)."""
+    return next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)),
+                None)
+
+
+def option_types(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the option dataclass `cls` with its type (a field that is itself a
+    dataclass is a section of keys, as the run config's are)."""
+    out: dict[str, Any] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        section = _section_type(hint)
+        if section is not None:
+            out.update(option_types(section, f"{prefix}{name}."))
+        else:
+            out[prefix + name] = hint
+    return out
+
+
+def read_options(cls: type, table: dict[str, Any], keys: Keys, obj: Any = None) -> Any:
+    """`table` (nested or dotted keys: a TOML table, fire's options, keyword arguments) as an
+    instance of the option dataclass `cls` (or set on `obj`): every key checked against its
+    fields, the closest valid key named for a misspelt one, every value coerced to its
+    field's type, then `validate`d. Naming a key of an optional section turns it on."""
+    hints = option_types(cls)
+    obj = cls() if obj is None else obj
+    for key, value in _leaves(table, hints).items():
+        if key not in hints:
+            raise UserError(f"unknown {keys.noun} {keys.show(key)}."
+                            f"{closest(key, list(hints), keys)}")
+        *path, name = key.split(".")
+        target = obj
+        for part in path:
+            if getattr(target, part) is None:
+                hint = typing.get_type_hints(type(target))[part]
+                setattr(target, part, _section_type(hint)())
+            target = getattr(target, part)
+        setattr(target, name, coerce(key, value, hints[key], keys))
+    validate(obj)
+    return obj
+
+
+def _leaves(table: dict, hints: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`flatten`, but a table given to a field that takes one (a study's budget) stays whole."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = prefix + str(k).replace("-", "_")
+        if isinstance(v, dict) and key not in hints:
+            out.update(_leaves(v, hints, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def flat_keys() -> dict[str, str]:
@@ -487,12 +679,13 @@ def _field_docs() -> dict[tuple[str, str], str]:
     return docs
 
 
-def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(table: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested table ({"optim": {"lr": 30}}) as dotted keys ({"optim.lr": 30})."""
     out: dict[str, Any] = {}
     for k, v in table.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
@@ -521,18 +714,18 @@ def load_config(path: str | os.PathLike | None = None,
             table = tomllib.loads(p.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"config file {p} is not valid TOML: {exc}. Fix the file.") from None
-        for key, value in _flatten(table).items():
-            _set(cfg, key, value)
+        for key, value in flatten(table).items():
+            set_key(cfg, key, value)
     # key -> 1 file, 2 CLI. A file's key counts only where it differs from the default: a
     # config written out whole (a search's cell.toml, a run's config) holds every key, and
     # its default warm-up keys say nothing about which one the user meant.
-    defaults = _flatten(to_dict(Config()))
-    given = {k: 1 for k, v in _flatten(table).items()
+    defaults = flatten(to_dict(Config()))
+    given = {k: 1 for k, v in flatten(table).items()
              if k not in defaults or defaults[k] != v} if path is not None else {}
     file_batch = cfg.train.global_batch  # the recipe's, before command-line overrides
     for key, value in (overrides or {}).items():
         key = key.replace("-", "_") if "." in key else key
-        _set(cfg, key, value)
+        set_key(cfg, key, value)
         given[key] = 2
     validate(cfg)
     _resolve_scaling_keys(cfg, file_batch, given)
@@ -626,8 +819,12 @@ def check_wandb_login(cfg: Config) -> None:
                         "--log.wandb_mode=offline and upload later with `wandb sync`.")
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks, with the key to change named in the message."""
+def validate(cfg: Config | EvalOptions | CacheOptions | DynamicOptions | StudyConfig) -> None:
+    """Refuse values nothing could use, naming the key to change (one line, one wording for
+    every option group: a run config with its search section, eval options, a [study])."""
+    if not isinstance(cfg, Config):
+        _CHECKS[type(cfg)](cfg)
+        return
     t, m = cfg.train, cfg.model
     if t.global_batch < 1:
         raise UserError("train.global_batch must be >= 1.")
@@ -685,8 +882,75 @@ def validate(cfg: Config) -> None:
     if t.max_micro_tokens < -1:
         raise UserError(f"train.max_micro_tokens must be > 0, 0 (the device's default) or -1 (no "
                         f"cap); got {t.max_micro_tokens}.")
+    _check_search(cfg.search)
     check_corpus(cfg)
     check_wandb_login(cfg)
+
+
+def _need(ok: bool, key: str, rule: str, value: Any) -> None:
+    """One refused value, in the wording every check shares."""
+    if not ok:
+        raise UserError(f"{key} must be {rule}; got {value!r}.")
+
+
+def _check_search(s: SearchConfig) -> None:
+    _need(s.n_nodes >= 1, "search.n_nodes", ">= 1", s.n_nodes)
+    _need(s.derive_samples >= 1, "search.derive_samples", ">= 1", s.derive_samples)
+    for name in ("rounds", "shared_steps", "controller_steps", "derive_windows", "max_seconds",
+                 "temperature", "tanh_constant", "entropy_weight"):
+        _need(getattr(s, name) >= 0, f"search.{name}", ">= 0", getattr(s, name))
+    for name in ("controller_hidden", "controller_lr", "reward_c"):
+        _need(getattr(s, name) > 0, f"search.{name}", "> 0", getattr(s, name))
+    _need(0.0 <= s.baseline_decay < 1.0, "search.baseline_decay", "in [0, 1)", s.baseline_decay)
+
+
+def _check_cache(c: CacheOptions) -> None:  # named as `dist-lm eval` spells them
+    _need(c.window >= 1, "--cache.window", ">= 1", c.window)
+    _need(c.theta >= 0, "--cache.theta", ">= 0", c.theta)
+    _need(0 <= c.lambdah <= 1, "--cache.lambdah", "in [0, 1]", c.lambdah)
+
+
+def _check_dynamic(d: DynamicOptions) -> None:
+    _need(d.bptt >= 1, "--dynamic.bptt", ">= 1", d.bptt)
+    _need(d.stat_batch >= 1, "--dynamic.stat_batch", ">= 1", d.stat_batch)
+    _need(d.lr >= 0, "--dynamic.lr", ">= 0", d.lr)
+    _need(d.decay >= 0, "--dynamic.decay", ">= 0", d.decay)
+
+
+def _check_eval(e: EvalOptions) -> None:
+    if e.cache is not None and e.dynamic is not None:
+        raise UserError("use either the cache (--cache.*) or dynamic evaluation (--dynamic.*), "
+                        "not both in one command.")
+    if e.cache is not None:
+        _check_cache(e.cache)
+    if e.dynamic is not None:
+        _check_dynamic(e.dynamic)
+
+
+def _check_study(st: StudyConfig) -> None:
+    for key in ("name", "base"):
+        if not getattr(st, key):
+            doc = _field_docs()[("StudyConfig", key)].rstrip(".")
+            raise UserError(f"study.{key} is required ({doc[0].lower()}{doc[1:]}).")
+    if st.objective not in OBJECTIVES:
+        raise UserError(f"study.objective must be one of {', '.join(OBJECTIVES)}; got "
+                        f"{st.objective!r}.{closest(st.objective, list(OBJECTIVES), STUDY_KEYS)}")
+    for key in ("trials", "workers", "heartbeat"):
+        _need(getattr(st, key) >= 1, f"study.{key}", "an integer >= 1", getattr(st, key))
+    for key in ("retries", "eval_every_steps"):
+        _need(getattr(st, key) >= 0, f"study.{key}", "an integer >= 0", getattr(st, key))
+    b = st.budget
+    if len(b) != 1 or next(iter(b)) not in BUDGETS:
+        raise UserError(f"study.budget must be one of {{ steps = N }}, {{ epochs = N }} or "
+                        f"{{ seconds = S }}; got {b!r}.")
+    (kind, amount), = b.items()  # typed here: the one table whose values are not fields
+    b[kind] = coerce(f"budget.{kind}", amount, float if kind == "seconds" else int, STUDY_KEYS)
+    _need(b[kind] > 0, f"study.budget.{kind}",
+          f"a positive {'number' if kind == 'seconds' else 'integer'}", b[kind])
+
+
+_CHECKS = {EvalOptions: _check_eval, CacheOptions: _check_cache,
+           DynamicOptions: _check_dynamic, StudyConfig: _check_study}
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -699,10 +963,10 @@ RESOLVED = "resolved"  # config.json's block of values the trainer derived (lr r
 def from_dict(table: dict[str, Any]) -> Config:
     """Rebuild a Config from `to_dict` output (e.g. a run's config.json)."""
     cfg = Config()
-    for key, value in _flatten(table).items():
+    for key, value in flatten(table).items():
         if key.split(".")[0] == RESOLVED:
             continue  # what the trainer derived (not config keys): see Trainer._write_resolved
-        _set(cfg, key, value)
+        set_key(cfg, key, value)
     return cfg
 
 
@@ -713,7 +977,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 def help_text() -> str:
     """Every config key with its default and docstring, for --help."""
-    defaults = _flatten(to_dict(Config()))
+    defaults = flatten(to_dict(Config()))
     lines = []
     for key, doc in flat_keys().items():
         lines.append(f"  --{key}={defaults[key]!r}\n      {doc}")

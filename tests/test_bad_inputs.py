@@ -226,6 +226,13 @@ def tiny(p):
     (p["tmp"] / "folder").mkdir()
 
 
+def study_file(p):
+    tiny(p)
+    (p["tmp"] / "study.toml").write_text(
+        '[study]\nname = "s"\nbase = "tiny.toml"\ntrials = "many"\nbudget = { steps = 2 }\n'
+        '[space."optim.lr"]\ntype = "loguniform"\nlow = 1\nhigh = 50\n')
+
+
 def option(name: str, args: list[str], needles: list[str], **kw) -> Case:
     return Case(name, ["train", "{tmp}/tiny.toml", *args], needles, setup=tiny, **kw)
 
@@ -255,6 +262,12 @@ CASES += [
     Case("cache.theta<0", ["eval", "{run}", "--cache.theta=-1"], ["--cache.theta", ">= 0"]),
     Case("eval-a-folder-that-is-not-a-run", ["eval", "{tmp}/folder"],
          ["is not a dist-lm run directory", "--train.run_dir"], setup=tiny),
+    # option groups beyond the run config, read and checked by config.py the same way
+    Case("cache.window=abc", ["eval", "{run}", "--cache.window=abc"],
+         ["eval option --cache.window expects an integer", "'abc'"]),
+    option("search.reward_c=0", ["--search.reward_c=0"], ["search.reward_c must be > 0"]),
+    Case("study-trials-not-a-number", ["sweep", "{tmp}/study.toml", "--dir={tmp}/sweep"],
+         ["[study] key 'trials' expects an integer", "'many'"], setup=study_file),
 ]
 
 

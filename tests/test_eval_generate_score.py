@@ -18,6 +18,7 @@ from dist_lm.__main__ import main
 from dist_lm.api import evaluate, generate, load_run, score_text
 from dist_lm.config import Config, ModelConfig
 from dist_lm.data.tokenizers import CharTokenizer
+from dist_lm.errors import UserError
 from dist_lm.eval.generate import detokenize, filter_logits, sample_ids, start_ids
 from dist_lm.models import build_model
 from dist_lm.run.inference import Run
@@ -132,8 +133,13 @@ def test_api_evaluate_matches_cli_result(word):
     assert res["batch_size"] == 10 and res["method"] == "plain" and res["ppl"] > 1
     cached = evaluate(str(run_dir), split="valid", cache={"window": 20, "lambdah": 0.0})
     assert cached["nll"] == pytest.approx(res["nll"], rel=1e-9)
-    with pytest.raises(TypeError, match="unknown CacheOptions keys"):
+    # a misspelt or bad option is config.py's one-line UserError, as on the command line
+    with pytest.raises(UserError, match=r"unknown cache option 'windw'\. Did you mean 'window'\?"):
         evaluate(str(run_dir), cache={"windw": 3})
+    with pytest.raises(UserError, match=r"--cache\.window must be >= 1; got 0"):
+        evaluate(str(run_dir), cache={"window": 0})
+    with pytest.raises(UserError, match="dynamic option 'lr' expects a number"):
+        evaluate(str(run_dir), dynamic={"lr": "fast"})
 
 
 @pytest.mark.parametrize("kind", ["byte", "bpe"])

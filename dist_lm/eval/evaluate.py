@@ -15,15 +15,15 @@ predicted, a 1/L bias. We report exactly `sum NLL / number of predicted tokens`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..config import (EVAL_KEYS, CacheOptions, DynamicOptions, EvalOptions, coerce,
+                      read_options)
 from ..data.prepared import PreparedCorpus
 from ..fileio import write_text_atomic
 from ..metrics.meter import ppl_or_bpc
@@ -40,92 +40,22 @@ from .windows import _sum_over_windows, carried_outputs, eval_mode, evaluate_str
 # Options, protocols and the `dist-lm eval` command
 
 
-@dataclass
-class CacheOptions:
-    """Neural cache pointer (dist_lm/eval/cache.py); pointer.py's PTB values as defaults."""
-    window: int = 500
-    theta: float = 1.0
-    lambdah: float = 0.1
-    normalize: bool = False  # cosine similarity instead of the dot product
-    search: bool = False     # grid search theta x lambdah on the validation split first
-
-
-@dataclass
-class DynamicOptions:
-    """Dynamic evaluation (dist_lm/eval/dynamic.py); Krause et al.'s values as defaults."""
-    lr: float = 5e-5
-    decay: float = 2e-3
-    eps: float = 2e-5
-    bptt: int = 5             # segment length
-    stat_batch: int = 100     # streams for the gradient statistics on the training split
-    stat_batches: int = 0     # windows for the statistics; 0 = the whole training split
-    search: bool = False      # grid search lr x decay on the validation split first
-    search_tokens: int = 30000  # validation tokens per grid point (0 = all; Krause's gridfast)
-
-
 CACHE_THETAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0)  # dot products: can be large
 CACHE_LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 PROTOCOLS = ("reference", "fast")
 FAST_BATCH = 64  # streams of the fast protocol (drops < 64 tokens at the split's end)
-_GENERAL = {"bptt": int, "corpus": str, "device": str, "averaged": bool, "checkpoint": str}
 
 
-def _fields(cls) -> dict[str, type]:
-    return {f.name: type(getattr(cls(), f.name)) for f in dataclasses.fields(cls)}
-
-
-def parse_options(options: dict[str, Any]) -> tuple[dict, CacheOptions | None, DynamicOptions | None]:
-    """Split `--cache.* / --dynamic.* / --bptt ...` options; unknown keys are a UserError."""
-    general: dict[str, Any] = {}
-    groups: dict[str, dict[str, Any]] = {"cache": {}, "dynamic": {}}
-    enabled = {"cache": False, "dynamic": False}
-    kinds = {"cache": _fields(CacheOptions), "dynamic": _fields(DynamicOptions)}
-    known = list(_GENERAL) + ["cache", "dynamic"] + [f"{g}.{k}" for g in kinds for k in kinds[g]]
-    for key, value in options.items():
-        key = key.replace("-", "_")
-        if key in groups:  # --cache / --dynamic alone: enable with defaults
-            enabled[key] = bool(value)
-            continue
-        group, _, name = key.partition(".")
-        if key in _GENERAL:
-            general[key] = _coerce(key, value, _GENERAL[key])
-        elif group in kinds and name in kinds[group]:
-            groups[group][name] = _coerce(key, value, kinds[group][name])
-            enabled[group] = True
-        else:
-            match = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-            hint = f" Did you mean --{match[0]}?" if match else f" Valid: {', '.join('--' + k for k in known)}."
-            raise UserError(f"unknown eval option --{key}.{hint}")
-    if enabled["cache"] and enabled["dynamic"]:
-        raise UserError("use either the cache (--cache.*) or dynamic evaluation (--dynamic.*), "
-                        "not both in one command.")
-    cache = CacheOptions(**groups["cache"]) if enabled["cache"] else None
-    dyn = DynamicOptions(**groups["dynamic"]) if enabled["dynamic"] else None
-    if cache is not None and (cache.window < 1 or not 0 <= cache.lambdah <= 1
-                              or not 0 <= cache.theta < float("inf")):
-        raise UserError("--cache.window must be >= 1, --cache.theta a finite number >= 0 and "
-                        "--cache.lambdah in [0, 1].")
-    if dyn is not None and (dyn.bptt < 1 or dyn.lr < 0 or dyn.decay < 0 or dyn.stat_batch < 1):
-        raise UserError("--dynamic.bptt and --dynamic.stat_batch must be >= 1, "
-                        "--dynamic.lr and --dynamic.decay >= 0.")
-    return general, cache, dyn
-
-
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes", "on"):
-                    return True
-                if value.lower() in ("false", "0", "no", "off"):
-                    return False
-                raise ValueError
-            return bool(value)
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"eval option --{key} expects {kind.__name__}, got {value!r}.") from None
+def parse_options(options: dict[str, Any]) -> EvalOptions:
+    """`--bptt / --cache[.KEY] / --dynamic[.KEY] ...` as EvalOptions (config.py's reading:
+    an unknown key or a bad value is a UserError naming the option)."""
+    table = {k.replace("-", "_"): v for k, v in options.items()}
+    opts = EvalOptions()
+    for group, cls in (("cache", CacheOptions), ("dynamic", DynamicOptions)):
+        if group in table:  # --cache / --dynamic alone: on with the defaults (or off)
+            on = coerce(group, table.pop(group), bool, EVAL_KEYS)
+            setattr(opts, group, cls() if on else None)
+    return read_options(EvalOptions, table, EVAL_KEYS, opts)
 
 
 def corpus_dir_for(run, corpus: str | None = None) -> Path:
@@ -362,22 +292,22 @@ def eval_command(path: str, split: str = "test", protocol: str = "reference",
     from ..run.inference import load_run, read_run_config
     from ..run.layout import find_checkpoint
 
-    general, cache, dyn = parse_options(dict(options or {}))
+    opts = parse_options(dict(options or {}))
     check_protocol(protocol)
-    ckpt = find_checkpoint(path, general.get("checkpoint", "best"))
+    ckpt = find_checkpoint(path, opts.checkpoint)
     cfg = read_run_config(run_dir_of(ckpt))
     if split not in (cfg.data.valid_split, cfg.data.test_split, cfg.data.train_split):
         raise UserError(f"unknown split '{split}'; choose {cfg.data.valid_split} or "
                         f"{cfg.data.test_split}.")
-    device = pick_device(general.get("device", "cpu"))
+    device = pick_device(opts.device)
     set_tf32(device, cfg.train.tf32)  # as the run trained
     init_distributed(device, cfg.dist.backend)
     try:
-        run = load_run(ckpt, device=device, averaged=general.get("averaged", True))
+        run = load_run(ckpt, device=device, averaged=opts.averaged)
         say = print if is_main() else (lambda *a, **k: None)
         res = evaluate_run(run, split=split, protocol=protocol, batch_size=batch_size,
-                           bptt=general.get("bptt", 0), corpus=general.get("corpus"),
-                           cache=cache, dynamic=dyn, log=say)
+                           bptt=opts.bptt, corpus=opts.corpus or None,
+                           cache=opts.cache, dynamic=opts.dynamic, log=say)
     finally:
         if is_initialized():
             torch.distributed.destroy_process_group()

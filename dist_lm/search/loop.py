@@ -93,25 +93,11 @@ class Search:
         from ..distributed import pick_device
         from ..train.engines import LocalEngine
 
-        s, t = cfg.search, cfg.train
+        s, t = cfg.search, cfg.train  # search.* values: checked by config.validate
         if cfg.dist.engine != "local":
             raise UserError(f"dist-lm search runs on one device (dist.engine=local); got "
                             f"dist.engine={cfg.dist.engine}. Train the found cell with any "
                             f"engine afterwards.")
-        if s.n_nodes < 1 or s.rounds < 0 or s.shared_steps < 0 or s.controller_steps < 0:
-            raise UserError("search.n_nodes must be >= 1 and search.rounds, "
-                            "search.shared_steps, search.controller_steps >= 0.")
-        if s.derive_samples < 1:
-            raise UserError("search.derive_samples must be >= 1.")
-        for name in ("derive_windows", "max_seconds", "temperature", "tanh_constant",
-                     "entropy_weight"):
-            if getattr(s, name) < 0:
-                raise UserError(f"search.{name} must be >= 0; got {getattr(s, name)}.")
-        for name in ("controller_hidden", "controller_lr", "reward_c"):
-            if getattr(s, name) <= 0:
-                raise UserError(f"search.{name} must be > 0; got {getattr(s, name)}.")
-        if not 0.0 <= s.baseline_decay < 1.0:
-            raise UserError(f"search.baseline_decay must be in [0, 1); got {s.baseline_decay}.")
         self.cfg, self.base_config = cfg, base_config
         self.device = pick_device(t.device)
         corpus = PreparedCorpus.open(cfg.shards_dir(), cfg.data.corpus,

@@ -42,30 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import (Config, _flatten, _set, flat_keys, load_config, suggest, to_dict,
-                      tomllib)
+from ..config import (BUDGETS, STUDY_KEYS, Config, StudyConfig, flat_keys, flatten, load_config,
+                      option_types, read_options, set_key, suggest, to_dict, tomllib)
 from ..errors import UserError
 
 PARAM_TYPES = ("uniform", "loguniform", "int", "categorical")
 PARAM_FIELDS = {"type", "low", "high", "step", "log", "choices", "when"}
-OBJECTIVES = ("valid", "valid_ppl", "valid_bpc", "valid_loss")
-BUDGETS = {"steps": "train.max_steps", "epochs": "train.epochs", "seconds": "train.max_seconds"}
-STUDY_KEYS = {
-    "name": "study name in the storage (also the trials' W&B group)",
-    "base": "the recipe TOML every trial starts from",
-    "objective": "minimised metric of the final validation: " + ", ".join(OBJECTIVES),
-    "trials": "number of trials in the study (all workers and machines together)",
-    "budget": "per-trial bound: { steps = N } | { epochs = N } | { seconds = S }",
-    "eval_every_steps": "validation interval (the pruner's intermediate values)",
-    "sampler": '"tpe" (default), "random", or a table { kind = "tpe", seed = 1, ... }',
-    "pruner": '"median" (default), "none", "percentile", "halving", "hyperband" or a table',
-    "storage": "empty: STUDY_DIR/study.journal; a journal file path; or an SQLAlchemy URL",
-    "workers": "trials run at once by one `dist-lm sweep` process",
-    "launcher": 'command that runs `-m dist_lm train ...`, e.g. "torchrun --standalone '
-                '--nproc_per_node 2" (default: this Python)',
-    "retries": "times an interrupted trial is re-queued",
-    "heartbeat": "seconds between heartbeats of a running trial (RDB storages)",
-}
 # the sweep sets these for every trial; a space or [fixed] may not
 MANAGED = ("train.run_dir", "log.group", "log.name", *BUDGETS.values())
 
@@ -78,9 +60,7 @@ def closest(name: str, options) -> str:
 
 def field_type(key: str) -> Any:
     """The Config field type of a dotted key (which must exist)."""
-    section, name = key.split(".")
-    cls = typing.get_type_hints(Config)[section]
-    return typing.get_type_hints(cls)[name]
+    return option_types(Config)[key]
 
 
 def check_key(key: str, where: str) -> None:
@@ -93,7 +73,7 @@ def check_value(key: str, value: Any, where: str) -> Any:
     """The value as the config would hold it (type and choice checks from config.py)."""
     cfg = Config()
     try:
-        _set(cfg, key, value)
+        set_key(cfg, key, value)
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
     section, name = key.split(".")
@@ -311,7 +291,7 @@ def _param(key: str, table: Any, where: str) -> Param:
     when = table.get("when", {})
     if not isinstance(when, dict):
         raise UserError(f"{where}: when is a table, e.g. when = {{ \"model.arch\" = \"qrnn\" }}.")
-    for ckey, allowed in _flatten(when).items():
+    for ckey, allowed in flatten(when).items():
         check_key(ckey, f"{where}: when")
         if ckey == key:
             raise UserError(f"{where}: a key cannot be conditioned on itself.")
@@ -378,47 +358,21 @@ def load_spec(path: str | Path, base: str | None = None) -> Spec:
     if not isinstance(st, dict):
         raise UserError(f"study file {path} has no [study] table (name, base, objective, "
                         f"trials, budget).")
-    for key in st:
-        if key not in STUDY_KEYS:
-            raise UserError(f"study file {path}: unknown key study.{key}."
-                            f"{closest(key, STUDY_KEYS)}")
-    for key in ("name", "base"):
-        if not isinstance(st.get(key), str) or not st[key]:
-            raise UserError(f"study file {path}: study.{key} is required ({STUDY_KEYS[key]}).")
-    spec = Spec(path=path, name=st["name"], base=resolve_base(base or st["base"], path))
-    spec.objective = st.get("objective", "valid")
-    if spec.objective not in OBJECTIVES:
-        raise UserError(f"study.objective must be one of {', '.join(OBJECTIVES)}; got "
-                        f"{spec.objective!r}.{closest(str(spec.objective), OBJECTIVES)}")
-    for key, default in (("trials", 20), ("workers", 1), ("retries", 2), ("heartbeat", 60),
-                         ("eval_every_steps", 0)):
-        value = st.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (
-                0 if key in ("retries", "eval_every_steps") else 1):
-            raise UserError(f"study.{key} must be an integer >= "
-                            f"{0 if key in ('retries', 'eval_every_steps') else 1}; got {value!r}.")
-        setattr(spec, key, value)
-    budget = st.get("budget")
-    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in BUDGETS:
-        raise UserError(f"study.budget must be one of {{ steps = N }}, {{ epochs = N }} or "
-                        f"{{ seconds = S }}; got {budget!r}.")
-    (kind, amount), = budget.items()
-    amount = _number(amount, f"study.budget.{kind}")
-    if amount <= 0 or (kind != "seconds" and not float(amount).is_integer()):
-        raise UserError(f"study.budget.{kind} must be a positive "
-                        f"{'number' if kind == 'seconds' else 'integer'}; got {amount}.")
-    spec.budget = {kind: float(amount) if kind == "seconds" else int(amount)}
-    spec.sampler = _kind_table(st.get("sampler"), "sampler", "tpe")
-    spec.pruner = _kind_table(st.get("pruner"), "pruner", "median")
-    for key in ("storage", "launcher"):
-        if not isinstance(st.get(key, ""), str):
-            raise UserError(f"study.{key} must be a string; got {st[key]!r}.")
-        setattr(spec, key, st.get(key, ""))
+    try:  # config.py's reading and checks: types, the closest key for a misspelt one
+        study = read_options(StudyConfig, st, STUDY_KEYS)
+    except UserError as exc:
+        raise UserError(f"study file {path}: {exc}") from None
+    spec = Spec(path=path, name=study.name, base=resolve_base(base or study.base, path))
+    for key in ("objective", "trials", "budget", "eval_every_steps", "storage", "workers",
+                "launcher", "retries", "heartbeat"):
+        setattr(spec, key, getattr(study, key))
+    spec.sampler = _kind_table(study.sampler, "sampler", "tpe")
+    spec.pruner = _kind_table(study.pruner, "pruner", "median")
 
     fixed = doc.get("fixed", {})
     if not isinstance(fixed, dict):
         raise UserError("[fixed] must be a table of config keys, e.g. \"train.device\" = \"cpu\".")
-    for key, value in _flatten(fixed).items():
+    for key, value in flatten(fixed).items():
         check_key(key, "[fixed]")
         if key in MANAGED:
             raise UserError(f"[fixed]: {key} is set by the sweep for every trial"
@@ -455,7 +409,7 @@ def load_spec(path: str | Path, base: str | None = None) -> Spec:
     swept = spec.keys()
     for i, point in enumerate(enqueue):
         where = f"[[enqueue]] #{i + 1}"
-        point = _flatten(point) if isinstance(point, dict) else {}
+        point = flatten(point) if isinstance(point, dict) else {}
         if not point:
             raise UserError(f"{where} is empty: give it keys of the space, e.g. \"optim.lr\" = 30.")
         for key, value in point.items():
@@ -464,9 +418,9 @@ def load_spec(path: str | Path, base: str | None = None) -> Spec:
             point[key] = check_value(key, value, where)
         spec.enqueue.append(point)
 
-    spec.base_table = _flatten(read_toml(spec.base, "base config"))
+    spec.base_table = flatten(read_toml(spec.base, "base config"))
     cfg = load_config(spec.base, {**spec.fixed, **spec.budget_overrides()})  # base + fixed valid
-    spec.base_values = _flatten(to_dict(cfg))
+    spec.base_values = flatten(to_dict(cfg))
     _check_conditions(spec)
     _check_exclusive(spec)
     for i, point in enumerate(spec.enqueue):  # the variant a point samples needs base_values
