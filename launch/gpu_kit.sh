@@ -28,8 +28,8 @@ if [ -f "$DATA_DIR/ptb/ptb.train.txt" ]; then data_args=(--data_dir "$DATA_DIR" 
 
 # One version each; the device installs them with --no-deps, so this list is closed under
 # Requires-Dist up to what the image holds. Pure-python wheels except pydantic-core (cp312).
-# Not here: wandb (the check runs with log.wandb_mode=disabled, and metrics.py imports it only
-# when W&B is on), optuna (only `dist-lm sweep` imports it), tokenizers/pyyaml/numpy/tqdm/
+# Not here: wandb (the check runs with log.wandb_mode=disabled, and metrics/writer.py imports
+# it only when W&B is on), optuna (only `dist-lm sweep` imports it), tokenizers/pyyaml/numpy/tqdm/
 # einops/msgpack/ninja/psutil/py-cpuinfo/packaging (in the image).
 KIT_WHEELS=(
   fire==0.7.1               # the CLI (dist_lm/__main__.py)
