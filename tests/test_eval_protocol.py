@@ -19,7 +19,7 @@ from _eval_helpers import one_thread  # noqa: F401 (autouse fixture)
 from dist_lm.__main__ import main
 from dist_lm.eval.evaluate import FAST_BATCH, evaluate_run
 from dist_lm.runs import load_run
-from dist_lm.train.trainer import _free_port
+from dist_lm.distributed import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
