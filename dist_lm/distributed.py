@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 
 import torch
@@ -76,6 +77,30 @@ def init_distributed(device: torch.device, backend: str = "auto") -> None:
     dist.init_process_group(backend=backend, store=dist.PrefixStore(f"dist-lm/attempt-{restart}",
                                                                     store),
                             rank=rank, world_size=world)
+
+
+def setup_process_group(device: torch.device, engine: str, backend: str = "auto") -> None:
+    """Join the launcher's process group; torchrun/deepspeed set the environment, a lone
+    DDP/DeepSpeed process (engine other than "local") gets a group of one."""
+    if engine != "local" and "MASTER_ADDR" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0")
+    init_distributed(device, backend)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_threads() -> None:
+    """Split the cores between the processes on this node unless OMP_NUM_THREADS says otherwise."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
 def nccl_refusal(local_world: int, devices: int) -> str | None:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dist_lm.train.trainer import _free_port
+from dist_lm.distributed import free_port as _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

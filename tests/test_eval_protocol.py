@@ -18,8 +18,8 @@ from _eval_helpers import make_corpus, make_run, sentences, sha256_dir, split_id
 from _eval_helpers import one_thread  # noqa: F401 (autouse fixture)
 from dist_lm.__main__ import main
 from dist_lm.eval.evaluate import FAST_BATCH, evaluate_run
+from dist_lm.distributed import free_port as _free_port
 from dist_lm.run.inference import load_run
-from dist_lm.train.trainer import _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

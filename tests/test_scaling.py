@@ -14,7 +14,7 @@ from train_helpers import make_trainer, metrics, tiny_config
 
 from dist_lm.config import from_dict
 from dist_lm.errors import UserError
-from dist_lm.train.trainer import auto_micro_batch, micro_token_cap
+from dist_lm.train.geometry import auto_micro_batch, micro_token_cap
 
 
 def test_auto_micro_batch_is_the_largest_divisor_under_the_cap():

@@ -53,7 +53,7 @@ from ..run.checkpointer import Checkpointer, RNGState
 from ..run.directory import open_run
 from ..run.layout import list_checkpoints
 from ..run.stop import StopSignals
-from ..train.trainer import KILL_ENV
+from ..train.faults import KILL_ENV
 from .controller import Controller
 from .supernet import build_supernet, set_cell
 

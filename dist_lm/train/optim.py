@@ -9,6 +9,7 @@ load_state_dict() with plain values (readable by torch.load(weights_only=True)).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -361,3 +362,12 @@ class ParamAverager:
                     if name in self._live:
                         p.copy_(self._live[name])
                 self._live = None
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The average in the live parameters inside the block, the live ones back after."""
+        self.swap()
+        try:
+            yield
+        finally:
+            self.swap()

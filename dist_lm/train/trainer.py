@@ -4,16 +4,26 @@
     torchrun --nproc_per_node 2 -m dist_lm train configs/ptb_awd_lstm.toml --dist.engine=ddp
     deepspeed --num_gpus 8 -m dist_lm train configs/wt103_qrnn_12h.toml --dist.engine=deepspeed
 
-Order of things: config -> threads and process group -> streams -> model (same seed on every
-rank) -> per-rank dropout generator -> engine -> run directory (lock; fresh, resumed or
-refused) -> loop. One optimizer step (`train_step`) takes the next window of all
-B = global_batch streams: this rank's b = B / W columns, split into accum = b / m column
-groups of m streams (each with its own hidden state), forward/backward in turn, then one
-engine step. The step's lr is schedule(step, progress, epoch) * seq_len / bptt (AWD-LSTM),
-where progress is the fraction of the run's bound (seconds, steps or epochs) spent. At the
-end of each epoch (or every train.eval_every_steps) the validation loss, computed with the
-NT-ASGD averaged weights once averaging is on, feeds NT-ASGD and the plateau schedule; a new
-best is checkpointed at once, and the end-of-run test perplexity is that checkpoint's.
+Read top to bottom: `__init__` builds the pieces (threads and process group -> batch geometry
+-> streams -> model, same seed on every rank -> per-rank dropout generator -> engine -> NT-ASGD
+and the lr schedule -> checkpointer); `fit` opens the run directory (lock; fresh, resumed or
+refused), then runs epochs of `train_step`, each step followed by `_after_step` (log, validate,
+save); `_finish` tests the best checkpoint. The three decisions are made in one place each:
+`stop_reason` (when to stop), `_should_validate` and `_should_save`, asked at
+`_validate_and_save(at)` after a step, at an epoch's end, at the run's end and on a signal.
+
+One optimizer step (`train_step`) takes the next window of all B = global_batch streams: this
+rank's b = B / W columns, split into accum = b / m column groups of m streams (each with its
+own hidden state; geometry.BatchGeometry), forward/backward in turn, then one engine step. The
+step's lr is schedule(step, progress, epoch) * seq_len / bptt (AWD-LSTM), where progress is the
+fraction of the run's bound (seconds, steps or epochs) spent. At the end of each epoch (or every
+train.eval_every_steps) the validation loss, computed with the NT-ASGD averaged weights once
+averaging is on, feeds NT-ASGD and the plateau schedule; a new best is checkpointed at once,
+and the end-of-run test perplexity is that checkpoint's.
+
+Pieces of their own: geometry (the batch split), device_skip (non-finite steps left out on the
+device, no host sync per step), faults (the fault tests' hook), baseline (the single-device
+baseline of the scaling efficiency), engines, optim, checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +33,6 @@ import json
 import math
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,11 +40,10 @@ from typing import Callable
 import torch
 
 from .. import distributed as D
-from ..config import RESOLVED, Config, load_config, to_dict
-from ..data.prepared import PreparedCorpus, window_cap
+from ..config import RESOLVED, Config, load_config
+from ..data.prepared import PreparedCorpus
 from ..errors import Stopped, UserError
 from ..fileio import write_text_atomic
-from ..metrics.baselines import baseline_key, device_kind, read_baseline, record_baseline
 from ..metrics.meter import ThroughputMeter, perplexity_fields
 from ..metrics.writer import MetricsSink
 from ..run.checkpointer import Checkpointer, RNGState
@@ -43,46 +51,20 @@ from ..run.directory import open_run
 from ..run.files import load_tensor_file, load_weights, weights_of
 from ..run.layout import AVERAGED, checkpoint_dir, find_checkpoint, list_checkpoints
 from ..run.stop import StopSignals
+from .baseline import ScalingBaseline
+from .device_skip import DeviceSkip
 from .engines import STEP_SKIP_ENV, build_engine
+from .faults import Faults
+from .geometry import BatchGeometry
 from .lockstep import await_sweep
 from .noise_scale import noise_scale_for
 from .optim import NTASGD, LRSchedule, ParamAverager, uses_averaging
-
-# Fault injection for the fault tests (tests/test_faults.py): SIGKILL this process right after
-# this optimizer step, and a NaN loss at the listed steps (1-based, comma-separated; a step
-# listed k times fails its first k attempts); on rank DIST_LM_FAULT_RANK only when set, and
-# only in torchrun's first attempt (not after its restart).
-KILL_ENV = "DIST_LM_FAULT_KILL_AT_STEP"
-NAN_ENV = "DIST_LM_FAULT_NAN_AT_STEPS"
-FAULT_RANK_ENV = "DIST_LM_FAULT_RANK"
 
 
 def train_command(config: str, resume: str | None = None, overwrite: bool = False,
                   overrides: dict | None = None) -> None:
     cfg = load_config(config, overrides)
     Trainer(cfg).fit(resume=resume, overwrite=overwrite)
-
-
-def default_threads() -> None:
-    """Split the cores between the processes on this node unless OMP_NUM_THREADS says otherwise."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _setup_process_group(cfg: Config, device: torch.device) -> None:
-    """torchrun/deepspeed set the environment; a lone DDP/DeepSpeed process gets a group of one."""
-    if cfg.dist.engine != "local" and "MASTER_ADDR" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
-                          WORLD_SIZE="1", LOCAL_RANK="0")
-    D.init_distributed(device, cfg.dist.backend)
 
 
 class _Hidden:
@@ -103,42 +85,36 @@ class Trainer:
     """Builds everything from a Config; `fit()` trains.
 
     `clock` (seconds, monotonic) is what time budgets and time-based schedules read; tests
-    pass a deterministic one.
+    pass a deterministic one. `faults` is the fault tests' hook (faults.Faults); by default it
+    is read from the DIST_LM_FAULT_* environment, once, here (nothing fires when unset).
     """
 
-    def __init__(self, cfg: Config, *, clock: Callable[[], float] = time.perf_counter):
-        from ..models import build_model
-
-        self.cfg = cfg
-        self.clock = clock
+    def __init__(self, cfg: Config, *, clock: Callable[[], float] = time.perf_counter,
+                 faults: Faults | None = None):
+        self.cfg, self.clock = cfg, clock
         t = cfg.train
-        default_threads()
+        D.default_threads()
         self.device = D.pick_device(t.device)
-        _setup_process_group(cfg, self.device)
+        D.setup_process_group(self.device, cfg.dist.engine, cfg.dist.backend)
         self.rank, self.world = D.get_rank(), D.get_world_size()
+        self.faults = Faults.from_env(self.rank) if faults is None else faults
+        self.batch = BatchGeometry.resolve(t, self.world, self.device)
+        self.micro, self.accum = self.batch.micro, self.batch.accum
+        self._open_corpus()
+        self._build_model()
+        self._build_optimisation()
+        self._init_state()
+        self._build_checkpointer()
 
-        # batch geometry: B streams = world * accum * micro
-        B = t.global_batch
-        if B % self.world:
-            raise UserError(f"train.global_batch={B} does not divide over {self.world} ranks; "
-                            f"choose a multiple of {self.world}.")
-        b = B // self.world
-        self.max_seq_len = window_cap(t.bptt, t.max_seq_len)
-        self.micro_cap = micro_token_cap(t.max_micro_tokens, self.device)
-        self.micro = t.micro_batch or auto_micro_batch(
-            b, self.max_seq_len if t.variable_bptt else t.bptt, self.micro_cap)
-        if b % self.micro:
-            raise UserError(f"train.micro_batch={self.micro} does not divide the {b} streams per "
-                            f"rank (train.global_batch={B} over {self.world} ranks); pick a "
-                            f"divisor of {b}.")
-        self.accum = b // self.micro
-
-        # data
+    def _open_corpus(self) -> None:
+        """The prepared corpus and its three loaders (this rank's streams), checked before
+        anything is written: a damaged shard stops the run here."""
+        cfg, t = self.cfg, self.cfg.train
         corpus = PreparedCorpus.open(cfg.shards_dir(), cfg.data.corpus,
                                      shard_url=cfg.data.shard_url, device=self.device)
         self.corpus_dir = corpus.dir
         self.vocab_size, self.char_level = corpus.vocab_size, corpus.char_level
-        self.train_loader = corpus.loader(cfg.data.train_split, B, t.bptt,
+        self.train_loader = corpus.loader(cfg.data.train_split, t.global_batch, t.bptt,
                                           variable=t.variable_bptt, seed=t.seed,
                                           max_seq_len=t.max_seq_len, rank=self.rank,
                                           world=self.world)
@@ -148,9 +124,14 @@ class Trainer:
         self.test_loader, self.test_reduce = corpus.eval_loader(
             cfg.data.test_split, cfg.data.test_batch_size, **shares)
         for split_loader in (self.train_loader, self.valid_loader, self.test_loader):
-            split_loader.check()  # a damaged shard stops the run before anything is written
+            split_loader.check()
 
-        # model: identical parameters on every rank, then a per-rank dropout generator
+    def _build_model(self) -> None:
+        """The model with identical parameters on every rank (the seed, or train.finetune_from),
+        a per-rank dropout generator, then the engine that wraps and steps it."""
+        from ..models import build_model
+
+        cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
         module = build_model(cfg.model, self.vocab_size).to(self.device)
         if t.finetune_from:
@@ -170,19 +151,24 @@ class Trainer:
         self.autocast = t.bf16 and cfg.dist.engine != "deepspeed"  # DeepSpeed: its bf16 mode
         self.dtype = "bf16" if t.bf16 else "fp32"
         D.set_tf32(self.device, t.tf32)
+        self.scaling_baseline = ScalingBaseline(cfg, self.vocab_size, self.micro, self.dtype,
+                                                self.device, self.world, self.rank)
 
-        # optimisation state
+    def _build_optimisation(self) -> None:
+        """NT-ASGD (the trigger and the running average) and the lr schedule."""
+        cfg, t, B = self.cfg, self.cfg.train, self.cfg.train.global_batch
         self.averager = ParamAverager(self.module)
         self.ntasgd = NTASGD(cfg.optim.nonmono, enabled=uses_averaging(cfg.optim) or t.finetune,
                              finetune=t.finetune)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, B)
-        self.noise = noise_scale_for(cfg, module, micro=self.micro, accum=self.accum,
+        self.noise = noise_scale_for(cfg, self.module, micro=self.micro, accum=self.accum,
                                      world=self.world, device=self.device,
                                      base_batch=self.schedule.scaling.base_batch)
         L = self.train_loader.stream_len
         self.steps_per_epoch = max(1.0, (L - 1) / (t.bptt * (0.975 if t.variable_bptt else 1.0)))
 
-        # the trainer's own state (state_dict): counters; everything else is derived
+    def _init_state(self) -> None:
+        """The trainer's own state (state_dict: the counters; everything else is derived)."""
         self.step = self.epoch = self.epoch_step = self.tokens = 0
         self.elapsed = 0.0  # training seconds of the run, over every resume
         self.best_val, self.best_step, self.last_val_step = math.inf, -1, -1
@@ -191,14 +177,14 @@ class Trainer:
         self.bad_run = 0    # ... in a row, now
         self.signalled = 0  # the stop signal every rank agreed on (0: none)
         self._signal = 0    # the one this process received
-        # the device-side skip (_device_step): steps whose outcome the host has not read yet, and
-        # the run of non-finite steps counted on the device
         self.step_skip = os.environ.get(STEP_SKIP_ENV, "auto")  # auto | device | host
-        self._pending: list[tuple[torch.Tensor, int, float]] = []
-        self._run_dev: torch.Tensor | None = None
-        self._tripped_dev: torch.Tensor | None = None
+        self.device_skip = DeviceSkip(self)  # non-finite steps left out without a host sync
         self.hidden = None
         self.last_saved = -1
+
+    def _build_checkpointer(self) -> None:
+        """Every stateful piece of the run, saved and restored by one Checkpointer."""
+        cfg, t, B = self.cfg, self.cfg.train, self.cfg.train.global_batch
         self.checkpointer = Checkpointer(
             Path(t.run_dir), self.rank, model=self.module, engine=self.engine,
             shared={"trainer": self, "schedule": self.schedule, "ntasgd": self.ntasgd,
@@ -223,107 +209,6 @@ class Trainer:
             setattr(self, k, int(sd[k]))
         for k in ("elapsed", "best_val", "target_elapsed"):
             setattr(self, k, float(sd[k]))
-
-    # ---- helpers -------------------------------------------------------------------------
-
-    def progress(self) -> float:
-        """The fraction of the run's bound spent: steps (max_steps) or epochs, and seconds
-        (max_seconds); the largest when both bound the run (whichever ends it first)."""
-        t = self.cfg.train
-        if t.max_steps:
-            f = self.step / t.max_steps
-        else:  # within an epoch by the estimated steps per epoch, never past its end
-            f = (self.epoch + min(0.999, self.epoch_step / self.steps_per_epoch)) / max(1, t.epochs)
-        if t.max_seconds:
-            f = max(f, self.elapsed / t.max_seconds)
-        return min(1.0, f)
-
-    def epoch_f(self) -> float:
-        return self.epoch + min(0.999, self.epoch_step / self.steps_per_epoch)
-
-    def set_lr(self, seq_len: int) -> float:
-        lr = (self.schedule.lr(self.step, self.progress(), self.epoch)
-              * seq_len / self.cfg.train.bptt)
-        self.engine.set_lr(lr)
-        return lr
-
-    def _tick(self, agree: bool = True) -> None:
-        """Advance self.elapsed to now; on several ranks to the slowest rank's clock (a
-        collective), so every rank's stop and checkpoint decisions stay the same."""
-        self.elapsed = self._elapsed0 + (self.clock() - self._t0)
-        if agree and self.world > 1:
-            buf = torch.tensor([self.elapsed], dtype=torch.float64, device=self.device)
-            self.elapsed = float(D.all_reduce_max(buf)[0])
-
-    def _agree(self, bad: torch.Tensor | None) -> bool:
-        """Once per step, before the optimizer step: the clock, a stop signal and whether the
-        step is non-finite, agreed over ranks (the slowest clock, any rank's signal or bad
-        step), so every rank takes the same lr, skip and stop decisions. Returns True when the
-        step must be left out. Note: a CPU-GPU sync point (skipped entirely when nothing needs
-        it: one rank, max_bad_steps = -1); on CUDA the device-side skip replaces it
-        (_device_step, settled every log interval)."""
-        self._tick(agree=False)  # agreed below, with the rest
-        if self.world == 1 and bad is None:
-            self.signalled = self._signal
-            return False
-        buf = torch.stack([torch.tensor(self.elapsed, dtype=torch.float64, device=self.device),
-                           torch.tensor(float(self._signal), dtype=torch.float64,
-                                        device=self.device),
-                           (bad if bad is not None else torch.zeros((), device=self.device))
-                           .to(torch.float64)])
-        elapsed, sig, skip = D.all_reduce_max(buf).tolist()
-        self.elapsed, self.signalled = elapsed, int(sig)
-        return skip > 0
-
-    def init_hidden(self):
-        return [self.module.init_hidden(self.micro) for _ in range(self.accum)]
-
-    @property
-    def averaging(self) -> bool:
-        return self.ntasgd.averaging and self.averager.count > 0
-
-    def evaluate(self, loader, reduce: bool, averaged: bool = True) -> float:
-        """Mean NLL over a split; with the averaged weights once NT-ASGD averaging is on (unless
-        `averaged` is False: the module's weights as they are)."""
-        from ..eval.windows import evaluate_stream
-
-        ctx = self._swapped() if averaged and self.averaging else contextlib.nullcontext()
-        with ctx:
-            total, count = evaluate_stream(self.module, loader, reduce=reduce)
-        return total / max(1, count)
-
-    @contextlib.contextmanager
-    def _swapped(self):
-        self.averager.swap()
-        try:
-            yield
-        finally:
-            self.averager.swap()
-
-    def stop_reason(self) -> str | None:
-        """The one stop decision; the same on every rank (its inputs are)."""
-        t = self.cfg.train
-        if self.signalled:
-            return "signal"
-        if t.max_bad_steps >= 0 and self.bad_run > t.max_bad_steps:
-            return "non-finite"
-        if t.max_steps and self.step >= t.max_steps:
-            return "max_steps"
-        if not t.max_steps and self.epoch >= t.epochs:
-            return "epochs"
-        if t.max_seconds and self.elapsed >= t.max_seconds:
-            return "max_seconds"
-        if self.ntasgd.stop:
-            return "nt-asgd"  # finetune: the first non-monotone validation
-        if self.target_step >= 0:
-            return "target"
-        return None
-
-    def save(self) -> None:
-        averaged = self.averager.averaged_state() if self.rank == 0 and self.averaging else None
-        self.checkpointer.save(self.step, averaged=averaged, best_step=self.best_step,
-                               keep_last=self.cfg.checkpoint.keep_last)
-        self.last_saved = self.step
 
     # ---- the run directory ---------------------------------------------------------------
 
@@ -359,11 +244,7 @@ class Trainer:
     def resolved(self) -> dict:
         """What this run derived from its config: the lr rule (optim.LRScaling) and the batch
         geometry; config.json's "resolved" block and the start-of-run lines."""
-        return {"lr_scaling": self.schedule.scaling.as_dict(),
-                "batch": {"global_batch": self.cfg.train.global_batch, "world_size": self.world,
-                          "per_rank": self.micro * self.accum, "micro_batch": self.micro,
-                          "accum_steps": self.accum, "micro_auto": not self.cfg.train.micro_batch,
-                          "max_micro_tokens": self.micro_cap}}
+        return {"lr_scaling": self.schedule.scaling.as_dict(), "batch": self.batch.as_dict()}
 
     def _write_resolved(self, run_dir: Path) -> None:
         """Add the "resolved" block to the config.json write_run_files just wrote (from_dict
@@ -384,58 +265,26 @@ class Trainer:
                             f"streams and this run chose {self.micro} (the carried hidden states "
                             f"are per micro batch); set --train.micro_batch={micro}.")
 
-    def _announce(self) -> None:
-        """Rank 0's start-of-run lines: the lr rule and the batch geometry."""
-        if self.rank != 0:
-            return
-        print(f"dist-lm: {self.schedule.scaling.describe()}", flush=True)
-        t = self.cfg.train
-        how = ("train.micro_batch" if t.micro_batch else
-               f"chosen: at most {self.micro_cap:,} tokens per pass, train.max_micro_tokens"
-               if self.micro_cap > 0 else "chosen: no cap, train.max_micro_tokens=-1")
-        print(f"dist-lm: micro batch {self.micro} x {self.accum} accumulation step(s) x "
-              f"{self.world} rank(s) = global batch {t.global_batch} ({how})", flush=True)
-
     # ---- the loop ------------------------------------------------------------------------
 
     def fit(self, resume: str | None = None, overwrite: bool = False) -> dict:
-        """Train until the stop decision says so; returns the final record (valid and test of
-        the best checkpoint)."""
+        """Open the run (fresh or resumed), train epoch after epoch until the stop decision
+        says so, finish; returns the final record (valid and test of the best checkpoint)."""
         cfg, t = self.cfg, self.cfg.train
         resumed = self._open_run(resume, overwrite)
         self.sink = sink = MetricsSink(t.run_dir, cfg, enabled=self.rank == 0,
                                        total_steps=t.max_steps or 0, initial_step=self.step,
                                        resume_step=None if resumed is None else self.step)
-        self._announce()
-        if resumed is not None and self.rank == 0:
-            print(f"dist-lm: resumed from {resumed} (step {self.step}, epoch {self.epoch}, "
-                  f"{self.elapsed:.0f} s trained)", flush=True)
+        self._announce(resumed)
         self.meter = ThroughputMeter(self.world)
-        self.baseline = self._baseline()
-        self.kill_at = int(os.environ.get(KILL_ENV, "0"))
-        self.nan_at = [int(x) for x in os.environ.get(NAN_ENV, "").split(",") if x.strip()]
-        if (os.environ.get(FAULT_RANK_ENV, str(self.rank)) != str(self.rank)
-                or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
-            self.kill_at, self.nan_at = 0, []  # another rank's fault, or torchrun's restart
+        self.baseline = self.scaling_baseline.tokens_per_s()  # 0: no scaling efficiency
         self.run_tps: list[float] = []
         self.interval = self._new_interval()
         self._elapsed0, self._t0 = self.elapsed, self.clock()
         stops = StopSignals(self._on_signal).install()  # SIGTERM / SIGINT: stop resumably
         try:
             while self.stop_reason() is None:
-                if self.hidden is None:
-                    self.hidden = self.init_hidden()
-                self.module.train()
-                wait_t0 = time.perf_counter()
-                for inputs, targets in self.train_loader:  # continues at the loader's position
-                    wait = time.perf_counter() - wait_t0
-                    lr, seq_len, gnorm = self.train_step(inputs, targets)
-                    self._after_step(lr, seq_len, gnorm, wait)
-                    if self.stop_reason() is not None:
-                        break
-                    wait_t0 = time.perf_counter()
-                else:  # the epoch ran to its end
-                    self._end_epoch()
+                self._train_epoch()
             if self.stop_reason() in ("signal", "non-finite"):
                 self._stop_early()
             return self._finish()
@@ -445,6 +294,32 @@ class Trainer:
             sink.close()
             if self.rank == 0:
                 self.lock.release()
+
+    def _train_epoch(self) -> None:
+        """Steps through the loader's epoch from its position (a resume continues mid-epoch)
+        until the epoch ends or the run must stop."""
+        if self.hidden is None:
+            self.hidden = self.init_hidden()
+        self.module.train()
+        wait_t0 = time.perf_counter()
+        for inputs, targets in self.train_loader:
+            wait = time.perf_counter() - wait_t0
+            lr, seq_len, gnorm = self.train_step(inputs, targets)
+            self._after_step(lr, seq_len, gnorm, wait)
+            if self.stop_reason() is not None:
+                return
+            wait_t0 = time.perf_counter()
+        self._end_epoch()
+
+    def _announce(self, resumed: Path | None) -> None:
+        """Rank 0's start-of-run lines: the lr rule, the batch geometry, where it resumed."""
+        if self.rank != 0:
+            return
+        print(f"dist-lm: {self.schedule.scaling.describe()}", flush=True)
+        print(f"dist-lm: {self.batch.describe()}", flush=True)
+        if resumed is not None:
+            print(f"dist-lm: resumed from {resumed} (step {self.step}, epoch {self.epoch}, "
+                  f"{self.elapsed:.0f} s trained)", flush=True)
 
     def _on_signal(self, signum: int) -> None:
         """SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, checkpoint, exit resumable
@@ -458,8 +333,7 @@ class Trainer:
         which lr would help is the user's call, and `--resume` from that checkpoint with
         --optim.lr=... is one command)."""
         if self.stop_reason() == "signal":
-            if self.last_saved != self.step:
-                self.save()
+            self._validate_and_save("signal")
             name = signal.Signals(self.signalled).name
             raise Stopped(f"stopped by {name} at step {self.step}; checkpoint "
                           f"{checkpoint_dir(self.cfg.train.run_dir, self.step)}"
@@ -470,6 +344,8 @@ class Trainer:
                         f"gradient norm, the last at step {self.step + 1}; none was applied and "
                         f"the run stopped ({where}). Lower --optim.lr or --optim.clip and resume "
                         f"from it with --resume auto, or raise --train.max_bad_steps.")
+
+    # ---- one optimizer step --------------------------------------------------------------
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor):
         """One optimizer step over this rank's streams; returns (lr, seq_len, grad norm)."""
@@ -487,8 +363,7 @@ class Trainer:
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 out = self.engine.model(inputs[:, cols], self.hidden[j], targets[:, cols])
                 nll = out.nll.float().mean()
-                if self.step + 1 in self.nan_at and j == 0:  # fault injection (tests): one
-                    self.nan_at.remove(self.step + 1)  # NaN attempt per listed occurrence
+                if j == 0 and self.faults.nan_loss(self.step + 1):  # fault injection (tests)
                     nll = nll * float("nan")
                 loss = nll + out.ar + out.tar
             self.engine.backward(loss, last=j == self.accum - 1)
@@ -496,10 +371,9 @@ class Trainer:
             step_loss = step_loss + loss.detach().double() / self.accum
         if self.engine.can_skip:
             gnorm = self.engine.clip(self.cfg.optim.clip)
-            if check and self._device_skip():
-                return self._device_step(lr, seq_len, gnorm, step_loss, hidden)
-            if self._pending:
-                self._settle()
+            if check and self.device_skip.active():
+                return self.device_skip.step(lr, seq_len, gnorm, step_loss, hidden)
+            self.device_skip.settle()  # the host path: the pending device-side steps first
             bad = ~(torch.isfinite(gnorm) & torch.isfinite(step_loss)) if check else None
             if self._agree(bad):
                 return self._skip_step(lr, seq_len)
@@ -530,104 +404,44 @@ class Trainer:
         return lr, seq_len, None
 
     def _count_skip(self, lr: float, seq_len: int) -> None:
+        """Count and log a left-out step (the host's; DeviceSkip.settle replays its own here)."""
         self.bad_steps += 1
         self.bad_run += 1
         self.sink.log({"step": self.step, "event": "non-finite", "skipped_steps": self.bad_steps,
                        "in_a_row": self.bad_run, "seq_len": seq_len, "lr": lr})
 
-    # ---- the device-side skip: no host sync per step ---------------------------------------
-    #
-    # On CUDA (DIST_LM_STEP_SKIP=device forces it anywhere, =host turns it off) a non-finite
-    # step is left out on the device: the finite check stays a device tensor, the fused
-    # optimizer skips its update on it (GradScaler's found_inf), the carried hidden states and
-    # the interval sums select on it. The host counts every step as applied and learns which
-    # were not at the next settle (_settle: one host sync, one collective on several ranks,
-    # which also agrees the clock and the stop signal): every log interval, and before anything
-    # that reads the counters (validation, checkpoint, stop, epoch end); it then replays the
-    # pending steps as the host path would have counted and logged them. A run of more than
-    # train.max_bad_steps non-finite steps trips a device flag that leaves every later step
-    # out too, so the run stops at the next settle with the parameters of its last good step.
-    # The lr of the steps after a left-out one, until the next settle, reads the step counter
-    # as if it had been applied (it only matters for warm-up and cyclic schedules). Not used:
-    # for the first steps of a stateful optimizer (device_skip_ready), while NT-ASGD averages
-    # (the running mean's count is the host's), for DeepSpeed, with train.max_bad_steps = -1.
+    def _tick(self, agree: bool = True) -> None:
+        """Advance self.elapsed to now; on several ranks to the slowest rank's clock (a
+        collective), so every rank's stop and checkpoint decisions stay the same."""
+        self.elapsed = self._elapsed0 + (self.clock() - self._t0)
+        if agree and self.world > 1:
+            buf = torch.tensor([self.elapsed], dtype=torch.float64, device=self.device)
+            self.elapsed = float(D.all_reduce_max(buf)[0])
 
-    def _device_skip(self) -> bool:
-        if self.step_skip == "host" or (self.step_skip != "device"
-                                         and self.device.type != "cuda"):
-            return False
-        return not self.ntasgd.averaging and self.engine.device_skip_ready()
-
-    def _device_step(self, lr: float, seq_len: int, gnorm: torch.Tensor,
-                     step_loss: torch.Tensor, hidden: list):
-        bad = ~(torch.isfinite(gnorm) & torch.isfinite(step_loss))
-        if self.world > 1:  # every rank's loss: one small all-reduce on the device, no sync
-            bad = D.all_reduce_max(bad.to(torch.float32)) > 0
-        if self._run_dev is None:  # the host's count is exact here (just settled)
-            self._run_dev = torch.full((), float(self.bad_run), device=self.device)
-            self._tripped_dev = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._run_dev = (self._run_dev + 1) * bad
-        self._tripped_dev = self._tripped_dev | (self._run_dev > self.cfg.train.max_bad_steps)
-        skip = bad | self._tripped_dev
-        self.engine.apply_unless(skip)
-        if self.noise:
-            self.noise.update(gnorm, skip=skip)  # a left-out step is not measured
-        self.hidden = _select(skip, self.hidden, hidden)
-        self.interval["loss"] = self.interval["loss"] + torch.where(skip, 0.0, step_loss)
-        self._pending.append((skip, seq_len, lr))
-        self.step += 1  # as if applied; _settle takes back the left-out ones
-        self.epoch_step += 1
-        self.tokens += seq_len * self.cfg.train.global_batch
-        if self.world == 1:  # the local clock and signal are the agreed ones
-            self._tick(agree=False)
+    def _agree(self, bad: torch.Tensor | None) -> bool:
+        """Once per step, before the optimizer step: the clock, a stop signal and whether the
+        step is non-finite, agreed over ranks (the slowest clock, any rank's signal or bad
+        step), so every rank takes the same lr, skip and stop decisions. Returns True when the
+        step must be left out. Note: a CPU-GPU sync point (skipped entirely when nothing needs
+        it: one rank, max_bad_steps = -1); on CUDA the device-side skip replaces it
+        (device_skip.DeviceSkip, settled every log interval)."""
+        self._tick(agree=False)  # agreed below, with the rest
+        if self.world == 1 and bad is None:
             self.signalled = self._signal
-        return lr, seq_len, torch.where(skip, 0.0, gnorm)
-
-    def _must_settle(self) -> bool:
-        """Whether the host must read the pending steps now: a full log interval, or the step
-        counter (as if every pending step was applied) reaches a log, validation, checkpoint,
-        fault-injection or stop point; it passes each such point before the exact counter
-        does, so none is missed."""
-        if not self._pending:
             return False
-        s, t, every = self.step, self.cfg.train, max(1, self.cfg.log.every_steps)
-        points = (every, t.eval_every_steps, self.cfg.checkpoint.every_steps)
-        return (len(self._pending) >= every or any(n and s % n == 0 for n in points)
-                or (self.kill_at and s == self.kill_at) or self.stop_reason() is not None)
+        buf = torch.stack([torch.tensor(self.elapsed, dtype=torch.float64, device=self.device),
+                           torch.tensor(float(self._signal), dtype=torch.float64,
+                                        device=self.device),
+                           (bad if bad is not None else torch.zeros((), device=self.device))
+                           .to(torch.float64)])
+        elapsed, sig, skip = D.all_reduce_max(buf).tolist()
+        self.elapsed, self.signalled = elapsed, int(sig)
+        return skip > 0
 
-    def _settle(self) -> bool:
-        """Read which pending steps were left out (one host sync) and bring the counters, the
-        interval's step count and the non-finite log to what the host path leaves; on several
-        ranks the clock and the stop signal are agreed in the same collective. Returns True when
-        the latest step was left out."""
-        pending, self._pending = self._pending, []
-        self._run_dev = self._tripped_dev = None
-        if self.world > 1:
-            self._tick(agree=False)
-        head = torch.tensor([self.elapsed, float(self._signal)], dtype=torch.float64,
-                            device=self.device)
-        buf = D.all_reduce_max(torch.cat([head, torch.stack([p[0] for p in pending]).double()]))
-        vals = buf.tolist()
-        if self.world > 1:
-            self.elapsed, self.signalled = vals[0], int(vals[1])
-        B = self.cfg.train.global_batch
-        self.step -= len(pending)
-        self.epoch_step -= len(pending)
-        self.tokens -= sum(p[1] for p in pending) * B
-        for skipped, (_, seq_len, lr) in zip(vals[2:], pending):
-            if not skipped:
-                self.bad_run = 0
-                self.step += 1
-                self.epoch_step += 1
-                self.tokens += seq_len * B
-                continue
-            self.interval["n"] -= 1
-            if self.bad_run <= self.cfg.train.max_bad_steps:  # else: left out after the trip
-                self._count_skip(lr, seq_len)
-        return bool(vals[-1])
+    # ---- after a step: log, validate, save -----------------------------------------------
 
     def _after_step(self, lr: float, seq_len: int, gnorm, wait: float) -> None:
-        """Log, validate and checkpoint at their intervals; the SIGKILL fault injection."""
+        """Log at its interval; validate and checkpoint when due; the SIGKILL fault injection."""
         cfg = self.cfg
         if gnorm is None:  # a left-out step: nothing to log or save
             return
@@ -635,7 +449,7 @@ class Trainer:
         self.interval["gnorm"] = self.interval["gnorm"] + gnorm
         self.meter.add(seq_len * cfg.train.global_batch, wait)
         self.sink.progress(1)
-        if self._must_settle() and self._settle():
+        if self.device_skip.must_settle() and self.device_skip.settle():
             return  # this step was left out on the device
         if self.step % max(1, cfg.log.every_steps) == 0:
             rec = self._interval_record(lr, seq_len)
@@ -645,27 +459,15 @@ class Trainer:
             self.interval = self._new_interval()
         if self.signalled:  # stopping on a signal: the checkpoint comes next, nothing slow now
             return
-        if cfg.train.eval_every_steps and self.step % cfg.train.eval_every_steps == 0:
-            self._validate()
-            self.module.train()
-        every = cfg.checkpoint.every_steps
-        if every and self.step % every == 0 and self.last_saved != self.step \
-                and self.stop_reason() is None:
-            self.save()
-        if self.kill_at and self.step == self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        self._validate_and_save("step")
+        self.faults.after_step(self.step)
 
     def _end_epoch(self) -> None:
-        if self._pending:
-            self._settle()
+        self.device_skip.settle()
         self.epoch += 1
         self.epoch_step = 0
         self.hidden = None
-        if not self.cfg.train.eval_every_steps:
-            self._validate()
-        if not self.cfg.checkpoint.every_steps and self.last_saved != self.step \
-                and self.stop_reason() is None:
-            self.save()
+        self._validate_and_save("epoch")
 
     def _new_interval(self) -> dict:
         """Sums over one log interval; loss and grad norm stay on the device (no host sync per
@@ -691,9 +493,73 @@ class Trainer:
             rec["scaling_efficiency"] = rec["tokens_per_s"] / (self.baseline * self.world)
         return rec
 
+    # ---- the decisions: when to stop, validate and save ----------------------------------
+
+    def stop_reason(self) -> str | None:
+        """The one stop decision; the same on every rank (its inputs are)."""
+        t = self.cfg.train
+        if self.signalled:
+            return "signal"
+        if t.max_bad_steps >= 0 and self.bad_run > t.max_bad_steps:
+            return "non-finite"
+        if t.max_steps and self.step >= t.max_steps:
+            return "max_steps"
+        if not t.max_steps and self.epoch >= t.epochs:
+            return "epochs"
+        if t.max_seconds and self.elapsed >= t.max_seconds:
+            return "max_seconds"
+        if self.ntasgd.stop:
+            return "nt-asgd"  # finetune: the first non-monotone validation
+        if self.target_step >= 0:
+            return "target"
+        return None
+
+    def _validate_and_save(self, at: str) -> None:
+        """The one place validation and checkpoints happen, at `at`: "step" (after an optimizer
+        step), "epoch" (an epoch's end), "end" (the run's end) or "signal" (a stop on one)."""
+        if self._should_validate(at):
+            self._validate()
+        if self._should_save(at):
+            self.save()
+
+    def _should_validate(self, at: str) -> bool:
+        """Every train.eval_every_steps steps, else at each epoch's end; at the run's end when
+        its last step was not validated; never on a signal (nothing slow before the checkpoint)."""
+        every = self.cfg.train.eval_every_steps
+        if at == "step":
+            return bool(every) and self.step % every == 0
+        if at == "epoch":
+            return not every
+        return at == "end" and self.last_val_step != self.step
+
+    def _should_save(self, at: str) -> bool:
+        """A step is saved once: at a new best validation, at once (the best weights are on
+        disk: the end-of-run test and `eval` read them); at the run's end and on a signal;
+        else every checkpoint.every_steps steps, or at each epoch's end, unless the run stops
+        there (its end saves, after the last validation)."""
+        if self.last_saved == self.step:
+            return False
+        if at in ("end", "signal") or self.best_step == self.step:
+            return True
+        if self.stop_reason() is not None:
+            return False
+        every = self.cfg.checkpoint.every_steps
+        if at == "step":
+            return bool(every) and self.step % every == 0
+        return at == "epoch" and not every
+
+    def save(self) -> None:
+        averaged = self.averager.averaged_state() if self.rank == 0 and self.averaging else None
+        self.checkpointer.save(self.step, averaged=averaged, best_step=self.best_step,
+                               keep_last=self.cfg.checkpoint.keep_last)
+        self.last_saved = self.step
+
+    # ---- validation and the end of the run -----------------------------------------------
+
     def _validate(self) -> None:
-        """Validate, feed NT-ASGD and the plateau schedule, track the best (checkpointed at
-        once, so the best weights are on disk) and the time to target."""
+        """Validate (the module's mode is restored after), feed NT-ASGD and the plateau
+        schedule, track the best (_should_save checkpoints it at once) and the time to
+        target."""
         t = self.cfg.train
         t0 = time.perf_counter()
         val = self.evaluate(self.valid_loader, self.valid_reduce)
@@ -726,8 +592,16 @@ class Trainer:
                     f"target {target:g} reached ({self._target_fields()['time_to_target_s']:.0f}"
                     f" s, {self.target_tokens:,} tokens)")
             print(f"dist-lm: {what} at step {self.step}", flush=True)
-        if improved and self.last_saved != self.step:
-            self.save()
+
+    def evaluate(self, loader, reduce: bool, averaged: bool = True) -> float:
+        """Mean NLL over a split; with the averaged weights once NT-ASGD averaging is on (unless
+        `averaged` is False: the module's weights as they are)."""
+        from ..eval.windows import evaluate_stream
+
+        ctx = self.averager.swapped() if averaged and self.averaging else contextlib.nullcontext()
+        with ctx:
+            total, count = evaluate_stream(self.module, loader, reduce=reduce)
+        return total / max(1, count)
 
     def _target_fields(self) -> dict:
         if self.target_step < 0:
@@ -741,10 +615,7 @@ class Trainer:
         reloads its best model before testing)."""
         cfg = self.cfg
         reason = self.stop_reason()
-        if self.last_val_step != self.step:
-            self._validate()
-        if self.last_saved != self.step:
-            self.save()
+        self._validate_and_save("end")
         best = self.best_step if self.best_step >= 0 else self.step  # < 0: validation was NaN
         with weights_of(self.module, checkpoint_dir(cfg.train.run_dir, best)):
             test = self.evaluate(self.test_loader, self.test_reduce, averaged=False)
@@ -756,75 +627,41 @@ class Trainer:
                "tokens": self.tokens, **self._target_fields()}
         self.sink.log(rec)
         self.sink.set_summary(**{k: v for k, v in rec.items() if k.startswith(("test_", "valid_"))})
-        self._record_baseline()
+        self.scaling_baseline.record(self.run_tps)
         return rec
 
-    # ---- scaling efficiency --------------------------------------------------------------
+    # ---- small helpers -------------------------------------------------------------------
+
+    def progress(self) -> float:
+        """The fraction of the run's bound spent: steps (max_steps) or epochs, and seconds
+        (max_seconds); the largest when both bound the run (whichever ends it first)."""
+        t = self.cfg.train
+        if t.max_steps:
+            f = self.step / t.max_steps
+        else:  # within an epoch by the estimated steps per epoch, never past its end
+            f = (self.epoch + min(0.999, self.epoch_step / self.steps_per_epoch)) / max(1, t.epochs)
+        if t.max_seconds:
+            f = max(f, self.elapsed / t.max_seconds)
+        return min(1.0, f)
+
+    def epoch_f(self) -> float:
+        return self.epoch + min(0.999, self.epoch_step / self.steps_per_epoch)
+
+    def set_lr(self, seq_len: int) -> float:
+        lr = (self.schedule.lr(self.step, self.progress(), self.epoch)
+              * seq_len / self.cfg.train.bptt)
+        self.engine.set_lr(lr)
+        return lr
+
+    def init_hidden(self):
+        return [self.module.init_hidden(self.micro) for _ in range(self.accum)]
+
+    @property
+    def averaging(self) -> bool:
+        return self.ntasgd.averaging and self.averager.count > 0
 
     def _baseline_key(self) -> str:
-        return baseline_key(to_dict(self.cfg)["model"], self.vocab_size, self.micro,
-                            self.cfg.train.bptt, self.dtype, device_kind(self.device))
-
-    def _baseline(self) -> float:
-        """Single-device tokens/s for this model, vocabulary, micro-batch, bptt, dtype and
-        device kind; only multi-rank runs use one (0: none recorded, the efficiency is left out
-        with a note saying how to record one)."""
-        t = self.cfg.train
-        if self.world == 1:
-            return 0.0
-        tps = t.baseline_tokens_per_s or read_baseline(self._baseline_key())
-        if tps <= 0 and self.rank == 0:
-            # the one-device run must use this run's micro batch: left to choose, it would
-            # pick its own for all the streams on one device, and record another key
-            print(f"dist-lm: scaling efficiency left out: no single-device baseline recorded for "
-                  f"this model (vocab {self.vocab_size}, micro-batch {self.micro}, bptt "
-                  f"{t.bptt}, {self.dtype}, {device_kind(self.device)}); record one with a "
-                  f"one-device run of this config with --train.micro_batch={self.micro} "
-                  f"--train.record_baseline=true, or pass --train.baseline_tokens_per_s=N",
-                  flush=True)
-        return tps
-
-    def _record_baseline(self) -> None:
-        if not self.cfg.train.record_baseline or self.rank != 0:
-            return
-        if self.world > 1 or not self.run_tps:
-            print("dist-lm: train.record_baseline needs a single-device run with at least one "
-                  "logged interval; no baseline recorded", flush=True)
-            return
-        tps = sorted(self.run_tps)[len(self.run_tps) // 2]
-        record_baseline(self._baseline_key(), tps, str(self.cfg.train.run_dir))
-        print(f"dist-lm: recorded {tps:,.0f} tokens/s as the single-device baseline", flush=True)
-
-
-# train.max_micro_tokens = 0: tokens per forward pass (micro batch x longest window) by device.
-# Not tuned by a measurement: on CPU 16384 tokens keep one pass's fp32 logits of a 10k-word
-# softmax at 655 MB (twice that with their gradient), within a laptop's memory, while every
-# recipe's own batch but the character ones still runs in one pass; CUDA devices hold 4x that.
-MICRO_TOKENS = {"cpu": 16384, "cuda": 65536}
-
-
-def micro_token_cap(max_micro_tokens: int, device: torch.device) -> int:
-    """The cap train.max_micro_tokens means on `device` (0: its default; -1: none, returned 0)."""
-    if max_micro_tokens < 0:
-        return 0
-    return max_micro_tokens or MICRO_TOKENS.get(device.type, MICRO_TOKENS["cuda"])
-
-
-def auto_micro_batch(per_rank: int, window: int, cap: int) -> int:
-    """The largest divisor m of the per-rank streams with m * window <= cap tokens (at least 1:
-    one stream per pass when even that exceeds the cap; all of them when cap is 0)."""
-    if cap <= 0:
-        return per_rank
-    return max(m for m in range(1, per_rank + 1)
-               if per_rank % m == 0 and (m == 1 or m * window <= cap))
-
-
-def _select(skip: torch.Tensor, old, new):
-    """`old` where the 0-dim bool `skip` is set, else `new`, tensor by tensor through nested
-    hidden states (on the device: the hidden states a left-out step leaves as they were)."""
-    if isinstance(new, torch.Tensor):
-        return torch.where(skip, old.to(new.dtype), new)
-    return type(new)(_select(skip, o, n) for o, n in zip(old, new))
+        return self.scaling_baseline.key()
 
 
 def _to(h, device):
