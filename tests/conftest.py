@@ -19,7 +19,7 @@ os.environ["HOME"] = str(_SESSION_HOME)
 os.environ["DIST_LM_BASELINES"] = str(_SESSION_HOME / "baselines.json")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/: `import helpers`
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +34,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def ptb_slice(tmp_path_factory, shared_data) -> Path:
-    """Real shards of a small slice of PTB (tests/train_helpers.small_corpus)."""
-    from train_helpers import small_corpus
+    """Real shards of a small slice of PTB (helpers.corpus.small_corpus)."""
+    from helpers.corpus import small_corpus
 
     return small_corpus(tmp_path_factory.mktemp("corpus"), shared_data)

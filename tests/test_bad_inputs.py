@@ -28,11 +28,10 @@ from typing import Callable
 
 import pytest
 
-from _eval_helpers import one_thread  # noqa: F401  (autouse: tiny models, one thread)
-from test_faults import TOML  # the fault suite's tiny recipe (momentum, 16/24 units, 4 streams)
-from train_helpers import small_corpus
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers.cli import REPO, cli_env, run_cli
+from helpers.config import FAULT_TOML, OPTION_TOML
+from helpers.corpus import small_corpus
+from helpers.runs import one_thread  # noqa: F401  (autouse: tiny models, one thread)
 
 
 # ---- how a case runs ----------------------------------------------------------------------
@@ -203,26 +202,9 @@ CASES = [
 ]
 
 # Options refused before anything starts: a tiny recipe ({tmp}/tiny.toml) with one bad value
-TINY = """
-[data]
-corpus = "ptb"
-[model]
-emb_size = 16
-hidden_size = 32
-n_layers = 1
-[train]
-device = "cpu"
-global_batch = 10
-bptt = 20
-max_steps = 20
-run_dir = "run"
-[log]
-progress = false
-"""
-
 
 def tiny(p):
-    (p["tmp"] / "tiny.toml").write_text(TINY)
+    (p["tmp"] / "tiny.toml").write_text(OPTION_TOML)
     (p["tmp"] / "folder").mkdir()
 
 
@@ -279,22 +261,13 @@ def places(tmp_path_factory, ptb_slice, shared_data):
     another corpus (another vocabulary) and the recipe."""
     root = tmp_path_factory.mktemp("bad-inputs")
     toml = root / "tiny.toml"
-    toml.write_text(TOML)
+    toml.write_text(FAULT_TOML)
     run = root / "run"
     p = {"run": run, "corpus": ptb_slice, "toml": toml}
-    proc = subprocess.run([sys.executable, "-m", "dist_lm", *[a.format(**p) for a in train(
-        "--train.run_dir={run}")]], cwd=REPO, env=env(), capture_output=True, text=True,
-        timeout=300)
+    proc = run_cli(*[a.format(**p) for a in train("--train.run_dir={run}")], cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     p["other"] = small_corpus(root, shared_data, name="other-slice", max_vocab=150)
     return p
-
-
-def env(extra: dict[str, str | None] | None = None) -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO),
-             PYTHONDONTWRITEBYTECODE="1")
-    e.update(extra or {})
-    return {k: v for k, v in e.items() if not k.startswith("DIST_LM_FAULT_") and v is not None}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -307,9 +280,7 @@ def test_bad_input_is_one_line_and_touches_nothing(case, places, tmp_path):
     before = [tree(w) for w in watched]
     try:
         extra = {k: None if v is None else v.format(**p) for k, v in case.env.items()}
-        proc = subprocess.run([*case.prefix, sys.executable, "-m", "dist_lm", *argv],
-                              cwd=tmp_path, env=env(extra), capture_output=True, text=True,
-                              timeout=300)
+        proc = run_cli(*argv, cwd=tmp_path, env=extra, prefix=case.prefix)
     finally:
         writable(tmp_path)  # so that pytest can clean up
     lines = proc.stderr.strip().splitlines()
@@ -333,8 +304,7 @@ def test_the_shared_run_resumes_with_its_own_flags_and_what_a_resume_may_change(
                                     "--train.run_dir={tmp}/run", "--resume=auto",
                                     "--train.max_steps=3", "--log.every_steps=2",
                                     "--train.max_seconds=600"]]
-    proc = subprocess.run([sys.executable, "-m", "dist_lm", *argv], cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli(*argv, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "resumed from" in proc.stdout and "step-00000002" in proc.stdout
 
@@ -351,9 +321,7 @@ def test_eval_generate_and_score_work_on_a_read_only_run(places, tmp_path):
         for argv, out in ((["eval", str(run), "--split", "valid"], "valid ppl"),
                           (["generate", str(run), "--length", "5"], ""),
                           (["score", str(run), str(tmp_path / "in.txt")], '"tokens"')):
-            proc = subprocess.run([*no_bypass(), sys.executable, "-m", "dist_lm", *argv],
-                                  cwd=REPO, env=env(), capture_output=True, text=True,
-                                  timeout=300)
+            proc = run_cli(*argv, cwd=REPO, prefix=no_bypass())
             assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
             assert out in proc.stdout, proc.stdout
             if argv[0] == "eval":
@@ -374,7 +342,7 @@ def test_write_text_atomic_leaves_no_temporary_file(tmp_path):
             "try:\n    write_text_atomic(sys.argv[1], 'x' * 100000)\n"
             "except OSError as e:\n    print(e.errno)\n")
     proc = subprocess.run([*file_limit(1000), sys.executable, "-c", code, str(target)],
-                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "27", proc  # EFBIG
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab.json"]
     assert target.read_text() == "old\n"

@@ -16,8 +16,8 @@ import pytest
 from dist_lm.bench import gpu
 from dist_lm.bench.gpu import common, kernels, runner, sync
 from dist_lm.errors import UserError
+from helpers.cli import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _env(tmp: Path, **extra) -> dict:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.cli import REPO
+
 # the check's code path: the bench package (all of it), and the CLI's `train`, `prepare` and
 # `bench` commands with the modules they reach
 ROOTS = {"dist_lm.bench.gpu.*": None,

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
 
 import pytest
 
 from dist_lm.__main__ import COMMANDS
-
-ENV = {**os.environ, "PAGER": "cat"}
-
-
-def run_cli(*args):
-    """Run the CLI; fire writes help to stderr when it is not a terminal, so join both."""
-    proc = subprocess.run([sys.executable, "-m", "dist_lm", *args], capture_output=True,
-                          text=True, env=ENV, timeout=120)
-    proc.text = proc.stdout + proc.stderr
-    return proc
+from helpers.cli import run_cli  # `.text`: fire writes help to stderr
 
 
 def test_top_level_help_lists_every_command():

@@ -4,15 +4,10 @@ help for what it returned (`dist-lm bench model --help` ran the benchmark first)
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from dist_lm.__main__ import main
-
-ENV = {**os.environ, "PAGER": "cat", "WANDB_MODE": "disabled"}
+from helpers.cli import run_cli
 
 
 def _never(name):
@@ -59,9 +54,8 @@ def test_train_help_after_the_config_keeps_listing_config_keys(capsys):
     (["sweep", "report", "-h"], "Tune hyperparameters with Optuna"),
 ])
 def test_cli_help_after_positionals_exits_0_and_runs_nothing(tmp_path, args, phrase):
-    proc = subprocess.run([sys.executable, "-m", "dist_lm", *args], capture_output=True,
-                          text=True, env=ENV, cwd=tmp_path, timeout=120)
-    text = proc.stdout + proc.stderr
+    proc = run_cli(*args, cwd=tmp_path, timeout=120)
+    text = proc.text
     assert proc.returncode == 0, text
     assert phrase in text
     assert "error" not in text.lower() and "Traceback" not in text

@@ -10,6 +10,7 @@ import pytest
 
 from dist_lm.config import Config, flat_keys, from_dict, load_config, save_config, to_dict
 from dist_lm.errors import UserError
+from helpers.cli import REPO
 
 
 def write(tmp_path, text):
@@ -101,9 +102,7 @@ def test_every_field_has_a_docstring():
 
 
 def test_shipped_configs_load():
-    from pathlib import Path
-
-    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/*.toml"))
+    configs = sorted(REPO.glob("configs/*.toml"))
     names = {p.stem for p in configs}
     # the shipped recipes (the docs name them): each must be found, or the glob has gone wrong
     assert {"cpu_smoke", "ptb_small_cpu", "ptb_5min_cpu", "ptb_15min_cpu", "ptb_awd_lstm",

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from _data_helpers import assert_clean_failure, http_server, run_cli
+from helpers.cli import assert_clean_failure, run_cli
+from helpers.corpus import http_server
 from dist_lm.data.corpora import PRESETS, USER_AGENT
 from dist_lm.data.prepare import prepare_corpus
 from dist_lm.errors import UserError

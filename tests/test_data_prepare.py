@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from _data_helpers import assert_clean_failure, corrupt_copy, read_split, reference_ids, run_cli
+from helpers.cli import assert_clean_failure, run_cli
+from helpers.corpus import corrupt_copy, read_split, reference_ids
 import dist_lm.data.prepare as prepare_mod
 from dist_lm.data.corpora import PRESETS, holdout_ranges
 from dist_lm.data.prepare import prepare_corpus

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from _data_helpers import batchify, corrupt_copy, read_split, reference_ids, reference_windows
+from helpers.corpus import batchify, corrupt_copy, read_split, reference_ids, reference_windows
 from dist_lm.data.prepare import prepare_corpus
 from dist_lm.data.streams import StreamLoader, _Layout, _LocalReader
 from dist_lm.errors import UserError

@@ -11,14 +11,13 @@ All six runs share one subprocess (one DeepSpeed import, one process group of on
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.cli import run_ok
+
 pytestmark = pytest.mark.slow
 STAGES, OPTIMS = (0, 1, 2), ("momentum", "adam")
 
@@ -26,7 +25,8 @@ STAGES, OPTIMS = (0, 1, 2), ("momentum", "adam")
 def _one(shards: str, run_dir: Path, stage: int, optim: str) -> dict:
     import torch
 
-    from train_helpers import make_trainer, tiny_config
+    from helpers.config import tiny_config
+    from helpers.runs import make_trainer
 
     cfg = tiny_config(run_dir, shards, **{"dist.engine": "deepspeed", "dist.zero_stage": stage,
                                           "train.bf16": True, "optim.name": optim,
@@ -52,10 +52,7 @@ def _one(shards: str, run_dir: Path, stage: int, optim: str) -> dict:
 def runs(tmp_path_factory, ptb_slice) -> dict:
     tmp = tmp_path_factory.mktemp("ds-bf16")
     out = tmp / "out.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
-    p = subprocess.run([sys.executable, __file__, str(out), str(ptb_slice), str(tmp)], env=env,
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run_ok([sys.executable, __file__, str(out), str(ptb_slice), str(tmp)], timeout=600)
     return json.loads(out.read_text())
 
 

@@ -8,14 +8,7 @@ after its one all-reduce (tests/test_eval_protocol.py::test_two_ranks_equal_one_
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-from dist_lm.distributed import free_port as _free_port
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers.cli import run_ok, torchrun
 
 SCRIPT = """
 import torch
@@ -34,10 +27,5 @@ torch.distributed.destroy_process_group()
 def test_reduced_tensors_are_released_before_the_helpers_return(tmp_path):
     script = tmp_path / "reduce.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)]
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_ok([*torchrun(2), str(script)], cwd=tmp_path, timeout=240)
     assert res.stdout.count("held 0") == 2, res.stdout

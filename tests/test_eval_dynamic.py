@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from _eval_helpers import make_corpus, make_run, sentences, sha256_dir
-from _eval_helpers import one_thread  # noqa: F401 (autouse fixture)
+from helpers.corpus import make_corpus, sentences
+from helpers.runs import make_run, sha256_dir
+from helpers.runs import one_thread  # noqa: F401 (autouse fixture)
 from dist_lm.__main__ import main
 from dist_lm.eval.dynamic import DynamicEvaluator
 from dist_lm.eval.evaluate import evaluate_stream, make_loader

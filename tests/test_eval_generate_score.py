@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from _data_helpers import assert_clean_failure, run_cli
-from _eval_helpers import make_corpus, make_run, sentences
-from _eval_helpers import one_thread  # noqa: F401 (autouse fixture)
+from helpers.cli import assert_clean_failure, run_cli
+from helpers.corpus import make_corpus, sentences
+from helpers.runs import make_run
+from helpers.runs import one_thread  # noqa: F401 (autouse fixture)
 from dist_lm.__main__ import main
 from dist_lm.api import evaluate, generate, load_run, score_text
 from dist_lm.config import Config, ModelConfig

@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from _eval_helpers import make_corpus, make_run, sentences, sha256_dir, split_ids
-from _eval_helpers import one_thread  # noqa: F401 (autouse fixture)
+from helpers.cli import run_ok, torchrun
+from helpers.corpus import make_corpus, sentences, split_ids
+from helpers.runs import make_run, sha256_dir
+from helpers.runs import one_thread  # noqa: F401 (autouse fixture)
 from dist_lm.__main__ import main
 from dist_lm.eval.evaluate import FAST_BATCH, evaluate_run
-from dist_lm.distributed import free_port as _free_port
 from dist_lm.run.inference import load_run
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +95,8 @@ def test_cli_writes_json_beside_checkpoint_and_leaves_it_unchanged(setup, capsys
 def test_two_ranks_equal_one_process(setup):
     _, _, run_dir = setup
     single = evaluate_run(load_run(run_dir), split="valid", log=lambda *a: None)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "dist_lm", "eval", str(run_dir), "--split", "valid"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_ok([*torchrun(2), "-m", "dist_lm", "eval", run_dir, "--split", "valid"],
+                  timeout=240)
     res = json.loads((run_dir / "checkpoints" / "step-00000001" / "eval-valid.json").read_text())
     assert res["world_size"] == 2 and res["batch_size"] == 10
     assert res["tokens"] == single["tokens"]

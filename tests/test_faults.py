@@ -11,84 +11,31 @@ uninterrupted run; no complete checkpoint is ever lost.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from _eval_helpers import one_thread  # noqa: F401  (autouse: tiny models, one thread)
-from train_helpers import make_trainer, metrics, tiny_config
+from helpers.cli import BIN, DIST_LM, REPO, cli_env, run_ok, torchrun
+from helpers.config import FAULT_TOML, tiny_config
+from helpers.runs import make_trainer, metrics, wait_for
+from helpers.runs import one_thread  # noqa: F401  (autouse: tiny models, one thread)
 
 from dist_lm.errors import UserError
 from dist_lm.run.layout import damage, find_checkpoint, list_checkpoints, step_of
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
-
-TOML = """
-[model]
-emb_size = 16
-hidden_size = 24
-n_layers = 2
-dropout = 0.2
-dropouti = 0.1
-dropouth = 0.1
-wdrop = 0.2
-[optim]
-name = "momentum"
-lr = 0.3
-[train]
-device = "cpu"
-global_batch = 4
-bptt = 12
-seed = 141
-[data]
-eval_batch_size = 2
-test_batch_size = 1
-[log]
-every_steps = 1
-progress = false
-wandb_mode = "disabled"
-"""
-
-
-def env(**extra) -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
-    for k in list(e):
-        if k.startswith("DIST_LM_FAULT_"):
-            del e[k]
-    e.update({k: str(v) for k, v in extra.items()})
-    return e
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def train_cmd(tmp: Path, shards: Path, run_dir: Path, *args: str, nproc: int = 1) -> list[str]:
     cfg = tmp / "fault.toml"
-    cfg.write_text(TOML)
-    head = [sys.executable, "-m", "dist_lm"] if nproc == 1 else [
-        str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_port()),
-        "-m", "dist_lm"]
+    cfg.write_text(FAULT_TOML)
+    head = DIST_LM if nproc == 1 else [*torchrun(nproc), "-m", "dist_lm"]
     eng = [] if nproc == 1 else ["--dist.engine=ddp"]
     return head + ["train", str(cfg), f"--data.shards={shards}", f"--train.run_dir={run_dir}",
                    *eng, *args]
-
-
-def run_ok(cmd, **extra):
-    p = subprocess.run(cmd, cwd=REPO, env=env(**extra), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return p
 
 
 def last_state(run_dir: Path) -> tuple[Path, dict, dict]:
@@ -106,14 +53,6 @@ def assert_same_end(a: Path, b: Path):
     for i, st in oa.get("state", {}).items():
         for k, v in st.items():
             assert torch.equal(ob["state"][i][k], v), (i, k)
-
-
-def wait_for(pred, proc, timeout=120.0):
-    t0 = time.time()
-    while not pred():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout
-        time.sleep(0.05)
 
 
 def logged_step(run_dir: Path) -> int:
@@ -138,8 +77,8 @@ def test_sigterm_checkpoints_the_agreed_step_and_resumes_bit_exact(tmp_path, ptb
     run_ok(train_cmd(tmp_path, ptb_slice, tmp_path / "full", *steps, nproc=nproc))
     rd = tmp_path / "part"
     proc = subprocess.Popen(train_cmd(tmp_path, ptb_slice, rd, *steps, nproc=nproc), cwd=REPO,
-                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: logged_step(rd) >= 30, proc)
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: logged_step(rd) >= 30, proc=proc)
     proc.send_signal(signal.SIGTERM)  # the cluster's preemption (torchrun forwards it)
     out, err = proc.communicate(timeout=120)
     if nproc == 1:
@@ -164,7 +103,7 @@ def test_torchrun_restarts_after_a_rank_dies_and_ends_bit_exact(tmp_path, ptb_sl
     """launch/torchrun.sh (--max-restarts, --resume auto by default): rank 1 is SIGKILLed after
     step 7; torchrun restarts both ranks, which continue from step 6."""
     toml = tmp_path / "fault.toml"
-    toml.write_text(TOML)
+    toml.write_text(FAULT_TOML)
     args = [str(toml), f"--data.shards={ptb_slice}", "--train.max_steps=12",
             "--checkpoint.every_steps=2"]
     # gloo on the loopback interface: its address lookup by host name timed out once under load
@@ -172,7 +111,7 @@ def test_torchrun_restarts_after_a_rank_dies_and_ends_bit_exact(tmp_path, ptb_sl
 
     def launch(rd, **faults):
         cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), *args, f"--train.run_dir={rd}"]
-        return subprocess.run(cmd, cwd=REPO, env=env(**launcher, **faults), capture_output=True,
+        return subprocess.run(cmd, cwd=REPO, env=cli_env(**launcher, **faults), capture_output=True,
                               text=True, timeout=300)
 
     p = launch(tmp_path / "full")
@@ -237,7 +176,7 @@ def test_consecutive_nonfinite_steps_stop_naming_the_last_good_checkpoint(tmp_pa
     rd = tmp_path / "run"
     p = subprocess.run(train_cmd(tmp_path, ptb_slice, rd, "--train.max_steps=20",
                                  "--checkpoint.every_steps=2", "--train.max_bad_steps=2"),
-                       cwd=REPO, env=env(DIST_LM_FAULT_NAN_AT_STEPS="5,5,5,5"),
+                       cwd=REPO, env=cli_env(DIST_LM_FAULT_NAN_AT_STEPS="5,5,5,5"),
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     last = p.stderr.strip().splitlines()[-1]
@@ -274,9 +213,9 @@ def test_flipped_byte_in_newest_checkpoint_is_skipped_by_resume_and_eval(tmp_pat
 def test_failed_checkpoint_write_keeps_the_previous_one_and_says_so(tmp_path, ptb_slice):
     steps = ("--train.max_steps=600", "--checkpoint.every_steps=200", "--log.every_steps=100")
     rd = tmp_path / "part"
-    proc = subprocess.Popen(train_cmd(tmp_path, ptb_slice, rd, *steps), cwd=REPO, env=env(),
+    proc = subprocess.Popen(train_cmd(tmp_path, ptb_slice, rd, *steps), cwd=REPO, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (rd / "checkpoints" / "step-00000200" / "DONE").is_file(), proc)
+    wait_for(lambda: (rd / "checkpoints" / "step-00000200" / "DONE").is_file(), proc=proc)
     # the disk fills up: no file may grow past 16 KB any more (model.pt is larger)
     subprocess.run(["prlimit", f"--pid={proc.pid}", "--fsize=16384"], check=True)
     out, err = proc.communicate(timeout=120)
@@ -303,8 +242,8 @@ SEARCH = ("--search.n_nodes=4", "--search.rounds=2", "--search.shared_steps=3",
 
 def search_cmd(tmp: Path, shards: Path, run_dir: Path, *args: str) -> list[str]:
     cfg = tmp / "fault.toml"
-    cfg.write_text(TOML)
-    return [sys.executable, "-m", "dist_lm", "search", str(cfg), f"--data.shards={shards}",
+    cfg.write_text(FAULT_TOML)
+    return [*DIST_LM, "search", str(cfg), f"--data.shards={shards}",
             f"--train.run_dir={run_dir}", *SEARCH, *args]
 
 
@@ -332,7 +271,7 @@ def test_search_sigkilled_resumes_bit_exact(tmp_path, ptb_slice):
     run_ok(search_cmd(tmp_path, ptb_slice, tmp_path / "full"))
     rd = tmp_path / "part"
     p = subprocess.run(search_cmd(tmp_path, ptb_slice, rd), cwd=REPO,
-                       env=env(DIST_LM_FAULT_KILL_AT_STEP=7), capture_output=True, text=True,
+                       env=cli_env(DIST_LM_FAULT_KILL_AT_STEP=7), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     assert [step_of(c) for c in list_checkpoints(rd)] == [3, 6]

@@ -3,7 +3,8 @@ installed by a test; what it fires in a real run."""
 
 from __future__ import annotations
 
-from train_helpers import make_trainer, metrics, tiny_config
+from helpers.config import tiny_config
+from helpers.runs import make_trainer, metrics
 
 from dist_lm.train.faults import FAULT_RANK_ENV, KILL_ENV, NAN_ENV, Faults
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -9,8 +11,10 @@ from dist_lm.config import load_config
 from dist_lm.errors import UserError
 from dist_lm.models import build_model, detach_hidden
 from dist_lm.models.cell import CellLayer, parse_genotype
-from _cell_helpers import all_genotypes
-from train_helpers import make_trainer, metrics, tiny_config
+from helpers.cli import TRAIN_ENTRY, run_ok
+from helpers.config import tiny_config
+from helpers.models import all_genotypes
+from helpers.runs import make_trainer, metrics
 
 _ACT = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda v: v,
         "sigmoid": torch.sigmoid}
@@ -185,21 +189,13 @@ def test_cell_under_ddp_and_deepspeed_equals_the_local_run(tmp_path, ptb_slice, 
     """One rank under the DDP or DeepSpeed engine (a process group of one, gloo) trains the
     cell to the same parameters as the local engine (DDP's hooks and DeepSpeed's optimizer
     see every cell parameter used)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     over = {**CELL, "train.max_steps": 3}
     local = make_trainer(tiny_config(tmp_path / "local", ptb_slice, **over))
     local.fit()
-    helper = Path(__file__).with_name("train_helpers.py")
     args = [f"{k}={v}" for k, v in over.items()]
-    r = subprocess.run([sys.executable, str(helper), str(tmp_path / "out"),
-                        f"data.shards={ptb_slice}", f"train.run_dir={tmp_path / 'ddp'}",
-                        f"dist.engine={engine}", "dist.backend=gloo", *args],
-                       capture_output=True, text=True, timeout=120,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_ok([sys.executable, str(TRAIN_ENTRY), str(tmp_path / "out"), f"data.shards={ptb_slice}",
+            f"train.run_dir={tmp_path / 'ddp'}", f"dist.engine={engine}", "dist.backend=gloo",
+            *args], timeout=120)
     params = torch.load(tmp_path / "out.rank0.pt", weights_only=True)["params"]
     for k, v in local.module.state_dict().items():
         torch.testing.assert_close(params[k], v, rtol=1e-6, atol=1e-7)

@@ -1,16 +1,12 @@
 """The dropout primitives on their own: keep_mask statistics, weight drop's values and gradient,
 zoneout's mask, and that each is reproducible from torch's default generator."""
 
-import math
 
 import pytest
 import torch
+from helpers.models import within_binomial
 
 from dist_lm.models.dropout import keep_mask, weight_drop, zoneout_mask
-
-
-def within_binomial(k: int, n: int, p: float, sigmas: float = 6.0) -> bool:
-    return abs(k - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
 
 
 @pytest.mark.parametrize("keep", [0.9, 0.5, 0.35, 0.999])

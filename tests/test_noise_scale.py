@@ -11,8 +11,9 @@ import math
 import pytest
 import torch
 
-from _eval_helpers import one_thread  # noqa: F401  (autouse: tiny models, one thread)
-from train_helpers import make_trainer, metrics, tiny_config
+from helpers.runs import one_thread  # noqa: F401  (autouse: tiny models, one thread)
+from helpers.config import tiny_config
+from helpers.runs import make_trainer, metrics
 
 from dist_lm.config import Config, ModelConfig, load_config
 from dist_lm.errors import UserError

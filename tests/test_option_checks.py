@@ -10,33 +10,16 @@ import os
 import pty
 import struct
 import subprocess
-import sys
 import termios
 from pathlib import Path
 
 import pytest
 
-from _data_helpers import assert_clean_failure
+from helpers.cli import BIN, DIST_LM, REPO, assert_clean_failure, cli_env
+from helpers.config import OPTION_TOML
+from helpers.corpus import make_corpus, sentences
+from helpers.runs import make_run
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-TINY = """
-[data]
-corpus = "ptb"
-[model]
-emb_size = 16
-hidden_size = 32
-n_layers = 1
-[train]
-device = "cpu"
-global_batch = 10
-bptt = 20
-max_steps = 20
-run_dir = "run"
-[log]
-progress = false
-"""
 
 def test_wandb_credentials_found_where_wandb_reads_them(tmp_path, monkeypatch):
     from dist_lm.config import wandb_credentials
@@ -59,9 +42,8 @@ def test_wandb_credentials_found_where_wandb_reads_them(tmp_path, monkeypatch):
 def test_torchrun_script_refuses_a_bad_config_once(tmp_path):
     """Before: torchrun started the ranks, each refused the config, and the elastic restarts
     repeated it (8 copies of the message). Now one line, exit 2, no rank started."""
-    (tmp_path / "tiny.toml").write_text(TINY)
-    env = dict(os.environ, NPROC="2", TORCHRUN=str(BIN / "torchrun"), MAX_RESTARTS="3",
-               PYTHONPATH=str(REPO))
+    (tmp_path / "tiny.toml").write_text(OPTION_TOML)
+    env = cli_env(NPROC="2", TORCHRUN=str(BIN / "torchrun"), MAX_RESTARTS="3")
     res = subprocess.run(["bash", str(REPO / "launch" / "torchrun.sh"),
                           str(tmp_path / "tiny.toml"), "--optim.clip=-1",
                           f"--train.run_dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
@@ -75,8 +57,6 @@ def test_torchrun_script_refuses_a_bad_config_once(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    from _eval_helpers import make_corpus, make_run, sentences
-
     root = tmp_path_factory.mktemp("progress")
     corpus = make_corpus(root, sentences(200, 1), sentences(60, 2), sentences(40, 3))
     return make_run(root, corpus, train_steps=0)
@@ -84,8 +64,8 @@ def small_run(tmp_path_factory):
 
 def _eval(run_dir: Path, tty: bool) -> str:
     """stderr of `dist-lm eval RUN --split valid`, on a pseudo-terminal or a pipe."""
-    cmd = [sys.executable, "-m", "dist_lm", "eval", str(run_dir), "--split", "valid"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [*DIST_LM, "eval", str(run_dir), "--split", "valid"]
+    env = cli_env()
     if not tty:
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=120)

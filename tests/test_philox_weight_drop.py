@@ -3,7 +3,6 @@ Triton's `tl.randint4x`, the C kernel (AVX2 and plain builds) against the refere
 weight_drop's masks: rate, independence, reproducibility, gradient, thread count, dtypes."""
 
 import ctypes
-import math
 import os
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers.models import within_binomial
 
 from dist_lm.kernels import weight_drop_cpu
 from dist_lm.kernels.philox import K, philox4x32, philox_bits, threshold
@@ -121,10 +121,6 @@ def test_plain_c_build_without_avx2_draws_the_same_bits(tmp_path):
             bits = torch.zeros(n, dtype=torch.int32)
             so.philox_fill(bits.data_ptr(), n, seed, 0, -(-n // (4 * K)))
             assert torch.equal(bits.to(torch.int64) & 0xFFFFFFFF, philox_bits(n, seed)), (n, seed)
-
-
-def within_binomial(k: int, n: int, p: float, sigmas: float = 6.0) -> bool:
-    return abs(k - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
 
 
 def kept(shape, p, seed=0):

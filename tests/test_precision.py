@@ -4,22 +4,16 @@ accumulates bf16 gradients in fp32, TF32 is a switch, NCCL is refused for two ra
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 
-from _eval_helpers import one_thread  # noqa: F401  (autouse: tiny models, one thread)
+from helpers.cli import TRAIN_ENTRY, run_ok, torchrun
+from helpers.runs import one_thread  # noqa: F401  (autouse: tiny models, one thread)
 
 from dist_lm.config import Config, ModelConfig
 from dist_lm.distributed import nccl_refusal, set_tf32
 from dist_lm.models import build_model
 from dist_lm.models.lstm import WeightDropRNN
 from dist_lm.train.engines import deepspeed_config
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def spy_runs(layer: WeightDropRNN) -> list[tuple[bool, torch.dtype, torch.dtype]]:
     """(autocast on?, input dtype, weight dtype used) for every call of the layer's kernel."""
@@ -86,21 +80,10 @@ def test_deepspeed_bf16_accumulates_in_fp32_and_averages_in_fp32(tmp_path, ptb_s
     assert "data_types" not in deepspeed_config(Config(), world_size=2, micro=1, accum=2)
     # a real DeepSpeed bf16 run on CPU (gloo, ZeRO-1) averaging from the first step
     rd = tmp_path / "run"
-    env = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    import os
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    p = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-                        "--master_port", str(port), str(REPO / "tests" / "train_helpers.py"),
-                        str(tmp_path / "out"), f"data.shards={ptb_slice}", f"train.run_dir={rd}",
-                        "dist.engine=deepspeed", "dist.zero_stage=1", "train.bf16=true",
-                        "train.finetune=true", "train.max_steps=6", "train.micro_batch=1"],
-                       cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_ok([*torchrun(2), str(TRAIN_ENTRY), str(tmp_path / "out"), f"data.shards={ptb_slice}",
+            f"train.run_dir={rd}", "dist.engine=deepspeed", "dist.zero_stage=1",
+            "train.bf16=true", "train.finetune=true", "train.max_steps=6",
+            "train.micro_batch=1"])
     ck = rd / "checkpoints" / "step-00000006"
     avg = torch.load(ck / "averaged.pt", weights_only=True)
     live = torch.load(ck / "model.pt", weights_only=True)
@@ -138,7 +121,8 @@ def test_compile_traces_around_the_lstm_and_once_for_every_bptt_length(tmp_path,
     compile nothing new. A recording backend (no code generation) stands in for inductor, whose
     C++ build takes minutes on this CPU; dynamo's tracing and guards are the real ones."""
     import torch._dynamo
-    from train_helpers import make_trainer, tiny_config
+    from helpers.config import tiny_config
+    from helpers.runs import make_trainer
 
     graphs = []
 

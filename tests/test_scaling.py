@@ -1,7 +1,7 @@
 """Large-batch scaling at the trainer level (docs/scaling.md): the start-of-run lines, the
 resolved values in config.json, the automatically chosen micro batch (equal to the explicit
 accumulation run, and to one pass per rank within float tolerance), and resume checks. Real
-model, real StreamLoader, real PTB-slice shards (train_helpers)."""
+model, real StreamLoader, real PTB-slice shards (helpers.corpus)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from train_helpers import make_trainer, metrics, tiny_config
+from helpers.config import tiny_config
+from helpers.runs import make_trainer, metrics
 
 from dist_lm.config import from_dict
 from dist_lm.errors import UserError

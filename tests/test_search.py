@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +14,10 @@ from dist_lm.config import load_config
 from dist_lm.models import build_model
 from dist_lm.models.cell import ACTIVATIONS, CellLayer, Genotype, parse_genotype, uniform_genotype
 from dist_lm.search import Controller, Search, build_supernet, set_cell
-from _cell_helpers import all_genotypes
-from train_helpers import metrics, tiny_config
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers.cli import run_cli
+from helpers.config import tiny_config
+from helpers.models import all_genotypes
+from helpers.runs import metrics
 
 
 # ---- the controller ------------------------------------------------------------------------
@@ -181,12 +179,6 @@ def test_derived_config_trains_and_random_search_uses_the_same_budget(tmp_path, 
         Search(enas).run(resume="auto")
 
 
-def _cli(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "dist_lm", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.slow
 def test_cli_search_resume_and_bad_cell(tmp_path, ptb_slice):
     conf = tmp_path / "search.toml"
@@ -197,19 +189,19 @@ def test_cli_search_resume_and_bad_cell(tmp_path, ptb_slice):
                                        "log.wandb_mode": "disabled", "log.progress": False,
                                        "search.rounds": 1,
                                        "train.run_dir": str(tmp_path / "run")}.items()]
-    r = _cli("search", str(conf), *over, "--random", cwd=tmp_path)
+    r = run_cli("search", conf, *over, "--random", cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "random search" in (tmp_path / "run" / "cell.toml").read_text()
     assert (tmp_path / "run" / "checkpoints" / "step-00000005" / "DONE").is_file()
-    r = _cli("search", str(conf), *over, "--search.rounds=2", "--resume=auto", "--random",
-             cwd=tmp_path)
+    r = run_cli("search", conf, *over, "--search.rounds=2", "--resume=auto", "--random",
+                cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout
     derived = json.loads((tmp_path / "run" / "derive.json").read_text())
     assert derived["step"] == 10 and derived["random"] is True
-    r = _cli("train", str(conf), "--model.arch=cell", "--model.cell=tanh:0 gelu:1",
-             "--train.global_batch=4", "--train.bptt=12", "--data.eval_batch_size=2",
-             f"--train.run_dir={tmp_path / 'bad'}", cwd=tmp_path)
+    r = run_cli("train", conf, "--model.arch=cell", "--model.cell=tanh:0 gelu:1",
+                "--train.global_batch=4", "--train.bptt=12", "--data.eval_batch_size=2",
+                f"--train.run_dir={tmp_path / 'bad'}", cwd=tmp_path, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "dist-lm: error: model.cell: node 2 ('gelu:1') has unknown activation 'gelu'; use one "

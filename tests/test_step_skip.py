@@ -15,14 +15,13 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from train_helpers import make_trainer, metrics, tiny_config
+from helpers.config import tiny_config
+from helpers.runs import TIMING, make_trainer, metrics
 
 from dist_lm.errors import UserError
 
 # what reads a tensor on the host (on CUDA: waits for the device)
 SYNCS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
-TIMING = {"time", "tokens_per_s", "tokens_per_s_per_device", "data_wait_share", "interval_s",
-          "elapsed_s", "valid_seconds", "train_seconds"}
 
 
 class HostReads(TorchFunctionMode):

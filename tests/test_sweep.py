@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -20,25 +19,21 @@ from dist_lm.config import load_config
 from dist_lm.errors import UserError
 from dist_lm.sweep.space import load_spec
 
-from _data_helpers import assert_clean_failure
+from helpers.cli import DIST_LM, REPO, assert_clean_failure, cli_env, run_cli
+from helpers.config import LR_DROPOUT
+from helpers.corpus import make_corpus, ptb_lines
+from helpers.runs import metrics, wait_for
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, shared_data) -> Path:
     """The first lines of PTB as a text:DIR corpus (vocabulary of a few thousand words)."""
-    from dist_lm.data.prepare import prepare_corpus
-
-    root = tmp_path_factory.mktemp("sweep-corpus")
-    src = root / "text"
-    src.mkdir()
-    for split, n in (("train", 1500), ("valid", 200), ("test", 150)):
-        lines = (shared_data / "ptb" / f"ptb.{split}.txt").read_text().splitlines()[:n]
-        (src / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    return prepare_corpus(f"text:{src}", out=root / "shards", workers=1, quiet=True,
-                          download=False)
+    return make_corpus(tmp_path_factory.mktemp("sweep-corpus"),
+                       *(ptb_lines(shared_data, s, n) for s, n in (("train", 1500),
+                                                                   ("valid", 200), ("test", 150))),
+                       name="shards", chunk_len=65536)  # prepare's own chunks
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +66,8 @@ progress = false
 @pytest.fixture()
 def env(tmp_path):
     # one thread per trial: the machine's 2 cores are shared; the baseline file stays in tmp
-    return {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-            "OMP_WAIT_POLICY": "PASSIVE", "DIST_LM_BASELINES": str(tmp_path / "baselines.json"),
-            "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    return cli_env(OMP_WAIT_POLICY="PASSIVE", DIST_LM_BASELINES=tmp_path / "baselines.json",
+                   MPLCONFIGDIR=tmp_path / "mpl")
 
 
 def study_file(path: Path, base: Path, study: str, space: str, extra: str = "") -> Path:
@@ -82,21 +76,8 @@ def study_file(path: Path, base: Path, study: str, space: str, extra: str = "") 
     return path
 
 
-LR_DROPOUT = """
-[space."optim.lr"]
-type = "loguniform"
-low = 5
-high = 40
-[space."model.dropout"]
-type = "uniform"
-low = 0.0
-high = 0.5
-"""
-
-
 def sweep(*args, env, cwd, timeout=240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dist_lm", "sweep", *map(str, args)], env=env,
-                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return run_cli("sweep", *args, env=env, cwd=cwd, timeout=timeout)
 
 
 def load(study_dir: Path, name: str, storage: str | None = None):
@@ -105,8 +86,8 @@ def load(study_dir: Path, name: str, storage: str | None = None):
 
 
 def records(run_dir: Path) -> list[dict]:
-    p = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
+    """metrics.jsonl's rows; none before the trainer wrote one."""
+    return metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
 
 
 # ---- bad input: one message, no trial ---------------------------------------------------
@@ -450,9 +431,8 @@ def test_two_workers_report_and_best_config_reproduces(tmp_path, base, env):
 
     # best.toml is a ready recipe: training it again gives the trial's value
     rerun = tmp_path / "rerun"
-    p = subprocess.run([sys.executable, "-m", "dist_lm", "train", str(sdir / "best.toml"),
-                        f"--train.run_dir={rerun}"], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=240)
+    p = run_cli("train", sdir / "best.toml", f"--train.run_dir={rerun}", env=env, cwd=tmp_path,
+                timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     final = [r for r in records(rerun) if r.get("final")][0]
     assert final["valid_ppl"] == pytest.approx(best.value, rel=1e-6)
@@ -531,20 +511,9 @@ def test_pruned_failed_and_diverged_trials_and_the_study_goes_on(tmp_path, base,
     assert "does not divide" in report and reason.replace("|", "\\|") in report
 
 
-def _wait_for(cond, timeout: float, what: str):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _start_sweep(f: Path, sdir: Path, env: dict, cwd: Path, **popen) -> subprocess.Popen:
-    """`dist-lm sweep F --dir SDIR` in the background."""
-    return subprocess.Popen([sys.executable, "-m", "dist_lm", "sweep", str(f), "--dir",
-                             str(sdir)], env=env, cwd=cwd, **popen)
+def start_sweep(*args, env: dict, cwd: Path, **popen) -> subprocess.Popen:
+    """`dist-lm sweep ARGS` in the background."""
+    return subprocess.Popen([*DIST_LM, "sweep", *map(str, args)], env=env, cwd=cwd, **popen)
 
 
 def _processes_with(text: str) -> list[int]:
@@ -567,11 +536,11 @@ def test_killed_study_continues_and_requeues_the_interrupted_trial(tmp_path, bas
     f = study_file(tmp_path / "s.toml", base, 'name = "kill"\ntrials = 2\n'
                    'sampler = { kind = "random", seed = 5 }', LR_DROPOUT)
     sdir = tmp_path / "study"
-    proc = _start_sweep(f, sdir, env, tmp_path, stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
+    proc = start_sweep(f, "--dir", sdir, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
     try:
         trainer = str(sdir / "trials" / "1")
-        _wait_for(lambda: _processes_with(trainer), 120, "trial 1's trainer to start")
+        wait_for(lambda: _processes_with(trainer), 120, "trial 1's trainer to start")
         os.kill(proc.pid, signal.SIGKILL)  # mid-trial
         proc.wait(10)
     finally:
@@ -579,7 +548,7 @@ def test_killed_study_continues_and_requeues_the_interrupted_trial(tmp_path, bas
             proc.kill()
     first = (sdir / "trials" / "0" / "metrics.jsonl").read_bytes()
     # the trainer of trial 1 dies with its sweep (no orphan writing into the study)
-    _wait_for(lambda: not _processes_with(trainer), 30, "trial 1's trainer to end")
+    wait_for(lambda: not _processes_with(trainer), 30, "trial 1's trainer to end")
     assert not any(r.get("final") for r in records(sdir / "trials" / "1"))
     trials = load(sdir, "kill").get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING]
@@ -626,10 +595,10 @@ def test_ctrl_c_stops_in_one_line_and_the_rerun_samples_a_new_point(tmp_path, ba
     f = study_file(tmp_path / "s.toml", base, 'name = "cc"\ntrials = 2\n'
                    'sampler = { kind = "random", seed = 5 }', LR_DROPOUT)
     sdir = tmp_path / "study"
-    proc = _start_sweep(f, sdir, env, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                        text=True, start_new_session=True)
+    proc = start_sweep(f, "--dir", sdir, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait_for(lambda: records(sdir / "trials" / "0"), 120, "trial 0 to train")
+        wait_for(lambda: records(sdir / "trials" / "0"), 120, "trial 0 to train")
         os.killpg(proc.pid, signal.SIGINT)  # the sweep and its trainer, as Ctrl-C does
         _, err = proc.communicate(timeout=120)
     finally:
@@ -655,11 +624,10 @@ def test_a_trainer_stopped_from_outside_is_run_again(tmp_path, base, env):
     f = study_file(tmp_path / "s.toml", base, 'name = "pre"\ntrials = 1', LR_DROPOUT)
     f.write_text(f.read_text().replace("steps = 20", "steps = 60"))  # a few seconds of steps
     sdir = tmp_path / "study"
-    proc = subprocess.Popen([sys.executable, "-m", "dist_lm", "sweep", str(f), "--dir",
-                             str(sdir)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_sweep(f, "--dir", sdir, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: records(sdir / "trials" / "0"), 120, "trial 0 to train")
+        wait_for(lambda: records(sdir / "trials" / "0"), 120, "trial 0 to train")
         (pid,) = _processes_with(str(sdir / "trials" / "0"))
         os.kill(pid, signal.SIGTERM)  # the trainer only, as a cluster's preemption would
         out, err = proc.communicate(timeout=240)
@@ -679,10 +647,9 @@ def test_two_sweep_processes_share_one_sqlite_study(tmp_path, base, env):
     f = study_file(tmp_path / "s.toml", base, 'name = "shared"\ntrials = 3\n'
                    'sampler = { kind = "random" }', LR_DROPOUT)
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    procs = [subprocess.Popen([sys.executable, "-m", "dist_lm", "sweep", str(f), "--dir",
-                               str(tmp_path / f"machine-{i}"), "--storage", url], env=env,
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
+    procs = [start_sweep(f, "--dir", tmp_path / f"machine-{i}", "--storage", url, env=env,
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]

@@ -16,8 +16,9 @@ from optuna.trial import TrialState, create_trial
 
 from dist_lm.sweep.space import load_spec
 from dist_lm.sweep.study import SPEC_COPY, STUDY_INFO, open_study
+from helpers.cli import REPO
+from helpers.config import LR_DROPOUT
 
-REPO = Path(__file__).resolve().parents[1]
 NEW_STUDY = "A new study created in memory"
 
 SPACE = f"""[study]
@@ -26,15 +27,7 @@ base = "{REPO / 'configs' / 'cpu_smoke.toml'}"
 budget = {{ steps = 20 }}
 eval_every_steps = 5
 sampler = {{ kind = "random", seed = 0 }}
-[space."optim.lr"]
-type = "loguniform"
-low = 5
-high = 40
-[space."model.dropout"]
-type = "uniform"
-low = 0.0
-high = 0.5
-"""
+""" + LR_DROPOUT
 
 
 def study_dir(root: Path) -> Path:

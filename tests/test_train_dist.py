@@ -1,7 +1,7 @@
 """1 rank vs 2 ranks (DDP) vs DeepSpeed ZeRO 0/1/2 on CPU/gloo, and exact resume after SIGKILL,
 on the real path: RNNLanguageModel (LSTM and QRNN) and StreamLoader over real PTB-slice shards.
 
-Runs go through tests/train_helpers.py in subprocesses (torchrun for 2 ranks), one thread each.
+Runs go through tests/helpers/train_entry.py in subprocesses (torchrun for 2 ranks), one thread each.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,42 +16,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import make_trainer, metrics, tiny_config
+from helpers.cli import REPO, TRAIN_ENTRY, cli_env, run_ok, torchrun
+from helpers.config import tiny_config
+from helpers.runs import TIMING, make_trainer, metrics
 
 from dist_lm.errors import UserError
 from dist_lm.run.layout import list_checkpoints, step_of
 
-REPO = Path(__file__).resolve().parents[1]
-HELPER = REPO / "tests" / "train_helpers.py"
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-TIMING = {"time", "tokens_per_s", "tokens_per_s_per_device", "data_wait_share", "interval_s",
-          "elapsed_s", "valid_seconds", "train_seconds"}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(tmp: Path, name: str, nproc: int, shards: Path, *args: str, kill: int = 0,
         check: bool = True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
-    env.pop("DIST_LM_FAULT_KILL_AT_STEP", None)
-    if kill:
-        env["DIST_LM_FAULT_KILL_AT_STEP"] = str(kill)
-    out = tmp / name
-    if nproc == 1:
-        cmd = [sys.executable, str(HELPER)]
-    else:
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
-               str(_port()), str(HELPER)]
-    cmd += [str(out), f"data.shards={shards}"] + list(args)
-    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    """tests/helpers/train_entry.py OUT=tmp/name (under torchrun for 2 ranks); `kill`: the
+    step after which the fault injection SIGKILLs the run."""
+    head = [sys.executable] if nproc == 1 else torchrun(nproc)
+    cmd = [*head, str(TRAIN_ENTRY), str(tmp / name), f"data.shards={shards}", *args]
+    fault = {"DIST_LM_FAULT_KILL_AT_STEP": kill or None}
     if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
+        return run_ok(cmd, **fault)
+    return subprocess.run(cmd, env=cli_env(fault), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
 
 
 def result(tmp: Path, name: str, rank: int = 0) -> dict:

@@ -8,15 +8,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from _eval_helpers import one_thread  # noqa: F401  (autouse: tiny models, one thread)
-from train_helpers import make_trainer, metrics, tiny_config
+from helpers.cli import REPO, run_cli
+from helpers.config import tiny_config
+from helpers.runs import make_trainer, metrics
+from helpers.runs import one_thread  # noqa: F401  (autouse: tiny models, one thread)
 
 from dist_lm.errors import UserError
 from dist_lm.eval.windows import evaluate_stream
@@ -24,7 +23,6 @@ from dist_lm.run.directory import RunLock, run_id
 from dist_lm.run.layout import (checkpoint_files, find_checkpoint, list_checkpoints, read_marker,
                                 step_of)
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def steps_of(run_dir) -> list[int]:
@@ -77,12 +75,9 @@ def test_second_writer_is_refused_by_the_lock(tmp_path, ptb_slice):
     try:
         toml = tmp_path / "c.toml"
         toml.write_text("")
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        p = subprocess.run([sys.executable, "-m", "dist_lm", "train", str(toml),
-                            f"--data.shards={ptb_slice}", f"--train.run_dir={rd}",
-                            "--train.max_steps=1", "--model.emb_size=8", "--model.hidden_size=8",
-                            "--train.global_batch=2", "--train.bptt=8"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        p = run_cli("train", toml, f"--data.shards={ptb_slice}", f"--train.run_dir={rd}",
+                    "--train.max_steps=1", "--model.emb_size=8", "--model.hidden_size=8",
+                    "--train.global_batch=2", "--train.bptt=8", cwd=REPO, timeout=120)
         assert p.returncode != 0
         assert "in use by another dist-lm train" in p.stderr and "Traceback" not in p.stderr
         assert sorted(x.name for x in rd.iterdir()) == [".lock"]  # nothing written
@@ -222,9 +217,7 @@ def test_final_test_uses_best_checkpoint_and_pruning_keeps_it(tmp_path, ptb_slic
     assert read_marker(list_checkpoints(rd)[-1])["best_step"] == best_step
     assert find_checkpoint(rd).name == f"step-{best_step:08d}"
     assert find_checkpoint(rd, "latest").name == "step-00000040"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "dist_lm", "eval", str(rd), "--split", "test"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    p = run_cli("eval", rd, "--split", "test", cwd=REPO, timeout=120)
     assert p.returncode == 0, p.stderr
     res = json.loads((rd / "checkpoints" / f"step-{best_step:08d}" / "eval-test.json").read_text())
     assert res["nll"] == pytest.approx(final["test_loss"], rel=1e-9)
@@ -358,7 +351,7 @@ def test_data_shard_url_reads_the_same_streams(tmp_path, ptb_slice):
 def test_failed_start_writes_nothing(tmp_path, ptb_slice):
     """A damaged shard or a bad --resume value stops train before config.json, vocab.json or
     metrics.jsonl exist (and a directory the run would have created does not appear)."""
-    from _data_helpers import corrupt_copy
+    from helpers.corpus import corrupt_copy
 
     bad = corrupt_copy(ptb_slice, tmp_path / "bad-shards", "test-000000.tar", 700)
     rd = tmp_path / "run"

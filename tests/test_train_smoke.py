@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.cli import REPO
+
 DIST_LM = str(Path(sys.executable).parent / "dist-lm")
 pytestmark = pytest.mark.slow
 

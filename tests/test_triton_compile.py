@@ -21,11 +21,10 @@ import shutil
 import subprocess
 import sys
 from collections import defaultdict
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers.cli import REPO
+
 DEVICE_TRITON = "3.6.0"  # the GPU machine's image (torch 2.11.0+cu130)
 
 
@@ -47,11 +46,11 @@ def device_triton(tmp_path_factory):
 
 def compile_report(tmp_path, pythonpath: list[str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=os.pathsep.join(pythonpath + [str(ROOT)]),
+    env.update(PYTHONPATH=os.pathsep.join(pythonpath + [str(REPO)]),
                TRITON_CACHE_DIR=str(tmp_path / "triton-cache"),
                TRITON_DEFAULT_FP_FUSION="1")  # Triton's default (3.9 warns while it is unset)
     out = tmp_path / "report.json"
-    res = subprocess.run([sys.executable, str(ROOT / "tests" / "_triton_compile.py"), str(out)],
+    res = subprocess.run([sys.executable, str(REPO / "tests" / "_triton_compile.py"), str(out)],
                          env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     return json.loads(out.read_text())

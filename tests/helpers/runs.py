@@ -1,23 +1,30 @@
-"""Tiny corpora and runs for the eval tests, built with the real prepare, StreamLoader and
-build_model: a text:DIR corpus prepared into shards, and a run directory (config.json,
-vocab.json, checkpoints/step-00000001/{model.pt, DONE}) holding a briefly trained model."""
+"""Runs for the tests: a Trainer and its metrics, a run directory holding a briefly trained
+model for eval (built with the real StreamLoader and build_model), waiting on a background
+process, and the one-thread fixture."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from dist_lm.config import Config, ModelConfig
-from dist_lm.data.prepare import prepare_corpus
 from dist_lm.data.streams import StreamLoader
 from dist_lm.data.tokenizers import load_tokenizer
 from dist_lm.models import build_model, detach_hidden
 from dist_lm.run.directory import write_run_files
 from dist_lm.run.layout import step_dir_name
+
+from helpers.config import TINY_BPTT, TINY_MODEL
+
+# metrics.jsonl keys that measure time, not the run: left out where two runs are compared
+TIMING = {"time", "tokens_per_s", "tokens_per_s_per_device", "data_wait_share", "interval_s",
+          "elapsed_s", "valid_seconds", "train_seconds"}
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -29,38 +36,37 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-WORDS = ("the cat dog sat on a mat and ran to big red house when it rained over "
-         "hills sun was warm light came down").split()
+def make_trainer(cfg, **kwargs):
+    from dist_lm.train.trainer import Trainer
+
+    return Trainer(cfg, **kwargs)
 
 
-def sentences(n: int, seed: int) -> str:
-    """Lines of a small Markov-ish language (learnable, not trivial)."""
-    g = np.random.default_rng(seed)
-    lines = []
-    for _ in range(n):
-        k = int(g.integers(3, 9))
-        start = int(g.integers(0, len(WORDS)))
-        steps = g.integers(0, 3, size=k)
-        lines.append(" ".join(WORDS[(start + int(s)) % len(WORDS)] for s in np.cumsum(steps)))
-    return "\n".join(lines) + "\n"
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def make_corpus(root: Path, train: str, valid: str, test: str, tokenizer: str = "word",
-                name: str = "corpus") -> Path:
-    src = root / f"{name}-text"
-    src.mkdir(parents=True, exist_ok=True)
-    for split, text in (("train", train), ("valid", valid), ("test", test)):
-        (src / f"{split}.txt").write_text(text)
-    return prepare_corpus(f"text:{src}", out=root / name, tokenizer=tokenizer, download=False,
-                          workers=1, quiet=True, chunk_len=256)
+def wait_for(cond, timeout: float = 120.0, what: str = "", proc=None):
+    """Poll `cond` until it returns something true (returned); fail after `timeout` seconds or
+    as soon as `proc` (a Popen) has ended."""
+    t0 = time.monotonic()
+    while True:
+        got = cond()
+        if got:
+            return got
+        if proc is not None:
+            assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what or cond}"
+        time.sleep(0.05)
 
 
-def tiny_config(corpus_dir: Path, arch: str = "lstm", head: str = "softmax") -> Config:
+def eval_config(corpus_dir: Path, arch: str = "lstm", head: str = "softmax") -> Config:
+    """The tiny model with the library's default regularizers, as make_run trains it."""
     cfg = Config()
     cfg.data.shards = str(corpus_dir)
-    cfg.model = ModelConfig(arch=arch, emb_size=16, hidden_size=24, n_layers=2, head=head,
+    cfg.model = ModelConfig(arch=arch, **TINY_MODEL, head=head,
                             cutoffs=[5, 12] if head == "adaptive" else [], n_experts=3)
-    cfg.train.bptt = 12
+    cfg.train.bptt = TINY_BPTT
     cfg.log.wandb_mode = "disabled"
     return cfg
 
@@ -68,7 +74,7 @@ def tiny_config(corpus_dir: Path, arch: str = "lstm", head: str = "softmax") -> 
 def make_run(root: Path, corpus_dir: Path, arch: str = "lstm", head: str = "softmax",
              train_steps: int = 30, name: str = "run", seed: int = 0) -> Path:
     """A run directory with one finished checkpoint of a briefly trained tiny model."""
-    cfg = tiny_config(corpus_dir, arch, head)
+    cfg = eval_config(corpus_dir, arch, head)
     run_dir = root / name
     write_run_files(run_dir, cfg, corpus_dir)
     torch.manual_seed(seed)
@@ -78,7 +84,7 @@ def make_run(root: Path, corpus_dir: Path, arch: str = "lstm", head: str = "soft
         model.train()
         hidden, steps = model.init_hidden(4), 0
         while steps < train_steps:
-            for x, y in StreamLoader(corpus_dir, "train", 4, bptt=12):
+            for x, y in StreamLoader(corpus_dir, "train", 4, bptt=TINY_BPTT):
                 out = model(x, hidden, y)
                 hidden = detach_hidden(out.hidden)
                 opt.zero_grad()
@@ -98,9 +104,3 @@ def sha256_dir(d: Path) -> dict[str, str]:
     """Digest of every file in a step directory except eval results."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())
             if p.is_file() and not p.name.startswith("eval-")}
-
-
-def split_ids(corpus_dir: Path, split: str) -> list[int]:
-    tok = load_tokenizer(corpus_dir)
-    text = (corpus_dir.parent / f"{corpus_dir.name}-text" / f"{split}.txt").read_text()
-    return tok.encode(text)

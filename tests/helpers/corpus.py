@@ -1,5 +1,6 @@
-"""Helpers for the data tests: plain reference implementations, shard reading, a loopback
-HTTP server, and running the CLI as a subprocess."""
+"""Corpora for the tests, built with the real prepare: a slice of PTB, a small generated
+language; reading and damaging shards; AWD-LSTM's reference ids and windows; a loopback HTTP
+server to download from."""
 
 from __future__ import annotations
 
@@ -7,10 +8,7 @@ import functools
 import http.server
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import threading
 from contextlib import contextmanager
@@ -19,7 +17,57 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+WORDS = ("the cat dog sat on a mat and ran to big red house when it rained over "
+         "hills sun was warm light came down").split()
+
+
+def sentences(n: int, seed: int) -> str:
+    """Lines of a small Markov-ish language (learnable, not trivial)."""
+    g = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n):
+        k = int(g.integers(3, 9))
+        start = int(g.integers(0, len(WORDS)))
+        steps = g.integers(0, 3, size=k)
+        lines.append(" ".join(WORDS[(start + int(s)) % len(WORDS)] for s in np.cumsum(steps)))
+    return "\n".join(lines) + "\n"
+
+
+def make_corpus(root: Path, train: str, valid: str, test: str, tokenizer: str = "word",
+                name: str = "corpus", **prepare) -> Path:
+    """The three texts as a text:DIR corpus (ROOT/NAME-text) prepared into ROOT/NAME (chunks
+    of 256 tokens unless `prepare` says otherwise)."""
+    from dist_lm.data.prepare import prepare_corpus
+
+    src = root / f"{name}-text"
+    src.mkdir(parents=True, exist_ok=True)
+    for split, text in (("train", train), ("valid", valid), ("test", test)):
+        (src / f"{split}.txt").write_text(text)
+    return prepare_corpus(f"text:{src}", out=root / name, tokenizer=tokenizer, download=False,
+                          workers=1, quiet=True, **{"chunk_len": 256, **prepare})
+
+
+def ptb_lines(shared_data: Path, split: str, n: int) -> str:
+    """The first n lines of PTB's split."""
+    return "".join((shared_data / "ptb" / f"ptb.{split}.txt").read_text().splitlines(True)[:n])
+
+
+def small_corpus(root: Path, shared_data: Path, name: str = "ptb-slice", train_lines: int = 80,
+                 eval_lines: int = 40, max_vocab: int = 200) -> Path:
+    """The first lines of PTB's train/valid/test as a text:DIR corpus, prepared into shards of
+    512 tokens (several shards per split, so reads cross shard boundaries)."""
+    return make_corpus(root, *(ptb_lines(shared_data, s, n) for s, n in (
+        ("train", train_lines), ("valid", eval_lines), ("test", eval_lines))), name=name,
+        shard_tokens=512, max_vocab=max_vocab)
+
+
+def split_ids(corpus_dir: Path, split: str) -> list[int]:
+    """A split's ids, encoded from the text make_corpus kept beside the corpus."""
+    from dist_lm.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(corpus_dir)
+    text = (corpus_dir.parent / f"{corpus_dir.name}-text" / f"{split}.txt").read_text()
+    return tok.encode(text)
 
 
 def reference_ids(paths: list[Path]) -> tuple[dict, list[list[int]]]:
@@ -127,22 +175,3 @@ def http_server(root: Path, log: list | None = None, forbid: tuple = (), cut: tu
         server.shutdown()
         server.server_close()
         thread.join(5)
-
-
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dist_lm", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def assert_clean_failure(res: subprocess.CompletedProcess, *needles: str) -> str:
-    """Non-zero exit, one `dist-lm: error:` line (the last) naming the needles, no traceback."""
-    err = res.stderr.strip()
-    assert res.returncode != 0, (res.stdout, err)
-    assert "Traceback" not in err and "Traceback" not in res.stdout, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower()]
-    assert errors == lines[-1:] and lines[-1].startswith("dist-lm: error: "), err  # progress lines may precede
-    for n in needles:
-        assert n in lines[-1], (n, lines[-1])
-    return lines[-1]

@@ -1,8 +1,9 @@
-"""Shared by the cell-layer and the cell-search tests."""
+"""Shared by the model and kernel tests: the cell search space, a binomial bound."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 from dist_lm.models.cell import ACTIVATIONS, Genotype
 
@@ -14,3 +15,8 @@ def all_genotypes(n: int):
     for preds in itertools.product(*pred_choices):
         for acts in itertools.product(ACTIVATIONS, repeat=n):
             yield Genotype(acts, preds)
+
+
+def within_binomial(k: int, n: int, p: float, sigmas: float = 6.0) -> bool:
+    """k successes of n draws of probability p lie within `sigmas` standard deviations."""
+    return abs(k - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
