@@ -4,7 +4,7 @@ Without the wait, about one all-reduce in five returned while the worker still h
 tensor (use count 4: its work and future). A process that ended in that moment dropped the
 last reference in the worker after Python had begun to shut down, and aborted ("terminate
 called without an active exception"): rank 1 of a 2-rank `dist-lm eval`, which exits right
-after its one all-reduce (tests/test_eval_protocol.py::test_two_ranks_equal_one_process)."""
+after its one all-reduce (tests/eval/test_eval_protocol.py::test_two_ranks_equal_one_process)."""
 
 from __future__ import annotations
 

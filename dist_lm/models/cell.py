@@ -27,7 +27,7 @@ weights); a fixed layer holds one matrix per node.
 
 The time loop is one autograd Function (`_CellRecurrence`) with a hand-written backward: no
 per-op autograd records inside the loop, and each weight gradient is one matmul over all
-timesteps (tests/test_models_cell.py checks values and gradients against a plain per-timestep
+timesteps (tests/models/test_models_cell.py checks values and gradients against a plain per-timestep
 implementation).
 """
 

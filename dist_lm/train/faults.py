@@ -1,5 +1,5 @@
-"""Fault injection for the fault tests (tests/test_faults.py): one hook object the Trainer asks
-at two points, built once at the start; nothing in the training loop reads the environment.
+"""Fault injection for the fault tests (tests/train/test_faults.py): one hook object the Trainer
+asks at two points, built once at the start; nothing in the training loop reads the environment.
 
 In-process tests pass `Trainer(cfg, faults=Faults(nan_at=[5]))`; runs launched through the CLI
 (torchrun, the kill-and-resume tests) set the environment instead, read by `Faults.from_env`:

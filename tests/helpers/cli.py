@@ -62,7 +62,8 @@ def assert_clean_failure(res: subprocess.CompletedProcess, *needles: str) -> str
     assert "Traceback" not in err and "Traceback" not in res.stdout, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     errors = [ln for ln in lines if "error" in ln.lower()]
-    assert errors == lines[-1:] and lines[-1].startswith("dist-lm: error: "), err  # progress lines may precede
+    # progress lines may precede the error line
+    assert errors == lines[-1:] and lines[-1].startswith("dist-lm: error: "), err
     for n in needles:
         assert n in lines[-1], (n, lines[-1])
     return lines[-1]

@@ -4,7 +4,8 @@ Every Trainer test runs the real RNNLanguageModel (dist_lm.models.build_model) o
 StreamLoader over real WebDataset shards of a small slice of Penn Treebank (the benchmark
 copy in ../shared/data), prepared by the real `prepare` (helpers.corpus.small_corpus).
 
-    python tests/helpers/train_entry.py OUT data.shards=DIR train.run_dir=RUN key=value ... [resume=auto]
+    python tests/helpers/train_entry.py OUT data.shards=DIR train.run_dir=RUN key=value ...
+        [resume=auto]
 
 runs one `Trainer(...).fit()` (under torchrun for several ranks) and saves, per rank,
 OUT.rank<r>.pt = {"params": final module state, "loader": the train loader's state}.

@@ -2,7 +2,7 @@
 with this machine's Triton and with the device image's Triton 3.6.0; and T (the window length)
 never selects a new variant.
 
-tests/_triton_compile.py runs the wrappers over the argument combinations the ops pass them
+tests/kernels/_triton_compile.py runs the wrappers over the argument combinations the ops pass them
 (dtypes, fp32 or same-dtype carries, zoneout masks, dL/dc_last or none, T = 1, 16, 17, 140,
 every declared alignment, b*H and H not multiples of 16, a misaligned carry) and sends each launch
 through Triton's own JIT entry with warmup=True, against a stand-in driver that answers for an
@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from collections import defaultdict
 import pytest
 
@@ -50,7 +51,8 @@ def compile_report(tmp_path, pythonpath: list[str]) -> dict:
                TRITON_CACHE_DIR=str(tmp_path / "triton-cache"),
                TRITON_DEFAULT_FP_FUSION="1")  # Triton's default (3.9 warns while it is unset)
     out = tmp_path / "report.json"
-    res = subprocess.run([sys.executable, str(REPO / "tests" / "_triton_compile.py"), str(out)],
+    script = Path(__file__).with_name("_triton_compile.py")
+    res = subprocess.run([sys.executable, str(script), str(out)],
                          env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     return json.loads(out.read_text())
@@ -65,7 +67,7 @@ def check(report: dict) -> None:
         for name in set(sources) - set(launched):
             assert any(re.search(rf"\b{name}\(", sources[k]) for k in launched), (
                 f"{module}.{name} is neither launched by the compile check nor called by a "
-                f"launched kernel: add its wrapper's launches to tests/_triton_compile.py")
+                f"launched kernel: add its wrapper's launches to tests/kernels/_triton_compile.py")
     failed = [f"{name} [{ln['case']}, T={ln['T']}]: {ln['error']}"
               for name, entry in kernels.items() for ln in entry["launches"] if "error" in ln]
     assert not failed, f"{len(failed)} launches did not compile:\n" + "\n".join(failed[:3])

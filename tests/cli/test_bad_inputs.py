@@ -5,8 +5,8 @@ after; a file or folder the command created and left behind fails too).
 
 File-system faults are made for real: a read-only folder is read-only for the CLI (run without
 root's CAP_DAC_OVERRIDE when the tests run as root), a full disk is the file-size limit
-(`prlimit --fsize`, as tests/test_faults.py), which fails writes with EFBIG exactly where a full
-disk fails them with ENOSPC.
+(`prlimit --fsize`, as tests/train/test_faults.py), which fails writes with EFBIG exactly where a
+full disk fails them with ENOSPC.
 
 To add a case, append a Case to CASES: argv may name {run} (a trained run, shared: no case may
 change it), {corpus} (its prepared corpus), {other} (another corpus, another vocabulary),

@@ -2,7 +2,7 @@
 gradients of a tiny real model computed one stream at a time, their covariance trace and their
 mean's squared norm; unbiasedness over many draws on a linear model whose G and Σ are known; the
 trainer's log fields, their resume, and the refusals. (DDP against its accumulation twin:
-tests/test_train_dist.py.)"""
+tests/train/test_train_dist.py.)"""
 
 from __future__ import annotations
 

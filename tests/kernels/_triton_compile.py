@@ -1,6 +1,6 @@
 """Compile every Triton kernel variant the wrappers launch, for sm_90, without a GPU.
 
-    python tests/_triton_compile.py OUT.json     (TRITON_INTERPRET unset)
+    python tests/kernels/_triton_compile.py OUT.json     (TRITON_INTERPRET unset)
 
 The wrappers (forget_mult_triton_*, qrnn_fused_triton_*) run on CPU tensors over the argument
 combinations the ops pass them: dtypes, h0/c0 in the input dtype or fp32 (an fp32 carry),
@@ -14,7 +14,7 @@ arguments, and is compiled to a cubin by Triton's compiler and ptxas.
 Writes a JSON report: the Triton version, the JIT functions of each kernel module (their
 source), and per launched kernel every launch (its case, T, arguments, and the variant it
 compiled to or its compile error) and the variants (signature, constexprs). Run by
-tests/test_triton_compile.py, once with the test machine's Triton and once with the device
+tests/kernels/test_triton_compile.py, once with the test machine's Triton and once with the device
 image's (on PYTHONPATH).
 """
 

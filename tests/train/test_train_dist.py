@@ -1,7 +1,8 @@
 """1 rank vs 2 ranks (DDP) vs DeepSpeed ZeRO 0/1/2 on CPU/gloo, and exact resume after SIGKILL,
 on the real path: RNNLanguageModel (LSTM and QRNN) and StreamLoader over real PTB-slice shards.
 
-Runs go through tests/helpers/train_entry.py in subprocesses (torchrun for 2 ranks), one thread each.
+Runs go through tests/helpers/train_entry.py in subprocesses (torchrun for 2 ranks), one thread
+each.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Beside the bad-input table (tests/test_bad_inputs.py, where the refused options are rows):
+"""Beside the bad-input table (tests/cli/test_bad_inputs.py, where the refused options are rows):
 where W&B credentials are looked for, launch/torchrun.sh refusing a bad config once instead of
 once per rank and restart, and the progress bar of `dist-lm eval` on a terminal (none in a
 log)."""

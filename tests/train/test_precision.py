@@ -72,7 +72,7 @@ def test_model_under_autocast_keeps_its_lstm_layers_out_of_it():
 def test_deepspeed_bf16_accumulates_in_fp32_and_averages_in_fp32(tmp_path, ptb_slice):
     cfg = Config()
     cfg.train.bf16 = True
-    # ZeRO 0 takes no other accumulation dtype than the model's (tests/test_deepspeed_bf16.py)
+    # ZeRO 0 takes no other accumulation dtype than the model's (tests/train/test_deepspeed_bf16.py)
     assert "data_types" not in deepspeed_config(cfg, world_size=2, micro=1, accum=2)
     cfg.dist.zero_stage = 1
     ds = deepspeed_config(cfg, world_size=2, micro=1, accum=2)

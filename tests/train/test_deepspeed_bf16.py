@@ -5,7 +5,7 @@ fp32 where DeepSpeed allows it (ZeRO 1 and 2) and in bf16 at ZeRO 0 (its only ch
 
 All six runs share one subprocess (one DeepSpeed import, one process group of one):
 
-    python tests/test_deepspeed_bf16.py OUT.json SHARDS TMP
+    python tests/train/test_deepspeed_bf16.py OUT.json SHARDS TMP
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers.cli import run_ok
+if __name__ == "__main__":  # run as a script: tests/ importable for the helpers
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from helpers.cli import run_ok  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STAGES, OPTIMS = (0, 1, 2), ("momentum", "adam")
@@ -68,7 +71,6 @@ def test_deepspeed_bf16_initialises_and_steps(runs, stage, optim):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     out_path, shards, tmp_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     import torch
 
