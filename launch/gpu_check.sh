@@ -6,7 +6,7 @@
 # own time bound (dist_lm/bench/gpu/runner.py), the whole within 8 minutes on one H100.
 # Writes OUTDIR/gpu_check.json, OUTDIR/gpu_check.txt (the summary table), OUTDIR/gpu_check.log.
 # Variables: KIT (default .gpu_kit), SITE (default /tmp/dist-lm-site), PYTHON (default python3),
-# DRY=1 for the CPU rehearsal (tiny sizes; what CI runs through tests/test_bench_gpu_kit.py).
+# DRY=1 for the CPU rehearsal (tiny sizes; what CI runs through tests/bench/test_bench_gpu_kit.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:?usage: launch/gpu_check.sh OUTDIR}

@@ -5,7 +5,7 @@
 # Triton 3.6.0; launch/gpu_image_packages.txt lists every package in it) lacks the packages
 # below, which travel as wheels in the git-ignored folder .gpu_kit/ (the device call names it in
 # `carry`; docs/gpu.md). Also in the kit: PTB prepared as shards (`dist-lm prepare ptb`), since
-# the device cannot download it. tests/test_bench_gpu_kit.py checks, from KIT_WHEELS and the
+# the device cannot download it. tests/bench/test_bench_gpu_kit.py checks, from KIT_WHEELS and the
 # image list, that every import the check's code path needs is in one of the two.
 # Variables: KIT (default .gpu_kit), DATA_DIR (default ../shared/data; PTB is downloaded when it
 # does not hold ptb/), PYTHON (default: the README's .venv, set up here when missing).
