@@ -99,9 +99,8 @@ class LRScaling:
                                            if self.legacy else ""),
                 "sqrt": "sqrt rule",
                 "adascale": "adascale rule (lr x " + ("r" if self.gain_power == 1 else "sqrt(r)")
-                            + ", r = (1 + B_noise/base)/(1 + B_noise/batch) from the measured "
-                              "noise scale, 1 until measured; schedule on progress tau += r per "
-                              "step)"}[self.rule]
+                            + ", r the gain measured from the noise scale, 1 until measured; "
+                              "schedule on progress tau += r per step)"}[self.rule]
         n = self.warmup_steps
         warm = f"warm-up {n} step{'s' * (n != 1)}" if n > 0 else "no warm-up"
         if self.warmup_derived and self.warmup_steps > 0:
