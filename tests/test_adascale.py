@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,6 +101,20 @@ def test_refused_where_the_noise_scale_is_not_measured(tmp_path, ptb_slice):
     with pytest.raises(UserError, match="adascale needs the gradient noise scale.*"
                                         "--train.micro_batch"):
         make_trainer(tiny_config(one, ptb_slice, **{**ADA, "train.micro_batch": 0}))
+    assert not one.exists()
+    # the same through the real CLI: one line naming the fix, a non-zero exit, nothing written
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    toml = tmp_path / "tiny.toml"
+    toml.write_text("[model]\nemb_size = 16\nhidden_size = 24\n[train]\nglobal_batch = 4\n")
+    proc = subprocess.run([sys.executable, "-m", "dist_lm", "train", str(toml),
+                           f"--data.shards={ptb_slice}",
+                           f"--train.run_dir={one}", "--train.device=cpu",
+                           "--schedule.scaling=adascale", "--log.wandb_mode=disabled"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(err) == 1 and "adascale needs" in err[0] \
+        and "--train.micro_batch" in err[0], err
     assert not one.exists()
     with pytest.raises(UserError, match="adascale reads.*DeepSpeed.*--dist.engine=ddp"):
         load_config(None, {"dist.engine": "deepspeed", "schedule.scaling": "adascale"})
