@@ -138,8 +138,11 @@ class ScheduleConfig:
     """Plateau schedule: validation checks without improvement before decaying."""
     scaling: str = ""
     """Large-batch lr rule for r = train.global_batch / schedule.base_batch: none (lr as
-    given), linear (lr * r, Goyal et al. 2017) or sqrt (lr * sqrt(r), You et al. 2019); empty:
-    linear when schedule.base_batch is set (the old behaviour), else none. docs/scaling.md."""
+    given), linear (lr * r, Goyal et al. 2017), sqrt (lr * sqrt(r), You et al. 2019) or adascale
+    (lr * the gain measured from the gradient noise scale, sqrt of it for adaptive optimizers,
+    the schedule on progress tau += gain per step; Johnson et al. 2020; it needs the noise scale
+    measured: train.noise_scale_every); empty: linear when schedule.base_batch is set (the old
+    behaviour), else none. docs/scaling.md."""
     base_batch: int = 0
     """The global batch the recipe's lr is tuned for; 0: the config file's train.global_batch
     (before command-line overrides), so --train.global_batch=N on a recipe scales from it."""
@@ -862,8 +865,15 @@ def validate(cfg: Config | EvalOptions | CacheOptions | DynamicOptions | StudyCo
     if cfg.optim.lr <= 0:
         raise UserError(f"optim.lr must be > 0; got {cfg.optim.lr}.")
     s = cfg.schedule
-    if s.scaling not in ("", "none", "linear", "sqrt"):
-        raise UserError(f"schedule.scaling must be none, linear or sqrt; got {s.scaling!r}.")
+    if s.scaling not in ("", "none", "linear", "sqrt", "adascale"):
+        raise UserError(f"schedule.scaling must be none, linear, sqrt or adascale; got "
+                        f"{s.scaling!r}.")
+    if s.scaling == "adascale" and (cfg.dist.engine == "deepspeed" or t.noise_scale_every == 0):
+        raise UserError("schedule.scaling=adascale reads the measured gradient noise scale, which "
+                        + ("DeepSpeed does not give; use --dist.engine=ddp or local"
+                           if cfg.dist.engine == "deepspeed" else
+                           "train.noise_scale_every=0 turns off; drop it or set it to N > 0")
+                        + ", or pick another --schedule.scaling.")
     if s.base_batch < 0:
         raise UserError(f"schedule.base_batch must be >= 0 (0: the config file's "
                         f"train.global_batch); got {s.base_batch}.")

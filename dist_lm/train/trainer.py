@@ -160,7 +160,7 @@ class Trainer:
         self.averager = ParamAverager(self.module)
         self.ntasgd = NTASGD(cfg.optim.nonmono, enabled=uses_averaging(cfg.optim) or t.finetune,
                              finetune=t.finetune)
-        self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, B)
+        self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, B, cfg.optim.name)
         self.noise = noise_scale_for(cfg, self.module, micro=self.micro, accum=self.accum,
                                      world=self.world, device=self.device,
                                      base_batch=self.schedule.scaling.base_batch)
@@ -502,7 +502,7 @@ class Trainer:
             return "signal"
         if t.max_bad_steps >= 0 and self.bad_run > t.max_bad_steps:
             return "non-finite"
-        if t.max_steps and self.step >= t.max_steps:
+        if t.max_steps and self.schedule.steps_done(self.step) >= t.max_steps:  # adascale: tau
             return "max_steps"
         if not t.max_steps and self.epoch >= t.epochs:
             return "epochs"
@@ -625,6 +625,10 @@ class Trainer:
                **perplexity_fields(test, self.char_level, "test_"),
                "averaging": int(self.averaging), "train_seconds": self.elapsed,
                "tokens": self.tokens, **self._target_fields()}
+        if self.noise:  # issue 22: the critical batch measured, and the line when far below
+            rec.update({k: v for k, v in self.noise.record().items() if k.startswith("b_noise")})
+            if self.rank == 0 and self.noise.advice():
+                print(f"dist-lm: {self.noise.advice()}", flush=True)
         self.sink.log(rec)
         self.sink.set_summary(**{k: v for k, v in rec.items() if k.startswith(("test_", "valid_"))})
         self.scaling_baseline.record(self.run_tps)
@@ -636,8 +640,8 @@ class Trainer:
         """The fraction of the run's bound spent: steps (max_steps) or epochs, and seconds
         (max_seconds); the largest when both bound the run (whichever ends it first)."""
         t = self.cfg.train
-        if t.max_steps:
-            f = self.step / t.max_steps
+        if t.max_steps:  # adascale (issue 22): steps_done is its progress tau
+            f = self.schedule.steps_done(self.step) / t.max_steps
         else:  # within an epoch by the estimated steps per epoch, never past its end
             f = (self.epoch + min(0.999, self.epoch_step / self.steps_per_epoch)) / max(1, t.epochs)
         if t.max_seconds:
@@ -648,6 +652,8 @@ class Trainer:
         return self.epoch + min(0.999, self.epoch_step / self.steps_per_epoch)
 
     def set_lr(self, seq_len: int) -> float:
+        if self.schedule.adaptive:  # adascale (issue 22): this step's gain, 1 until measured
+            self.schedule.set_gain(self.step, self.noise.gain())
         lr = (self.schedule.lr(self.step, self.progress(), self.epoch)
               * seq_len / self.cfg.train.bptt)
         self.engine.set_lr(lr)
