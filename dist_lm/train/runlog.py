@@ -27,11 +27,11 @@ class RunLog:
         self.sink = MetricsSink(t.run_dir, tr.cfg, enabled=tr.rank == 0,
                                 total_steps=t.max_steps or 0, initial_step=tr.step,
                                 resume_step=None if resumed is None else tr.step)
+        self.announce(resumed)
         self.meter = ThroughputMeter(tr.world)
         self.baseline = tr.scaling_baseline.tokens_per_s()  # 0: no scaling efficiency
         self.run_tps: list[float] = []
         self.interval = self.new_interval()
-        self.announce(resumed)
 
     def announce(self, resumed: Path | None) -> None:
         """Rank 0's start-of-run lines: the lr rule, the batch geometry, where it resumed."""
