@@ -57,7 +57,7 @@ def evaluate(run: Run | str, split: str = "test", protocol: str = "reference", b
 
     protocol "reference": 10 streams for valid, 1 for test, fixed bptt, hidden state carried;
     "fast": 64 streams. `cache` / `dynamic`: True for the defaults or a dict of options
-    (see CacheOptions / DynamicOptions in dist_lm/config.py; a misspelt key or a
+    (see CacheOptions / DynamicOptions in dist_lm/config/options.py; a misspelt key or a
     bad value is a UserError naming it). Returns the result dict
     ("nll" = mean NLL per predicted token, "tokens", the options used, ...).
     """

@@ -47,7 +47,7 @@ FAST_BATCH = 64  # streams of the fast protocol (drops < 64 tokens at the split'
 
 
 def parse_options(options: dict[str, Any]) -> EvalOptions:
-    """`--bptt / --cache[.KEY] / --dynamic[.KEY] ...` as EvalOptions (config.py's reading:
+    """`--bptt / --cache[.KEY] / --dynamic[.KEY] ...` as EvalOptions (dist_lm.config's reading:
     an unknown key or a bad value is a UserError naming the option)."""
     table = {k.replace("-", "_"): v for k, v in options.items()}
     opts = EvalOptions()

@@ -1,6 +1,8 @@
 """`dist-lm compare`: one markdown table of several runs (best and final validation, test,
-time and tokens to a target, throughput), a per-validation table of each, and with --out the
-table and PNG plots of train loss and valid ppl/bpc against tokens, steps or seconds.
+time and tokens to a target, throughput, the last measured critical batch b_noise), a
+per-validation table of each, and with --out the table and PNG plots of train loss, valid
+ppl/bpc and the critical batch b_noise (when the runs measured it) against tokens, steps or
+seconds.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ def summarize(run_dir: str | Path, rows: list[dict]) -> dict:
     hit = [r for r in evals if r.get("event") == "target"]
     if hit:  # train.target_ppl / target_bpc: the first validation that reached it
         out["time_to_target_s"], out["tokens_to_target"] = hit[0]["elapsed_s"], hit[0]["tokens"]
+    noise = [r["b_noise"] for r in rows if "b_noise" in r]
+    if noise:  # the gradient noise scale's last estimate (streams)
+        out["b_noise"] = noise[-1]
     if train:
         out["tokens_per_s"] = sum(r["tokens_per_s"] for r in train) / len(train)
         out["tokens_per_s_per_device"] = (sum(r.get("tokens_per_s_per_device", 0) for r in train)
@@ -70,7 +75,7 @@ def compare_command(runs: list[str], out: str | None = None, metric: str = "vali
     cols = ["run", "steps"] + [c for c in ("valid_ppl", "final_valid_ppl", "test_ppl", "valid_bpc",
                                            "final_valid_bpc", "test_bpc", "time_to_target_s",
                                            "tokens_to_target", "tokens_per_s",
-                                           "tokens_per_s_per_device")
+                                           "tokens_per_s_per_device", "b_noise")
                                if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -120,9 +125,30 @@ def _run_labels(runs) -> dict[str, str]:
     return {r: n if names.count(n) == 1 else str(r) for r, n in zip(runs, names)}
 
 
+# the plotted fields and their axis labels (b_noise: runs that measured the noise scale)
+PLOT_Y = (("loss", "train loss"), ("valid_ppl", "valid ppl"), ("valid_bpc", "valid bpc"),
+          ("b_noise", "critical batch B_noise (streams)"))
+
+
+def plot_series(records: dict[str, list[dict]], key: str, x: str = "tokens") -> dict:
+    """{run: [(x, key) ...]} over the records that carry both (the final record left out), for
+    the runs that have any; says which runs lack the x field."""
+    xkey = PLOT_X[x][0]
+    series = {}
+    for r, rows in records.items():
+        pts = [(m[xkey], m[key]) for m in rows
+               if key in m and xkey in m and not m.get("final")]
+        if pts:
+            series[r] = pts
+        elif any(key in m and not m.get("final") for m in rows):
+            print(f"dist-lm: {r}: no {xkey!r} in its {key} records; left out of the plot "
+                  f"against {x}", file=sys.stderr)
+    return series
+
+
 def _plots(records: dict[str, list[dict]], out: Path, x: str = "tokens") -> list[Path]:
-    """<y>_vs_<x>.png for train loss and valid ppl (bpc for character corpora) against x
-    (PLOT_X), one line per run (run dir -> records); returns the files written."""
+    """<y>_vs_<x>.png for train loss, valid ppl (bpc for character corpora) and b_noise against
+    x (PLOT_X), one line per run (run dir -> records); returns the files written."""
     try:
         import matplotlib
 
@@ -134,17 +160,8 @@ def _plots(records: dict[str, list[dict]], out: Path, x: str = "tokens") -> list
     xkey, xlabel = PLOT_X[x]
     labels = _run_labels(records)
     written = []
-    for key, ylabel in (("loss", "train loss"), ("valid_ppl", "valid ppl"),
-                        ("valid_bpc", "valid bpc")):
-        series = {}
-        for r, rows in records.items():
-            pts = [(m[xkey], m[key]) for m in rows
-                   if key in m and xkey in m and not m.get("final")]
-            if pts:
-                series[r] = pts
-            elif any(key in m and not m.get("final") for m in rows):
-                print(f"dist-lm: {r}: no {xkey!r} in its {key} records; left out of the plot "
-                      f"against {x}", file=sys.stderr)
+    for key, ylabel in PLOT_Y:
+        series = plot_series(records, key, x)
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -152,7 +169,7 @@ def _plots(records: dict[str, list[dict]], out: Path, x: str = "tokens") -> list
             ax.plot(*zip(*pts), marker=None if key == "loss" else "o", label=labels[r])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        if key == "valid_ppl":
+        if key in ("valid_ppl", "b_noise"):
             ax.set_yscale("log")
         ax.legend()
         fig.tight_layout()

@@ -117,7 +117,7 @@ def choose_start(run_dir: Path, resume: str | None, overwrite: bool) -> Path | N
 # anything is written. Every other key may change on a resume: budgets and stops
 # (train.max_steps, epochs, max_seconds, target_ppl/bpc), log.*, checkpoint.*,
 # train.eval_every_steps, regularization and lr values (the lr rule itself is checked against
-# trainer.pt by Trainer._check_resume, as are world size, engine and micro batch by
+# trainer.pt by train.rundir.check_resume, as are world size, engine and micro batch by
 # checkpoint.check_compatible).
 SHAPES = "the checkpoint's weights have its shapes"
 RESUME_FIXED: dict[str, tuple[tuple[str, str] | None, str]] = {

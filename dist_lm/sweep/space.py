@@ -53,7 +53,7 @@ MANAGED = ("train.run_dir", "log.group", "log.name", *BUDGETS.values())
 
 
 def closest(name: str, options) -> str:
-    """' Did you mean X?' for a misspelt name (config.py's suggestion, for sweep names)."""
+    """' Did you mean X?' for a misspelt name (dist_lm.config's suggestion, for sweep names)."""
     match = suggest(name, list(options))
     return f" Did you mean '{match}'?" if match else ""
 
@@ -70,7 +70,7 @@ def check_key(key: str, where: str) -> None:
 
 
 def check_value(key: str, value: Any, where: str) -> Any:
-    """The value as the config would hold it (type and choice checks from config.py)."""
+    """The value as the config would hold it (type and choice checks from dist_lm.config)."""
     cfg = Config()
     try:
         set_key(cfg, key, value)
@@ -358,7 +358,7 @@ def load_spec(path: str | Path, base: str | None = None) -> Spec:
     if not isinstance(st, dict):
         raise UserError(f"study file {path} has no [study] table (name, base, objective, "
                         f"trials, budget).")
-    try:  # config.py's reading and checks: types, the closest key for a misspelt one
+    try:  # dist_lm.config's reading and checks: types, the closest key for a misspelt one
         study = read_options(StudyConfig, st, STUDY_KEYS)
     except UserError as exc:
         raise UserError(f"study file {path}: {exc}") from None

@@ -15,7 +15,7 @@ and cyclic schedules). Not used: for the first steps of a stateful optimizer
 (engine.device_skip_ready), while NT-ASGD averages (the running mean's count is the host's),
 for DeepSpeed, with train.max_bad_steps = -1.
 
-The host path (Trainer._agree, Trainer._skip_step) agrees on every step instead.
+The host path (agree.Agreement.step, Trainer._skip_step) agrees on every step instead.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class DeviceSkip:
         tr.epoch_step += 1
         tr.tokens += seq_len * tr.cfg.train.global_batch
         if tr.world == 1:  # the local clock and signal are the agreed ones
-            tr._tick(agree=False)
+            tr.agree.tick(agree=False)
             tr.signalled = tr._signal
         return lr, seq_len, torch.where(skip, 0.0, gnorm)
 
@@ -94,7 +94,7 @@ class DeviceSkip:
         pending, self.pending = self.pending, []
         self._run = self._tripped = None
         if tr.world > 1:
-            tr._tick(agree=False)
+            tr.agree.tick(agree=False)
         head = torch.tensor([tr.elapsed, float(tr._signal)], dtype=torch.float64,
                             device=tr.device)
         buf = D.all_reduce_max(torch.cat([head, torch.stack([p[0] for p in pending]).double()]))

@@ -125,6 +125,12 @@ class NoiseScale:
             return {}
         return {"b_noise": bn, "b_noise_tokens": bn * self.bptt, "adascale_gain": self.gain()}
 
+    def advice(self) -> str | None:
+        """The line for a global batch far (> FAR times) above the measured critical batch, or
+        None (not measured, or not that far): `critical_batch_advice`."""
+        bn = self.b_noise()
+        return None if bn is None else critical_batch_advice(self.big, bn)
+
     # ---- Stateful ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -142,6 +148,25 @@ class NoiseScale:
         self._hooks = []
 
 
+FAR = 4.0  # a global batch more than this many times B_noise gets the advice line
+
+
+def critical_batch_advice(batch: int, b_noise: float) -> str | None:
+    """What a batch of `batch` streams costs next to the critical batch B_noise, from McCandlish
+    et al.'s model (steps S = S_min (1 + B_noise/B), examples E = E_min (1 + B/B_noise)), when
+    batch > FAR x B_noise; else None."""
+    if not (math.isfinite(b_noise) and b_noise > 0) or batch <= FAR * b_noise:
+        return None
+    ratio = batch / b_noise
+    crit = f"{b_noise:.0f}" if b_noise >= 10 else f"{b_noise:.2g}"
+    tokens = (1.0 + ratio) / 2.0  # E(batch) / E(B_noise)
+    steps = (1.0 + 1.0 / ratio) / 2.0  # S(batch) / S(B_noise)
+    return (f"global batch {batch} streams is {ratio:.1f}x the measured critical batch "
+            f"{crit} (B_noise): expect about {tokens:.1f}x the tokens of batch "
+            f"{crit} for the same loss, in {steps:.2f}x its steps (McCandlish et al. "
+            f"2018); a smaller batch wastes fewer tokens, docs/scaling.md")
+
+
 def noise_scale_for(cfg, module: torch.nn.Module, *, micro: int, accum: int, world: int,
                     base_batch: int, device: torch.device) -> NoiseScale | None:
     """The run's NoiseScale, or None when train.noise_scale_every leaves it off: -1 (auto)
@@ -151,6 +176,12 @@ def noise_scale_for(cfg, module: torch.nn.Module, *, micro: int, accum: int, wor
     every = t.noise_scale_every
     if every < 0:
         every = 1 if micro_batches >= 2 and cfg.dist.engine != "deepspeed" else 0
+    if cfg.schedule.scaling == "adascale" and micro_batches < 2:  # its gain needs the estimate
+        raise UserError(f"schedule.scaling=adascale needs the gradient noise scale, measured from "
+                        f"two or more micro batches per step, and this run has one "
+                        f"({t.global_batch} streams on 1 rank in one pass); set "
+                        f"--train.micro_batch to a divisor of {t.global_batch} below it, run on "
+                        f"several ranks, or pick another --schedule.scaling.")
     if every and micro_batches < 2:
         raise UserError(f"train.noise_scale_every={every} needs two micro batches per step and "
                         f"this run has one ({t.global_batch} streams on 1 rank in one pass); set "

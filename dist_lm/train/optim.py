@@ -61,7 +61,11 @@ def uses_averaging(cfg: OptimConfig) -> bool:
     return cfg.name == "asgd" or (cfg.name == "sgd" and cfg.nt_asgd)
 
 
-SCALING_RULES = ("none", "linear", "sqrt")
+SCALING_RULES = ("none", "linear", "sqrt", "adascale")
+
+# adascale: the lr is multiplied by r for these optimizers, by sqrt(r) for the adaptive ones
+# (Adam and the others that divide by a running gradient scale; adaptdl's rule for Adam)
+ADASCALE_LINEAR = ("sgd", "asgd", "momentum")
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class LRScaling:
     state), so a resumed run is checked against the values it started with.
     """
 
-    rule: str            # none | linear | sqrt
+    rule: str            # none | linear | sqrt | adascale
     base_batch: int      # the batch the recipe's lr was tuned at
     global_batch: int    # this run's
     ratio: float         # global_batch / base_batch
@@ -81,6 +85,7 @@ class LRScaling:
     warmup_steps: int    # linear warm-up in optimizer steps (given or derived)
     warmup_derived: bool  # True: from schedule.warmup_base_steps and the ratio
     legacy: bool = False  # schedule.scaling unset with schedule.base_batch set: the old linear rule
+    gain_power: float = 0.0  # adascale: the lr is times r ** gain_power (1 SGD, 0.5 adaptive)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,7 +98,10 @@ class LRScaling:
         rule = {"none": "no scaling rule (schedule.scaling=none)",
                 "linear": "linear rule" + (" (schedule.base_batch set, schedule.scaling unset)"
                                            if self.legacy else ""),
-                "sqrt": "sqrt rule"}[self.rule]
+                "sqrt": "sqrt rule",
+                "adascale": "adascale rule (lr x " + ("r" if self.gain_power == 1 else "sqrt(r)")
+                            + ", r the gain measured from the noise scale, 1 until measured; "
+                              "schedule on progress tau += r per step)"}[self.rule]
         n = self.warmup_steps
         warm = f"warm-up {n} step{'s' * (n != 1)}" if n > 0 else "no warm-up"
         if self.warmup_derived and self.warmup_steps > 0:
@@ -117,7 +125,10 @@ def scaling_factor(rule: str, ratio: float) -> float:
         return ratio
     if rule == "sqrt":
         return math.sqrt(ratio)
-    raise UserError(f"schedule.scaling must be one of none, linear, sqrt; got {rule!r}.")
+    if rule == "adascale":  # its gain is measured during the run (LRSchedule.set_gain)
+        return 1.0
+    raise UserError(f"schedule.scaling must be one of none, linear, sqrt, adascale; "
+                    f"got {rule!r}.")
 
 
 def derived_warmup(rule: str, ratio: float, base_steps: int) -> int:
@@ -131,19 +142,21 @@ def derived_warmup(rule: str, ratio: float, base_steps: int) -> int:
     - sqrt: W steps, i.e. r times the tokens (You et al.'s linear-epoch gradual warm-up, LEGW:
       warm-up epochs grow linearly with the batch, so its length in steps stays the same).
     """
-    if rule == "none" or ratio <= 1 or base_steps <= 0:
+    if rule in ("none", "adascale") or ratio <= 1 or base_steps <= 0:  # adascale: r starts at 1
         return 0
     if rule == "linear":
         return math.ceil(base_steps / ratio - 1e-9)
     return base_steps
 
 
-def resolve_scaling(cfg: ScheduleConfig, base_lr: float, global_batch: int) -> LRScaling:
+def resolve_scaling(cfg: ScheduleConfig, base_lr: float, global_batch: int,
+                    optimizer: str = "sgd") -> LRScaling:
     """The rule, ratio, peak lr and warm-up of a run. schedule.scaling empty (unset) means the
     old behaviour: linear when schedule.base_batch > 0 (warm-up only as schedule.warmup_steps
     gives it), else none; schedule.base_batch 0 means this run's own global batch (ratio 1;
     `load_config` fills it with the config file's train.global_batch). A schedule.warmup_steps
-    >= 0 is used as given; -1 derives it (`derived_warmup`)."""
+    >= 0 is used as given; -1 derives it (`derived_warmup`). `optimizer` (optim.name) picks
+    adascale's power of the gain: r for SGD, momentum and NT-ASGD, sqrt(r) otherwise."""
     legacy = not cfg.scaling and cfg.base_batch > 0
     rule = cfg.scaling or ("linear" if cfg.base_batch > 0 else "none")
     base = cfg.base_batch if cfg.base_batch > 0 else global_batch
@@ -157,7 +170,9 @@ def resolve_scaling(cfg: ScheduleConfig, base_lr: float, global_batch: int) -> L
         warmup, derived = derived_warmup(rule, ratio, cfg.warmup_base_steps), True
     return LRScaling(rule=rule, base_batch=base, global_batch=global_batch, ratio=ratio,
                      base_lr=base_lr, peak_lr=peak, warmup_steps=warmup, warmup_derived=derived,
-                     legacy=legacy)
+                     legacy=legacy,
+                     gain_power=(0.0 if rule != "adascale" else
+                                 1.0 if optimizer in ADASCALE_LINEAR else 0.5))
 
 
 class LRSchedule:
@@ -175,20 +190,52 @@ class LRSchedule:
     sqrt(r) for r = global_batch / base_batch) and the linear warm-up over its first
     warm-up steps (given, or derived from r) apply to every kind. The per-step seq_len / bptt
     factor is applied by the caller.
+
+    adascale (Johnson et al. 2020): the caller hands each step's measured gain r to `set_gain`
+    before asking for its lr; the lr is times r (sqrt(r) for adaptive optimizers), and the
+    schedule reads the scale-invariant progress tau (the sum of r over the applied steps:
+    `steps_done`) wherever it would read the step: warm-up, cyclic, and the caller's step-bound
+    progress and stop. tau is in state_dict, so a resumed run continues bit-exactly.
     """
 
-    def __init__(self, cfg: ScheduleConfig, base_lr: float, global_batch: int):
+    def __init__(self, cfg: ScheduleConfig, base_lr: float, global_batch: int,
+                 optimizer: str = "sgd"):
         self.cfg = cfg
-        self.scaling = resolve_scaling(cfg, base_lr, global_batch)
+        self.scaling = resolve_scaling(cfg, base_lr, global_batch, optimizer)
+        self.adaptive = self.scaling.rule == "adascale"
+        # adascale's progress: tau is the sum of the gains of the applied steps before step
+        # `tau_at`; `gain` is the one set for the step attempted at `tau_at`
+        self.tau, self.tau_at, self.gain = 0.0, 0, 1.0
         self.peak = self.scaling.peak_lr
         self.warmup_steps = self.scaling.warmup_steps
         self.plateau_scale = 1.0
         self.best = math.inf
         self.bad = 0
 
+    def steps_done(self, step: int) -> float:
+        """Progress in steps after `step` applied steps: `step` itself, or adascale's tau. The
+        gain set for the attempt at `tau_at` counts once the step counter has passed it (the
+        step was applied); a step left out keeps the counter, and tau, where they were."""
+        if not self.adaptive:
+            return step
+        return self.tau + self.gain * (step - self.tau_at) if step > self.tau_at else self.tau
+
+    def set_gain(self, step: int, gain: float | None) -> None:
+        """adascale: the measured gain r for the step attempted after `step` applied steps (None:
+        not measured yet, r = 1). Call once per attempt, before `lr`. (A step the device-side
+        skip left out, known only later, still counted its gain: those are non-finite steps.)"""
+        self.tau = self.steps_done(step)
+        self.tau_at, self.gain = step, 1.0 if gain is None else float(gain)
+
     def lr(self, step: int, progress: float, epoch: int) -> float:
         """Learning rate for optimizer step `step` (0-based), `progress` of the way through the
         run, after `epoch` completed epochs."""
+        if self.adaptive:  # the schedule runs on tau; the lr is times the gain's power
+            return (self._lr(self.steps_done(step), progress, epoch)
+                    * self.gain ** self.scaling.gain_power)
+        return self._lr(step, progress, epoch)
+
+    def _lr(self, step: float, progress: float, epoch: int) -> float:
         c = self.cfg
         progress = min(1.0, max(0.0, progress))
         lr = self.peak
@@ -222,12 +269,16 @@ class LRSchedule:
 
     def state_dict(self) -> dict:
         return {"plateau_scale": self.plateau_scale, "best": self.best, "bad": self.bad,
-                "scaling": self.scaling.as_dict()}
+                "scaling": self.scaling.as_dict(), "tau": self.tau, "tau_at": self.tau_at,
+                "gain": self.gain}
 
     def load_state_dict(self, sd: dict) -> None:
         self.plateau_scale = float(sd["plateau_scale"])
         self.best = float(sd["best"])
         self.bad = int(sd["bad"])
+        # adascale's progress (absent before it existed: such runs did not use it)
+        self.tau, self.tau_at = float(sd.get("tau", 0.0)), int(sd.get("tau_at", 0))
+        self.gain = float(sd.get("gain", 1.0))
 
     def check_resume(self, sd: dict, where: str) -> None:
         """Refuse to continue a checkpoint (its schedule state `sd`) whose large-batch rule, base

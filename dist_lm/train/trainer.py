@@ -23,62 +23,47 @@ and the end-of-run test perplexity is that checkpoint's.
 
 Pieces of their own: geometry (the batch split), device_skip (non-finite steps left out on the
 device, no host sync per step), faults (the fault tests' hook), baseline (the single-device
-baseline of the scaling efficiency), engines, optim, checkpoint.
+baseline of the scaling efficiency), runlog (what the run writes: the interval, validation and
+final records, the summary, the start-of-run lines), agree (the clock, a signal and a bad
+step agreed over ranks), rundir (the checkpointer's pieces, opening the run directory, the
+"resolved" block), engines, optim.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .. import distributed as D
-from ..config import RESOLVED, Config, load_config
+from ..config import Config, load_config
 from ..data.prepared import PreparedCorpus
 from ..errors import Stopped, UserError
-from ..fileio import write_text_atomic
-from ..metrics.meter import ThroughputMeter, perplexity_fields
-from ..metrics.writer import MetricsSink
-from ..run.checkpointer import Checkpointer, RNGState
-from ..run.directory import open_run
-from ..run.files import load_tensor_file, load_weights, weights_of
-from ..run.layout import AVERAGED, checkpoint_dir, find_checkpoint, list_checkpoints
+from ..metrics.meter import perplexity_fields
+from ..run.files import load_weights, weights_of
+from ..run.layout import checkpoint_dir, find_checkpoint, list_checkpoints
 from ..run.stop import StopSignals
+from .agree import Agreement
 from .baseline import ScalingBaseline
 from .device_skip import DeviceSkip
 from .engines import STEP_SKIP_ENV, build_engine
 from .faults import Faults
 from .geometry import BatchGeometry
-from .lockstep import await_sweep
 from .noise_scale import noise_scale_for
 from .optim import NTASGD, LRSchedule, ParamAverager, uses_averaging
+from .rundir import open_trainer_run, trainer_checkpointer
+from .runlog import RunLog
 
 
 def train_command(config: str, resume: str | None = None, overwrite: bool = False,
                   overrides: dict | None = None) -> None:
     cfg = load_config(config, overrides)
     Trainer(cfg).fit(resume=resume, overwrite=overwrite)
-
-
-class _Hidden:
-    """The trainer's carried hidden states as a Stateful piece of the rank file."""
-
-    def __init__(self, trainer: "Trainer"):
-        self.trainer = trainer
-
-    def state_dict(self) -> dict:
-        return {"hidden": self.trainer.hidden}
-
-    def load_state_dict(self, sd: dict) -> None:
-        h = sd["hidden"]
-        self.trainer.hidden = None if h is None else [_to(x, self.trainer.device) for x in h]
 
 
 class Trainer:
@@ -104,7 +89,7 @@ class Trainer:
         self._build_model()
         self._build_optimisation()
         self._init_state()
-        self._build_checkpointer()
+        self.checkpointer = trainer_checkpointer(self)  # every stateful piece of the run
 
     def _open_corpus(self) -> None:
         """The prepared corpus and its three loaders (this rank's streams), checked before
@@ -160,7 +145,7 @@ class Trainer:
         self.averager = ParamAverager(self.module)
         self.ntasgd = NTASGD(cfg.optim.nonmono, enabled=uses_averaging(cfg.optim) or t.finetune,
                              finetune=t.finetune)
-        self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, B)
+        self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, B, cfg.optim.name)
         self.noise = noise_scale_for(cfg, self.module, micro=self.micro, accum=self.accum,
                                      world=self.world, device=self.device,
                                      base_batch=self.schedule.scaling.base_batch)
@@ -179,20 +164,9 @@ class Trainer:
         self._signal = 0    # the one this process received
         self.step_skip = os.environ.get(STEP_SKIP_ENV, "auto")  # auto | device | host
         self.device_skip = DeviceSkip(self)  # non-finite steps left out without a host sync
+        self.agree = Agreement(self)  # the clock, a signal and a bad step, agreed over ranks
         self.hidden = None
         self.last_saved = -1
-
-    def _build_checkpointer(self) -> None:
-        """Every stateful piece of the run, saved and restored by one Checkpointer."""
-        cfg, t, B = self.cfg, self.cfg.train, self.cfg.train.global_batch
-        self.checkpointer = Checkpointer(
-            Path(t.run_dir), self.rank, model=self.module, engine=self.engine,
-            shared={"trainer": self, "schedule": self.schedule, "ntasgd": self.ntasgd,
-                    "averager": self.averager,
-                    **({"noise": self.noise} if self.noise else {})},
-            per_rank={"loader": self.train_loader, "hidden": _Hidden(self),
-                      "rng": RNGState(self.device)},  # the RNG last: nothing after it may draw
-            meta={"world_size": self.world, "global_batch": B, "engine": cfg.dist.engine})
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -202,7 +176,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {**{k: getattr(self, k) for k in self._COUNTERS}, "elapsed": self.elapsed,
                 "best_val": self.best_val, "target_elapsed": self.target_elapsed,
-                "micro_batch": self.micro}  # checked on resume (_check_resume), not loaded
+                "micro_batch": self.micro}  # checked on resume (rundir.check_resume), not loaded
 
     def load_state_dict(self, sd: dict) -> None:
         for k in self._COUNTERS:
@@ -210,77 +184,15 @@ class Trainer:
         for k in ("elapsed", "best_val", "target_elapsed"):
             setattr(self, k, float(sd[k]))
 
-    # ---- the run directory ---------------------------------------------------------------
-
-    def _open_run(self, resume: str | None, overwrite: bool) -> Path | None:
-        """Rank 0 opens the run directory (run.directory.open_run: the lock, fresh / resume /
-        refuse, the checks, then the run's files), checking a checkpoint's trainer.pt against
-        this run first; every rank then loads the checkpoint. A refused or failed start leaves
-        the directory as it was."""
-        start, error = None, None
-        if self.rank == 0:
-            def check(start: Path) -> None:
-                st = self.checkpointer.read_shared(start)  # format, world size, batch, engine
-                self._check_resume(st, start)
-
-            try:
-                self.lock, start = open_run(Path(self.cfg.train.run_dir), self.cfg,
-                                            self.corpus_dir, resume, overwrite, check=check,
-                                            write=self._write_resolved)
-            except UserError as exc:
-                error = str(exc)
-        start, error = D.broadcast_object((None if start is None else str(start), error))
-        if error is not None:
-            raise UserError(error)
-        if start is None:
-            return None
-        start = Path(start)
-        self.checkpointer.load(start, self.checkpointer.read_shared(start))
-        if self.averager.count > 0:
-            self.averager.load_average(load_tensor_file(start / AVERAGED))
-        self.last_saved = self.step
-        return start
-
-    def resolved(self) -> dict:
-        """What this run derived from its config: the lr rule (optim.LRScaling) and the batch
-        geometry; config.json's "resolved" block and the start-of-run lines."""
-        return {"lr_scaling": self.schedule.scaling.as_dict(), "batch": self.batch.as_dict()}
-
-    def _write_resolved(self, run_dir: Path) -> None:
-        """Add the "resolved" block to the config.json write_run_files just wrote (from_dict
-        skips it; a resume rewrites it with the same values, which _check_resume ensures)."""
-        p = run_dir / "config.json"
-        table = json.loads(p.read_text())
-        table[RESOLVED] = self.resolved()
-        write_text_atomic(p, json.dumps(table, indent=2, sort_keys=True) + "\n")
-
-    def _check_resume(self, st: dict, start: Path) -> None:
-        """Refuse a checkpoint whose lr rule or micro batch differ from what this run resolved
-        (before anything is written): the lr must not change mid-run because a default or the
-        config file did, and the carried hidden states are per micro batch."""
-        self.schedule.check_resume(st["schedule"], str(start))
-        micro = st["trainer"].get("micro_batch")
-        if micro is not None and int(micro) != self.micro:
-            raise UserError(f"cannot resume from {start}: it ran micro batches of {micro} "
-                            f"streams and this run chose {self.micro} (the carried hidden states "
-                            f"are per micro batch); set --train.micro_batch={micro}.")
-
     # ---- the loop ------------------------------------------------------------------------
 
     def fit(self, resume: str | None = None, overwrite: bool = False) -> dict:
         """Open the run (fresh or resumed), train epoch after epoch until the stop decision
         says so, finish; returns the final record (valid and test of the best checkpoint)."""
-        cfg, t = self.cfg, self.cfg.train
-        resumed = self._open_run(resume, overwrite)
-        self.sink = sink = MetricsSink(t.run_dir, cfg, enabled=self.rank == 0,
-                                       total_steps=t.max_steps or 0, initial_step=self.step,
-                                       resume_step=None if resumed is None else self.step)
-        self._announce(resumed)
-        self.meter = ThroughputMeter(self.world)
-        self.baseline = self.scaling_baseline.tokens_per_s()  # 0: no scaling efficiency
-        self.run_tps: list[float] = []
-        self.interval = self._new_interval()
-        self._elapsed0, self._t0 = self.elapsed, self.clock()
+        resumed = open_trainer_run(self, resume, overwrite)  # fresh (None), resumed or refused
+        self.runlog = RunLog(self, resumed)  # announces the run
+        self.sink = self.runlog.sink
+        self.agree.start()  # the run's clock, agreed over ranks at every step
         stops = StopSignals(self._on_signal).install()  # SIGTERM / SIGINT: stop resumably
         try:
             while self.stop_reason() is None:
@@ -291,7 +203,7 @@ class Trainer:
         finally:
             stops.restore()
             self.train_loader.close()  # a stop mid-epoch leaves shard readers (pipe:) open
-            sink.close()
+            self.runlog.close()
             if self.rank == 0:
                 self.lock.release()
 
@@ -310,16 +222,6 @@ class Trainer:
                 return
             wait_t0 = time.perf_counter()
         self._end_epoch()
-
-    def _announce(self, resumed: Path | None) -> None:
-        """Rank 0's start-of-run lines: the lr rule, the batch geometry, where it resumed."""
-        if self.rank != 0:
-            return
-        print(f"dist-lm: {self.schedule.scaling.describe()}", flush=True)
-        print(f"dist-lm: {self.batch.describe()}", flush=True)
-        if resumed is not None:
-            print(f"dist-lm: resumed from {resumed} (step {self.step}, epoch {self.epoch}, "
-                  f"{self.elapsed:.0f} s trained)", flush=True)
 
     def _on_signal(self, signum: int) -> None:
         """SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, checkpoint, exit resumable
@@ -375,13 +277,13 @@ class Trainer:
                 return self.device_skip.step(lr, seq_len, gnorm, step_loss, hidden)
             self.device_skip.settle()  # the host path: the pending device-side steps first
             bad = ~(torch.isfinite(gnorm) & torch.isfinite(step_loss)) if check else None
-            if self._agree(bad):
+            if self.agree.step(bad):
                 return self._skip_step(lr, seq_len)
             self.engine.apply()
             if self.noise:
                 self.noise.update(gnorm)  # the unclipped norm (clip returns it)
         else:  # DeepSpeed steps as one: a non-finite loss is caught before it, and stops the run
-            if self._agree(~torch.isfinite(step_loss) if check else None):
+            if self.agree.step(~torch.isfinite(step_loss) if check else None):
                 self.bad_run = self.cfg.train.max_bad_steps + 1
                 return self._skip_step(lr, seq_len)
             gnorm = self.engine.step(self.cfg.optim.clip)
@@ -407,36 +309,7 @@ class Trainer:
         """Count and log a left-out step (the host's; DeviceSkip.settle replays its own here)."""
         self.bad_steps += 1
         self.bad_run += 1
-        self.sink.log({"step": self.step, "event": "non-finite", "skipped_steps": self.bad_steps,
-                       "in_a_row": self.bad_run, "seq_len": seq_len, "lr": lr})
-
-    def _tick(self, agree: bool = True) -> None:
-        """Advance self.elapsed to now; on several ranks to the slowest rank's clock (a
-        collective), so every rank's stop and checkpoint decisions stay the same."""
-        self.elapsed = self._elapsed0 + (self.clock() - self._t0)
-        if agree and self.world > 1:
-            buf = torch.tensor([self.elapsed], dtype=torch.float64, device=self.device)
-            self.elapsed = float(D.all_reduce_max(buf)[0])
-
-    def _agree(self, bad: torch.Tensor | None) -> bool:
-        """Once per step, before the optimizer step: the clock, a stop signal and whether the
-        step is non-finite, agreed over ranks (the slowest clock, any rank's signal or bad
-        step), so every rank takes the same lr, skip and stop decisions. Returns True when the
-        step must be left out. Note: a CPU-GPU sync point (skipped entirely when nothing needs
-        it: one rank, max_bad_steps = -1); on CUDA the device-side skip replaces it
-        (device_skip.DeviceSkip, settled every log interval)."""
-        self._tick(agree=False)  # agreed below, with the rest
-        if self.world == 1 and bad is None:
-            self.signalled = self._signal
-            return False
-        buf = torch.stack([torch.tensor(self.elapsed, dtype=torch.float64, device=self.device),
-                           torch.tensor(float(self._signal), dtype=torch.float64,
-                                        device=self.device),
-                           (bad if bad is not None else torch.zeros((), device=self.device))
-                           .to(torch.float64)])
-        elapsed, sig, skip = D.all_reduce_max(buf).tolist()
-        self.elapsed, self.signalled = elapsed, int(sig)
-        return skip > 0
+        self.runlog.skipped(lr, seq_len)
 
     # ---- after a step: log, validate, save -----------------------------------------------
 
@@ -445,18 +318,11 @@ class Trainer:
         cfg = self.cfg
         if gnorm is None:  # a left-out step: nothing to log or save
             return
-        self.interval["n"] += 1
-        self.interval["gnorm"] = self.interval["gnorm"] + gnorm
-        self.meter.add(seq_len * cfg.train.global_batch, wait)
-        self.sink.progress(1)
+        self.runlog.add_step(seq_len, gnorm, wait)
         if self.device_skip.must_settle() and self.device_skip.settle():
             return  # this step was left out on the device
         if self.step % max(1, cfg.log.every_steps) == 0:
-            rec = self._interval_record(lr, seq_len)
-            self.run_tps.append(rec["tokens_per_s"])
-            self.sink.log(rec)
-            self.sink.progress(0, loss=rec["loss"])
-            self.interval = self._new_interval()
+            self.runlog.write_interval(lr, seq_len)
         if self.signalled:  # stopping on a signal: the checkpoint comes next, nothing slow now
             return
         self._validate_and_save("step")
@@ -469,30 +335,6 @@ class Trainer:
         self.hidden = None
         self._validate_and_save("epoch")
 
-    def _new_interval(self) -> dict:
-        """Sums over one log interval; loss and grad norm stay on the device (no host sync per
-        step) until the interval is logged."""
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        return {"loss": zero, "n": 0, "gnorm": zero}
-
-    def _interval_record(self, lr: float, seq_len: int) -> dict:
-        interval = self.interval
-        # on the device: NCCL reduces CUDA tensors only
-        buf = torch.stack([interval["loss"], torch.tensor(float(interval["n"]), dtype=torch.float64,
-                                                          device=self.device)])
-        D.all_reduce_sum(buf)  # the mean loss over every rank's streams
-        loss = float(buf[0] / buf[1])
-        rec = {"step": self.step, "epoch": self.epoch_f(), "loss": loss,
-               **perplexity_fields(loss, self.char_level), "lr": lr, "seq_len": seq_len,
-               "grad_norm": float(interval["gnorm"]) / max(1, interval["n"]),
-               "averaging": int(self.averaging), "tokens": self.tokens,
-               "elapsed_s": self.elapsed, **self.meter.snapshot()}
-        if self.noise:
-            rec.update(self.noise.record())
-        if self.baseline > 0:
-            rec["scaling_efficiency"] = rec["tokens_per_s"] / (self.baseline * self.world)
-        return rec
-
     # ---- the decisions: when to stop, validate and save ----------------------------------
 
     def stop_reason(self) -> str | None:
@@ -502,7 +344,7 @@ class Trainer:
             return "signal"
         if t.max_bad_steps >= 0 and self.bad_run > t.max_bad_steps:
             return "non-finite"
-        if t.max_steps and self.step >= t.max_steps:
+        if t.max_steps and self.schedule.steps_done(self.step) >= t.max_steps:  # adascale: tau
             return "max_steps"
         if not t.max_steps and self.epoch >= t.epochs:
             return "epochs"
@@ -570,28 +412,14 @@ class Trainer:
         improved = val < self.best_val
         if improved:
             self.best_val, self.best_step = val, self.step
-        self._tick()
+        self.agree.tick()
         fields = perplexity_fields(val, self.char_level, "valid_")
         target = t.target_bpc if self.char_level else t.target_ppl
         if target > 0 and self.target_step < 0 and next(iter(fields.values())) <= target:
             self.target_step, self.target_elapsed, self.target_tokens = \
                 self.step, self.elapsed, self.tokens
             event = event or "target"
-        rec = {"step": self.step, "epoch": self.epoch_f(), "valid_loss": val, **fields,
-               "averaging": int(self.averaging), "valid_seconds": eval_s,
-               "elapsed_s": self.elapsed, "tokens": self.tokens}
-        if event:
-            rec["event"] = event
-        self.sink.log(rec)
-        await_sweep(self.rank)  # under `dist-lm sweep`: its pruner reads this first
-        best = perplexity_fields(self.best_val, self.char_level, "best_valid_")
-        self.sink.set_summary(**best, best_valid_loss=self.best_val, best_step=self.best_step,
-                              **self._target_fields())
-        if self.rank == 0 and event in ("switch", "target"):
-            what = ("switching to averaged SGD (NT-ASGD)" if event == "switch" else
-                    f"target {target:g} reached ({self._target_fields()['time_to_target_s']:.0f}"
-                    f" s, {self.target_tokens:,} tokens)")
-            print(f"dist-lm: {what} at step {self.step}", flush=True)
+        self.runlog.validation(val, fields, eval_s, event, target)
 
     def evaluate(self, loader, reduce: bool, averaged: bool = True) -> float:
         """Mean NLL over a split; with the averaged weights once NT-ASGD averaging is on (unless
@@ -603,12 +431,6 @@ class Trainer:
             total, count = evaluate_stream(self.module, loader, reduce=reduce)
         return total / max(1, count)
 
-    def _target_fields(self) -> dict:
-        if self.target_step < 0:
-            return {}
-        return {"time_to_target_s": self.target_elapsed, "tokens_to_target": self.target_tokens,
-                "target_step": self.target_step}
-
     def _finish(self) -> dict:
         """End of the run: a last validation if the run stopped between validations, a last
         checkpoint, then test perplexity of the best validation checkpoint (as the reference
@@ -619,16 +441,7 @@ class Trainer:
         best = self.best_step if self.best_step >= 0 else self.step  # < 0: validation was NaN
         with weights_of(self.module, checkpoint_dir(cfg.train.run_dir, best)):
             test = self.evaluate(self.test_loader, self.test_reduce, averaged=False)
-        rec = {"step": self.step, "epoch": self.epoch_f(), "final": True, "stop": reason,
-               "best_step": self.best_step, "valid_loss": self.best_val,
-               **perplexity_fields(self.best_val, self.char_level, "valid_"), "test_loss": test,
-               **perplexity_fields(test, self.char_level, "test_"),
-               "averaging": int(self.averaging), "train_seconds": self.elapsed,
-               "tokens": self.tokens, **self._target_fields()}
-        self.sink.log(rec)
-        self.sink.set_summary(**{k: v for k, v in rec.items() if k.startswith(("test_", "valid_"))})
-        self.scaling_baseline.record(self.run_tps)
-        return rec
+        return self.runlog.final(reason, test)
 
     # ---- small helpers -------------------------------------------------------------------
 
@@ -636,8 +449,8 @@ class Trainer:
         """The fraction of the run's bound spent: steps (max_steps) or epochs, and seconds
         (max_seconds); the largest when both bound the run (whichever ends it first)."""
         t = self.cfg.train
-        if t.max_steps:
-            f = self.step / t.max_steps
+        if t.max_steps:  # adascale (issue 22): steps_done is its progress tau
+            f = self.schedule.steps_done(self.step) / t.max_steps
         else:  # within an epoch by the estimated steps per epoch, never past its end
             f = (self.epoch + min(0.999, self.epoch_step / self.steps_per_epoch)) / max(1, t.epochs)
         if t.max_seconds:
@@ -648,6 +461,8 @@ class Trainer:
         return self.epoch + min(0.999, self.epoch_step / self.steps_per_epoch)
 
     def set_lr(self, seq_len: int) -> float:
+        if self.schedule.adaptive:  # adascale (issue 22): this step's gain, 1 until measured
+            self.schedule.set_gain(self.step, self.noise.gain())
         lr = (self.schedule.lr(self.step, self.progress(), self.epoch)
               * seq_len / self.cfg.train.bptt)
         self.engine.set_lr(lr)
@@ -657,14 +472,13 @@ class Trainer:
         return [self.module.init_hidden(self.micro) for _ in range(self.accum)]
 
     @property
+    def interval(self) -> dict:
+        return self.runlog.interval  # the current log interval's sums (runlog.RunLog)
+
+    @property
     def averaging(self) -> bool:
         return self.ntasgd.averaging and self.averager.count > 0
 
     def _baseline_key(self) -> str:
         return self.scaling_baseline.key()
 
-
-def _to(h, device):
-    if isinstance(h, torch.Tensor):
-        return h.to(device)
-    return type(h)(_to(x, device) for x in h)

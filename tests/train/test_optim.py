@@ -248,7 +248,7 @@ def test_scaling_keys_through_load_config(tmp_path):
 
 
 @pytest.mark.parametrize("over,match", [
-    ({"schedule.scaling": "cubic"}, "schedule.scaling must be none, linear or sqrt"),
+    ({"schedule.scaling": "cubic"}, "schedule.scaling must be none, linear, sqrt or adascale"),
     ({"schedule.scaling": "sqrt", "schedule.warmup_steps": 10, "schedule.warmup_base_steps": 5},
      "drop one of them"),
     ({"schedule.scaling": "none", "schedule.warmup_base_steps": 5}, "--schedule.scaling=linear"),

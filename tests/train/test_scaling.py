@@ -77,7 +77,7 @@ def test_scaled_lr_is_printed_stored_and_applied(tmp_path, ptb_slice, capsys):
     res = table["resolved"]["lr_scaling"]
     assert res == {"rule": "sqrt", "base_batch": 2, "global_batch": 8, "ratio": 4.0,
                    "base_lr": 1.0, "peak_lr": 2.0, "warmup_steps": 4, "warmup_derived": True,
-                   "legacy": False}
+                   "legacy": False, "gain_power": 0.0}
     assert table["resolved"]["batch"]["micro_batch"] == 8
     assert from_dict(table).schedule.scaling == "sqrt"  # the block is not a config key
     # the lr the trainer applied: warm-up to the sqrt-scaled peak (fixed bptt: factor 1)
