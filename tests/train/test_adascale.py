@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from _eval_helpers import one_thread  # noqa: F401  (autouse: tiny models, one thread)
-from train_helpers import make_trainer, metrics, tiny_config
+from helpers.cli import run_cli
+from helpers.config import tiny_config
+from helpers.runs import make_trainer, metrics
+from helpers.runs import one_thread  # noqa: F401  (autouse: tiny models, one thread)
 
 from dist_lm.config import ScheduleConfig, load_config
 from dist_lm.errors import UserError
@@ -103,15 +101,11 @@ def test_refused_where_the_noise_scale_is_not_measured(tmp_path, ptb_slice):
         make_trainer(tiny_config(one, ptb_slice, **{**ADA, "train.micro_batch": 0}))
     assert not one.exists()
     # the same through the real CLI: one line naming the fix, a non-zero exit, nothing written
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     toml = tmp_path / "tiny.toml"
     toml.write_text("[model]\nemb_size = 16\nhidden_size = 24\n[train]\nglobal_batch = 4\n")
-    proc = subprocess.run([sys.executable, "-m", "dist_lm", "train", str(toml),
-                           f"--data.shards={ptb_slice}",
-                           f"--train.run_dir={one}", "--train.device=cpu",
-                           "--schedule.scaling=adascale", "--log.wandb_mode=disabled"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_cli("train", toml, f"--data.shards={ptb_slice}", f"--train.run_dir={one}",
+                   "--train.device=cpu", "--schedule.scaling=adascale",
+                   "--log.wandb_mode=disabled", cwd=tmp_path)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(err) == 1 and "adascale needs" in err[0] \
         and "--train.micro_batch" in err[0], err
