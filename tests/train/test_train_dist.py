@@ -101,12 +101,16 @@ def test_ddp_noise_scale_equals_its_accumulation_twin(tmp_path, ptb_slice):
     run(tmp_path, "ddp", 2, ptb_slice, f"train.run_dir={tmp_path/'ddp'}", "dist.engine=ddp",
         *args)
     keys = ("b_noise", "b_noise_tokens", "adascale_gain")
-    rows = [[r for r in metrics(tmp_path / d) if "b_noise" in r] for d in ("acc", "ddp")]
+    # the interval records (the final record carries b_noise too, without the gain)
+    rows = [[r for r in metrics(tmp_path / d) if "b_noise" in r and not r.get("final")]
+            for d in ("acc", "ddp")]
     assert len(rows[0]) == len(rows[1]) >= 3
     for a, b in zip(*rows):
         assert a["step"] == b["step"]
         for k in keys:
             assert b[k] == pytest.approx(a[k], rel=1e-7), (k, a, b)
+    last = [[r for r in metrics(tmp_path / d) if r.get("final")][0] for d in ("acc", "ddp")]
+    assert last[1]["b_noise"] == pytest.approx(last[0]["b_noise"], rel=1e-7)
 
 
 # every regularizer on: weight drop, locked dropouts, embedding dropout, AR/TAR, variable bptt
