@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_lm.bench import gpu
 from dist_lm.bench.gpu import common, kernels, runner, sync
@@ -201,3 +202,16 @@ def test_sync_counter_counts_and_names_the_window_of_steps(tmp_path, monkeypatch
     assert mode["history"] == ["warn", 0]
     ((where, k),) = counter.where.items()
     assert k == 6 and where.startswith("test_bench_gpu.py:") and "# the named line" in where
+
+
+def test_loss_down_judges_the_late_quarter_not_one_noisy_interval():
+    """A healthy run whose very last interval is noisy passes; a diverged, stuck or rising run
+    fails (the rehearsal's time-bounded runs end at any interval: CI once failed on one)."""
+    rng = torch.Generator().manual_seed(0)
+    healthy = (5.3 - torch.linspace(0, 0.8, 40) + 0.3 * torch.randn(40, generator=rng)).tolist()
+    healthy[-1] = healthy[0] + 0.5  # the last interval alone says "went up"
+    assert common.loss_down("x", healthy)["ok"]
+    assert not common.loss_down("x", healthy[:-1] + [float("nan")])["ok"]
+    assert not common.loss_down("x", [5.3] + [5.31] * 39)["ok"]  # stuck
+    assert not common.loss_down("x", (5.3 + torch.linspace(0, 0.8, 40)).tolist())["ok"]
+    assert not common.loss_down("x", [5.3])["ok"]
