@@ -93,10 +93,13 @@ def test_deepspeed_zero_matches(single, tmp_path, ptb_slice, stage):
     assert (tmp_path / "ds" / "checkpoints" / "step-00000006" / "model.pt").is_file()
 
 
-def test_ddp_noise_scale_equals_its_accumulation_twin(tmp_path, ptb_slice):
+@pytest.mark.parametrize("scaling", ["none", "adascale"])
+def test_ddp_noise_scale_equals_its_accumulation_twin(tmp_path, ptb_slice, scaling):
     """B_noise from 2 ranks' local gradients (1 pass of 2 streams each) against one process
-    accumulating the same 2 passes: the same micro batches, the same estimate."""
-    args = ("train.micro_batch=2", "train.max_steps=5", "schedule.base_batch=2")
+    accumulating the same 2 passes: the same micro batches, the same estimate. With adascale
+    the lr follows the measured gain, so the twins' lr, loss and final weights agree too."""
+    args = ("train.micro_batch=2", "train.max_steps=5", "schedule.base_batch=2",
+            f"schedule.scaling={scaling}")
     run(tmp_path, "acc", 1, ptb_slice, f"train.run_dir={tmp_path/'acc'}", *args)
     run(tmp_path, "ddp", 2, ptb_slice, f"train.run_dir={tmp_path/'ddp'}", "dist.engine=ddp",
         *args)
@@ -111,6 +114,15 @@ def test_ddp_noise_scale_equals_its_accumulation_twin(tmp_path, ptb_slice):
             assert b[k] == pytest.approx(a[k], rel=1e-7), (k, a, b)
     last = [[r for r in metrics(tmp_path / d) if r.get("final")][0] for d in ("acc", "ddp")]
     assert last[1]["b_noise"] == pytest.approx(last[0]["b_noise"], rel=1e-7)
+    if scaling == "adascale":
+        assert any(r["adascale_gain"] > 1.0 for r in rows[0])  # the gain moved the lr
+        assert len({r["lr"] for r in rows[0]}) > 1
+        for a, b in zip(*rows):
+            assert b["lr"] == pytest.approx(a["lr"], rel=1e-6), (a, b)
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+        one, two = result(tmp_path, "acc"), result(tmp_path, "ddp")
+        for k, v in one["params"].items():
+            torch.testing.assert_close(two["params"][k], v, rtol=1e-5, atol=1e-6)
 
 
 # every regularizer on: weight drop, locked dropouts, embedding dropout, AR/TAR, variable bptt
