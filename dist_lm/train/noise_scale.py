@@ -101,6 +101,12 @@ class NoiseScale:
             return None
         return g2 / weight, tr / weight
 
+    def measured(self) -> int:
+        """How many steps the EMAs hold (from the bias correction's weight 1 - decay^n)."""
+        weight = float(self.ema[2])
+        return 0 if weight <= 0 else round(math.log1p(-min(weight, 1 - 1e-15))
+                                           / math.log(self.decay))
+
     def b_noise(self) -> float | None:
         """B_noise in streams; None when undefined (nothing measured yet, or the |G|² or tr(Σ)
         estimate not positive: the noise still hides the gradient)."""
@@ -149,6 +155,7 @@ class NoiseScale:
 
 
 FAR = 4.0  # a global batch more than this many times B_noise gets the advice line
+ADVICE_AFTER = 100  # measured steps before the advice line is printed during the run (EMA span)
 
 
 def critical_batch_advice(batch: int, b_noise: float) -> str | None:

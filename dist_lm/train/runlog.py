@@ -14,6 +14,7 @@ from .. import distributed as D
 from ..metrics.meter import ThroughputMeter, perplexity_fields
 from ..metrics.writer import MetricsSink
 from .lockstep import await_sweep
+from .noise_scale import ADVICE_AFTER
 
 
 class RunLog:
@@ -32,6 +33,7 @@ class RunLog:
         self.baseline = tr.scaling_baseline.tokens_per_s()  # 0: no scaling efficiency
         self.run_tps: list[float] = []
         self.interval = self.new_interval()
+        self.advised = False  # the critical-batch line printed during the run
 
     def announce(self, resumed: Path | None) -> None:
         """Rank 0's start-of-run lines: the lr rule, the batch geometry, where it resumed."""
@@ -108,6 +110,11 @@ class RunLog:
         best = perplexity_fields(tr.best_val, tr.char_level, "best_valid_")
         self.sink.set_summary(**best, best_valid_loss=tr.best_val, best_step=tr.best_step,
                               **self.target_fields())
+        if tr.rank == 0 and tr.noise and not self.advised and \
+                tr.noise.measured() >= ADVICE_AFTER and tr.noise.advice():
+            # once, as soon as the estimate spans the EMA's window; again at the end of the run
+            self.advised = True
+            print(f"dist-lm: at step {tr.step}, {tr.noise.advice()}", flush=True)
         if tr.rank == 0 and event in ("switch", "target"):
             what = ("switching to averaged SGD (NT-ASGD)" if event == "switch" else
                     f"target {target:g} reached ({self.target_fields()['time_to_target_s']:.0f}"

@@ -160,3 +160,23 @@ def test_compare_plots_and_tabulates_b_noise(tmp_path, ptb_slice, capsys):
     assert [c for c in cells if c[0] == runs[1]][0][cols.index("b_noise")] == ""
     assert "b_noise" in cols and float(row["b_noise"]) == pytest.approx(want[-1][1], rel=1e-3)
     assert (tmp_path / "cmp" / "b_noise_vs_tokens.png").stat().st_size > 0
+
+
+def test_critical_batch_line_is_printed_once_during_the_run(tmp_path, ptb_slice, capsys,
+                                                            monkeypatch):
+    """Once the estimate spans ADVICE_AFTER measured steps, the first validation prints the line
+    (with its step) and later ones do not; the end of the run prints it again."""
+    from dist_lm.train import runlog
+
+    monkeypatch.setattr(runlog, "ADVICE_AFTER", 3)
+    rd = tmp_path / "far"
+    tr = make_trainer(tiny_config(rd, ptb_slice, **{"train.micro_batch": 1, "train.max_steps": 8,
+                                                    "train.eval_every_steps": 2}))
+    tr.noise.b_noise = lambda: 0.8  # batch 4 is 5x: far above
+    capsys.readouterr()
+    tr.fit()
+    out = capsys.readouterr().out
+    assert tr.noise.measured() == 8
+    during = [ln for ln in out.splitlines() if ln.startswith("dist-lm: at step ")]
+    assert during == [f"dist-lm: at step 4, {critical_batch_advice(4, 0.8)}"], out
+    assert out.count("critical batch") == 2
