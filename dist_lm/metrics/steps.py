@@ -8,9 +8,12 @@ McCandlish et al. 2018: the steps S and examples E a batch B needs to reach a gi
 with B_noise the critical batch. Here every batch is in tokens per step (streams x bptt), so
 that more streams and a longer window are on one axis. The base run fixes S_min: it reached
 the target in S_base steps at batch B_base, so S_min = S_base / (1 + B_noise / B_base), and
-B_noise is what the base run measured (the mean of its logged b_noise_tokens: the noise scale
-grows as the loss falls, and the mean is the one figure for the whole way to the target).
-Nothing is fitted to the other runs' steps, so their agreement with the curve is a test of it.
+B_noise is what the base run measured when it reached the target (its last logged
+b_noise_tokens, a smoothed estimate over about its last 100 steps): McCandlish et al. compare
+the critical batch of a target loss with the noise scale measured at that loss. The mean of its
+logged estimates over the whole run (the noise scale grows as the loss falls) gives a second,
+lower prediction, reported beside it. Nothing is fitted to the other runs' steps, so their
+agreement with the curve is a test of it.
 
     python -m dist_lm.metrics.steps RUN... --base RUN [--out DIR]
 """
@@ -94,12 +97,14 @@ def analyse(runs: list[str], base: str) -> dict:
     if "b_noise_tokens_mean" not in b:
         raise UserError(f"the base run {base} did not measure the noise scale; it needs two "
                         f"micro batches per step (train.micro_batch = half the global batch).")
-    bn = b["b_noise_tokens_mean"]
+    bn, bn_mean = b["b_noise_tokens_last"], b["b_noise_tokens_mean"]
     s_base = b["steps_to_target"] or b["steps"]
     s_min = s_base / (1.0 + bn / b["batch_tokens"])
+    s_min_mean = s_base / (1.0 + bn_mean / b["batch_tokens"])
     rows = [summarize_run(r, target) for r in runs]
     for r in rows:
         r["predicted_steps"] = predicted_steps(s_min, bn, r["batch_tokens"])
+        r["predicted_steps_mean"] = predicted_steps(s_min_mean, bn_mean, r["batch_tokens"])
         r["final_vs_base"] = (r["final_valid_ppl"] / target - 1.0
                               if r["final_valid_ppl"] else None)
     best: dict[int, dict] = {}
@@ -110,11 +115,13 @@ def analyse(runs: list[str], base: str) -> dict:
             best[r["batch_tokens"]] = r
     curve = [{"batch_tokens": k, "run": v["name"], "steps": v["steps_to_target"],
               "predicted": v["predicted_steps"],
-              "error": v["steps_to_target"] / v["predicted_steps"] - 1.0}
+              "error": v["steps_to_target"] / v["predicted_steps"] - 1.0,
+              "predicted_mean": v["predicted_steps_mean"],
+              "error_mean": v["steps_to_target"] / v["predicted_steps_mean"] - 1.0}
              for k, v in sorted(best.items())]
     return {"target_ppl": target, "base": b["name"], "b_noise_tokens": bn,
-            "b_noise_tokens_last": b["b_noise_tokens_last"], "s_min": s_min, "rows": rows,
-            "curve": curve}
+            "b_noise_tokens_mean": bn_mean, "s_min": s_min, "s_min_mean": s_min_mean,
+            "rows": rows, "curve": curve}
 
 
 def markdown(res: dict) -> str:
@@ -122,8 +129,9 @@ def markdown(res: dict) -> str:
         return "-" if v is None else format(v, spec)
 
     lines = [f"target: valid ppl {res['target_ppl']:.2f} (the base run {res['base']}'s final); "
-             f"B_noise {res['b_noise_tokens']:,.0f} tokens (the base run's mean logged; last "
-             f"{res['b_noise_tokens_last']:,.0f}); S_min {res['s_min']:.1f} steps", "",
+             f"B_noise {res['b_noise_tokens']:,.0f} tokens (the base run's at the target), "
+             f"S_min {res['s_min']:.1f} steps; with the base run's mean B_noise "
+             f"{res['b_noise_tokens_mean']:,.0f} tokens, S_min {res['s_min_mean']:.1f}", "",
              "| run | rule | streams x bptt | steps run | steps to target | predicted | tokens to "
              "target | final valid ppl | vs base | mean B_noise (tokens) | mean gain | stop |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -134,11 +142,12 @@ def markdown(res: dict) -> str:
             f"{f(r['tokens_to_target'])} | {f(r['final_valid_ppl'], '.2f')} | "
             f"{f(None if r['final_vs_base'] is None else 100 * r['final_vs_base'], '+.1f')} % | "
             f"{f(r.get('b_noise_tokens_mean'))} | {f(r.get('gain_mean'), '.2f')} | {r['stop']} |")
-    lines += ["", "| batch (tokens) | fewest steps to target (run) | predicted | error |",
-              "|---:|---|---:|---:|"]
+    lines += ["", "| batch (tokens) | fewest steps to target (run) | predicted | error | "
+              "predicted from the mean B_noise | error |", "|---:|---|---:|---:|---:|---:|"]
     for c in res["curve"]:
         lines.append(f"| {c['batch_tokens']:,} | {c['steps']:.1f} ({c['run']}) | "
-                     f"{c['predicted']:.1f} | {100 * c['error']:+.1f} % |")
+                     f"{c['predicted']:.1f} | {100 * c['error']:+.1f} % | "
+                     f"{c['predicted_mean']:.1f} | {100 * c['error_mean']:+.1f} % |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +170,9 @@ def plot(res: dict, path: Path) -> None:
     lo, hi = sizes[0] / 1.5, sizes[-1] * 1.5
     xs = [lo * (hi / lo) ** (i / 99) for i in range(100)]
     ax.plot(xs, [predicted_steps(res["s_min"], res["b_noise_tokens"], x) for x in xs], "k--",
-            label=f"S_min (1 + B_noise/B), B_noise {res['b_noise_tokens']:,.0f}")
+            label=f"S_min (1 + B_noise/B), B_noise {res['b_noise_tokens']:,.0f} (at target)")
+    ax.plot(xs, [predicted_steps(res["s_min_mean"], res["b_noise_tokens_mean"], x) for x in xs],
+            "k:", label=f"the same with the run's mean B_noise {res['b_noise_tokens_mean']:,.0f}")
     ax.set(xscale="log", yscale="log", xlabel="global batch (tokens per step)",
            ylabel=f"steps to valid ppl {res['target_ppl']:.1f}")
     ax.grid(True, which="both", alpha=0.3)

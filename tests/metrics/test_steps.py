@@ -46,14 +46,14 @@ def test_steps_to_target_interpolates_in_log_ppl_between_validations():
 
 def test_runs_on_the_noise_scale_law_are_predicted_exactly(tmp_path):
     """Runs whose steps to the target follow S_min (1 + B_noise/B) at the B_noise the base run
-    logged (its mean) are predicted with zero error, on either axis (more streams or a longer
+    logged last (at the target) are predicted with zero error, on either axis (more streams or a longer
     window: the batch is in tokens); a run that never reached the target has no point."""
     rng = random.Random(0)
     bn = [rng.uniform(500, 1500) for _ in range(8)]
-    mean_bn, s_min, target = sum(bn) / len(bn), 120.0, 150.0
+    at_target, mean_bn, s_min, target = bn[-1], sum(bn) / len(bn), 120.0, 150.0
 
     def law(batch_tokens):
-        return s_min * (1 + mean_bn / batch_tokens)
+        return s_min * (1 + at_target / batch_tokens)
 
     def evals_reaching(steps):  # validations every `steps` / 8, the last exactly at the target
         return [(round(steps * k / 8), target * (1.5 - k / 16)) for k in range(1, 9)]
@@ -68,9 +68,11 @@ def test_runs_on_the_noise_scale_law_are_predicted_exactly(tmp_path):
     runs.append(_run(tmp_path / "never", 256, 35, "sqrt", [(10, 900.0), (20, 800.0)], bn))
     res = S.analyse([str(r) for r in runs], str(base))
     assert res["target_ppl"] == pytest.approx(target)
-    assert res["b_noise_tokens"] == pytest.approx(mean_bn)
+    assert res["b_noise_tokens"] == pytest.approx(at_target)
+    assert res["b_noise_tokens_mean"] == pytest.approx(mean_bn)
     # the base run's own steps are whole numbers: S_min carries its rounding
-    assert res["s_min"] == pytest.approx(round(base_steps) / (1 + mean_bn / 1120))
+    assert res["s_min"] == pytest.approx(round(base_steps) / (1 + at_target / 1120))
+    assert res["s_min_mean"] == pytest.approx(round(base_steps) / (1 + mean_bn / 1120))
     by_name = {r["name"]: r for r in res["rows"]}
     assert by_name["never"]["steps_to_target"] is None
     assert by_name["b32t140"]["batch_tokens"] == 32 * 140
@@ -79,6 +81,9 @@ def test_runs_on_the_noise_scale_law_are_predicted_exactly(tmp_path):
     assert [c["batch_tokens"] for c in res["curve"]] == [1120, 4480, 17920]
     for c in res["curve"]:
         assert abs(c["error"]) < 0.01, c  # whole-step rounding of the synthetic runs only
+        # the second prediction is the same law at the mean B_noise
+        assert c["predicted_mean"] == pytest.approx(res["s_min_mean"] * (1 + mean_bn / c[
+            "batch_tokens"]))
 
 
 def test_the_curve_keeps_the_fewest_steps_of_each_batch_and_the_files_are_written(tmp_path):
