@@ -10,9 +10,10 @@ that more streams and a longer window are on one axis. The base run fixes S_min:
 the target in S_base steps at batch B_base, so S_min = S_base / (1 + B_noise / B_base), and
 B_noise is what the base run measured when it reached the target (its last logged
 b_noise_tokens, a smoothed estimate over about its last 100 steps): McCandlish et al. compare
-the critical batch of a target loss with the noise scale measured at that loss. The mean of its
-logged estimates over the whole run (the noise scale grows as the loss falls) gives a second,
-lower prediction, reported beside it. Nothing is fitted to the other runs' steps, so their
+the critical batch of a target loss with the noise scale measured at that loss. The median of its
+logged estimates over the whole run (the noise scale grows as the loss falls; the median is
+not moved by the spikes of an estimate whose |G|² is near zero) gives a second, lower
+prediction, reported beside it. Nothing is fitted to the other runs' steps, so their
 agreement with the curve is a test of it.
 
     python -m dist_lm.metrics.steps RUN... --base RUN [--out DIR]
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -55,7 +57,7 @@ def predicted_steps(s_min: float, b_noise: float, batch: float) -> float:
 
 def summarize_run(run_dir: str | Path, target: float) -> dict:
     """One run's row: its batch in streams and tokens, rule, steps and tokens to `target`, final
-    validation ppl, and its noise scale (mean and last logged) and adascale gain (mean)."""
+    validation ppl, and its noise scale (median and last logged) and adascale gain (mean)."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
@@ -78,7 +80,7 @@ def summarize_run(run_dir: str | Path, target: float) -> dict:
            "steps_to_target": hit[0] if hit else None,
            "tokens_to_target": hit[1] if hit else None}
     if logged:
-        out["b_noise_tokens_mean"] = sum(r["b_noise_tokens"] for r in logged) / len(logged)
+        out["b_noise_tokens_median"] = statistics.median(r["b_noise_tokens"] for r in logged)
         out["b_noise_tokens_last"] = logged[-1]["b_noise_tokens"]
     if gains:
         out["gain_mean"] = sum(gains) / len(gains)
@@ -94,17 +96,17 @@ def analyse(runs: list[str], base: str) -> dict:
         raise UserError(f"the base run {base} has no final validation; let it finish first.")
     target = final[-1]["valid_ppl"]
     b = summarize_run(base, target)
-    if "b_noise_tokens_mean" not in b:
+    if "b_noise_tokens_median" not in b:
         raise UserError(f"the base run {base} did not measure the noise scale; it needs two "
                         f"micro batches per step (train.micro_batch = half the global batch).")
-    bn, bn_mean = b["b_noise_tokens_last"], b["b_noise_tokens_mean"]
+    bn, bn_median = b["b_noise_tokens_last"], b["b_noise_tokens_median"]
     s_base = b["steps_to_target"] or b["steps"]
     s_min = s_base / (1.0 + bn / b["batch_tokens"])
-    s_min_mean = s_base / (1.0 + bn_mean / b["batch_tokens"])
+    s_min_median = s_base / (1.0 + bn_median / b["batch_tokens"])
     rows = [summarize_run(r, target) for r in runs]
     for r in rows:
         r["predicted_steps"] = predicted_steps(s_min, bn, r["batch_tokens"])
-        r["predicted_steps_mean"] = predicted_steps(s_min_mean, bn_mean, r["batch_tokens"])
+        r["predicted_steps_median"] = predicted_steps(s_min_median, bn_median, r["batch_tokens"])
         r["final_vs_base"] = (r["final_valid_ppl"] / target - 1.0
                               if r["final_valid_ppl"] else None)
     best: dict[int, dict] = {}
@@ -116,11 +118,11 @@ def analyse(runs: list[str], base: str) -> dict:
     curve = [{"batch_tokens": k, "run": v["name"], "steps": v["steps_to_target"],
               "predicted": v["predicted_steps"],
               "error": v["steps_to_target"] / v["predicted_steps"] - 1.0,
-              "predicted_mean": v["predicted_steps_mean"],
-              "error_mean": v["steps_to_target"] / v["predicted_steps_mean"] - 1.0}
+              "predicted_median": v["predicted_steps_median"],
+              "error_median": v["steps_to_target"] / v["predicted_steps_median"] - 1.0}
              for k, v in sorted(best.items())]
     return {"target_ppl": target, "base": b["name"], "b_noise_tokens": bn,
-            "b_noise_tokens_mean": bn_mean, "s_min": s_min, "s_min_mean": s_min_mean,
+            "b_noise_tokens_median": bn_median, "s_min": s_min, "s_min_median": s_min_median,
             "rows": rows, "curve": curve}
 
 
@@ -130,10 +132,10 @@ def markdown(res: dict) -> str:
 
     lines = [f"target: valid ppl {res['target_ppl']:.2f} (the base run {res['base']}'s final); "
              f"B_noise {res['b_noise_tokens']:,.0f} tokens (the base run's at the target), "
-             f"S_min {res['s_min']:.1f} steps; with the base run's mean B_noise "
-             f"{res['b_noise_tokens_mean']:,.0f} tokens, S_min {res['s_min_mean']:.1f}", "",
+             f"S_min {res['s_min']:.1f} steps; with the base run's median B_noise "
+             f"{res['b_noise_tokens_median']:,.0f} tokens, S_min {res['s_min_median']:.1f}", "",
              "| run | rule | streams x bptt | steps run | steps to target | predicted | tokens to "
-             "target | final valid ppl | vs base | mean B_noise (tokens) | mean gain | stop |",
+             "target | final valid ppl | vs base | median B_noise (tokens) | mean gain | stop |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in sorted(res["rows"], key=lambda r: (r["batch_tokens"], r["rule"])):
         lines.append(
@@ -141,13 +143,13 @@ def markdown(res: dict) -> str:
             f"{f(r['steps_to_target'], '.1f')} | {r['predicted_steps']:.1f} | "
             f"{f(r['tokens_to_target'])} | {f(r['final_valid_ppl'], '.2f')} | "
             f"{f(None if r['final_vs_base'] is None else 100 * r['final_vs_base'], '+.1f')} % | "
-            f"{f(r.get('b_noise_tokens_mean'))} | {f(r.get('gain_mean'), '.2f')} | {r['stop']} |")
+            f"{f(r.get('b_noise_tokens_median'))} | {f(r.get('gain_mean'), '.2f')} | {r['stop']} |")
     lines += ["", "| batch (tokens) | fewest steps to target (run) | predicted | error | "
-              "predicted from the mean B_noise | error |", "|---:|---|---:|---:|---:|---:|"]
+              "predicted from the median B_noise | error |", "|---:|---|---:|---:|---:|---:|"]
     for c in res["curve"]:
         lines.append(f"| {c['batch_tokens']:,} | {c['steps']:.1f} ({c['run']}) | "
                      f"{c['predicted']:.1f} | {100 * c['error']:+.1f} % | "
-                     f"{c['predicted_mean']:.1f} | {100 * c['error_mean']:+.1f} % |")
+                     f"{c['predicted_median']:.1f} | {100 * c['error_median']:+.1f} % |")
     return "\n".join(lines) + "\n"
 
 
@@ -171,8 +173,8 @@ def plot(res: dict, path: Path) -> None:
     xs = [lo * (hi / lo) ** (i / 99) for i in range(100)]
     ax.plot(xs, [predicted_steps(res["s_min"], res["b_noise_tokens"], x) for x in xs], "k--",
             label=f"S_min (1 + B_noise/B), B_noise {res['b_noise_tokens']:,.0f} (at target)")
-    ax.plot(xs, [predicted_steps(res["s_min_mean"], res["b_noise_tokens_mean"], x) for x in xs],
-            "k:", label=f"the same with the run's mean B_noise {res['b_noise_tokens_mean']:,.0f}")
+    ax.plot(xs, [predicted_steps(res["s_min_median"], res["b_noise_tokens_median"], x) for x in xs],
+            "k:", label=f"the same with the run's median B_noise {res['b_noise_tokens_median']:,.0f}")
     ax.set(xscale="log", yscale="log", xlabel="global batch (tokens per step)",
            ylabel=f"steps to valid ppl {res['target_ppl']:.1f}")
     ax.grid(True, which="both", alpha=0.3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 
 import pytest
 
@@ -50,7 +51,7 @@ def test_runs_on_the_noise_scale_law_are_predicted_exactly(tmp_path):
     window: the batch is in tokens); a run that never reached the target has no point."""
     rng = random.Random(0)
     bn = [rng.uniform(500, 1500) for _ in range(8)]
-    at_target, mean_bn, s_min, target = bn[-1], sum(bn) / len(bn), 120.0, 150.0
+    at_target, median_bn, s_min, target = bn[-1], statistics.median(bn), 120.0, 150.0
 
     def law(batch_tokens):
         return s_min * (1 + at_target / batch_tokens)
@@ -69,10 +70,10 @@ def test_runs_on_the_noise_scale_law_are_predicted_exactly(tmp_path):
     res = S.analyse([str(r) for r in runs], str(base))
     assert res["target_ppl"] == pytest.approx(target)
     assert res["b_noise_tokens"] == pytest.approx(at_target)
-    assert res["b_noise_tokens_mean"] == pytest.approx(mean_bn)
+    assert res["b_noise_tokens_median"] == pytest.approx(median_bn)
     # the base run's own steps are whole numbers: S_min carries its rounding
     assert res["s_min"] == pytest.approx(round(base_steps) / (1 + at_target / 1120))
-    assert res["s_min_mean"] == pytest.approx(round(base_steps) / (1 + mean_bn / 1120))
+    assert res["s_min_median"] == pytest.approx(round(base_steps) / (1 + median_bn / 1120))
     by_name = {r["name"]: r for r in res["rows"]}
     assert by_name["never"]["steps_to_target"] is None
     assert by_name["b32t140"]["batch_tokens"] == 32 * 140
@@ -81,8 +82,8 @@ def test_runs_on_the_noise_scale_law_are_predicted_exactly(tmp_path):
     assert [c["batch_tokens"] for c in res["curve"]] == [1120, 4480, 17920]
     for c in res["curve"]:
         assert abs(c["error"]) < 0.01, c  # whole-step rounding of the synthetic runs only
-        # the second prediction is the same law at the mean B_noise
-        assert c["predicted_mean"] == pytest.approx(res["s_min_mean"] * (1 + mean_bn / c[
+        # the second prediction is the same law at the median B_noise
+        assert c["predicted_median"] == pytest.approx(res["s_min_median"] * (1 + median_bn / c[
             "batch_tokens"]))
 
 
