@@ -174,6 +174,21 @@ def critical_batch_advice(batch: int, b_noise: float) -> str | None:
             f"2018); a smaller batch wastes fewer tokens, docs/scaling.md")
 
 
+def mask_noise_note(cfg) -> str | None:
+    """What adascale should say when the model draws a dropout mask per forward pass rather than
+    per stream (weight drop, embedding dropout): each micro batch's gradient then carries its
+    own mask's noise, which more streams per micro batch do not shrink, so tr(Σ), B_noise and
+    the gain read higher at a larger micro batch (docs/scaling.md, measured)."""
+    m = cfg.model
+    per_pass = [f"model.{k}={getattr(m, k):g}" for k in ("wdrop", "dropoute")
+                if getattr(m, k, 0) > 0]
+    if not per_pass:
+        return None
+    return (f"{' and '.join(per_pass)} draw one mask per micro batch, not per stream: the noise "
+            f"scale counts that mask noise too, so B_noise and the adascale gain read higher "
+            f"at a larger train.micro_batch (docs/scaling.md, 'Measured')")
+
+
 def noise_scale_for(cfg, module: torch.nn.Module, *, micro: int, accum: int, world: int,
                     base_batch: int, device: torch.device) -> NoiseScale | None:
     """The run's NoiseScale, or None when train.noise_scale_every leaves it off: -1 (auto)

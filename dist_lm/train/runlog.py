@@ -14,7 +14,7 @@ from .. import distributed as D
 from ..metrics.meter import ThroughputMeter, perplexity_fields
 from ..metrics.writer import MetricsSink
 from .lockstep import await_sweep
-from .noise_scale import ADVICE_AFTER
+from .noise_scale import ADVICE_AFTER, mask_noise_note
 
 
 class RunLog:
@@ -42,6 +42,9 @@ class RunLog:
             return
         print(f"dist-lm: {tr.schedule.scaling.describe()}", flush=True)
         print(f"dist-lm: {tr.batch.describe()}", flush=True)
+        note = mask_noise_note(tr.cfg) if tr.schedule.adaptive else None
+        if note:
+            print(f"dist-lm: note: {note}", flush=True)
         if resumed is not None:
             print(f"dist-lm: resumed from {resumed} (step {tr.step}, epoch {tr.epoch}, "
                   f"{tr.elapsed:.0f} s trained)", flush=True)

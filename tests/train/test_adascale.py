@@ -180,3 +180,20 @@ def test_critical_batch_line_is_printed_once_during_the_run(tmp_path, ptb_slice,
     during = [ln for ln in out.splitlines() if ln.startswith("dist-lm: at step ")]
     assert during == [f"dist-lm: at step 4, {critical_batch_advice(4, 0.8)}"], out
     assert out.count("critical batch") == 2
+
+
+def test_adascale_names_the_per_pass_masks_at_start(tmp_path, ptb_slice, capsys):
+    """Weight drop and embedding dropout draw one mask per micro batch: the start of an
+    adascale run says the noise scale counts their noise; without them it says nothing."""
+    for name, extra in (("masks", {"model.wdrop": 0.2, "model.dropoute": 0.1}),
+                        ("none", {"model.wdrop": 0.0, "model.dropoute": 0.0})):
+        capsys.readouterr()
+        make_trainer(tiny_config(tmp_path / name, ptb_slice, **{
+            "train.micro_batch": 1, "train.max_steps": 1, "schedule.scaling": "adascale",
+            **extra})).fit()
+        out = capsys.readouterr().out
+        notes = [ln for ln in out.splitlines() if ln.startswith("dist-lm: note:")]
+        if name == "masks":
+            assert len(notes) == 1 and "model.wdrop=0.2 and model.dropoute=0.1" in notes[0], out
+        else:
+            assert notes == [], out
