@@ -113,7 +113,7 @@ if want ddp; then
   maybe python - "$OUT/ddp/ddp2" "$OUT/ddp/accum2" <<'EOF'
 import sys
 from dist_lm.metrics.compare import read_metrics
-recs = [[m for m in read_metrics(r) if "b_noise" in m and "step" in m] for r in sys.argv[1:3]]
+recs = [[m for m in read_metrics(r) if "adascale_gain" in m] for r in sys.argv[1:3]]
 a, b = recs
 assert len(a) == len(b) and a, (len(a), len(b))
 for key in ("loss", "b_noise", "adascale_gain"):
