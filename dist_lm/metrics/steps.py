@@ -55,16 +55,16 @@ def predicted_steps(s_min: float, b_noise: float, batch: float) -> float:
     return s_min * (1.0 + b_noise / batch)
 
 
-def summarize_run(run_dir: str | Path, target: float) -> dict:
-    """One run's row: its batch in streams and tokens, rule, steps and tokens to `target`, final
-    validation ppl, and its noise scale (median and last logged) and adascale gain (mean)."""
+def summarize_run(run_dir: str | Path, target: float, rows: list[dict]) -> dict:
+    """One run's row from its metrics records (read_metrics): its batch in streams and tokens,
+    rule, steps and tokens to `target`, final validation ppl, and its noise scale (median and
+    last logged) and adascale gain (mean)."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{run_dir} has no config.json; pass run directories written by "
                         f"`dist-lm train`.")
     cfg = json.loads(cfg_path.read_text())
-    rows = read_metrics(run_dir)
     evals = [r for r in rows if "valid_ppl" in r and not r.get("final")]
     final = [r for r in rows if r.get("final")]
     logged = [r for r in rows if "b_noise_tokens" in r and not r.get("final")]
@@ -90,12 +90,12 @@ def summarize_run(run_dir: str | Path, target: float) -> dict:
 def analyse(runs: list[str], base: str) -> dict:
     """The base run's target, B_noise and S_min, every run's row with its predicted steps, and
     per batch the fewest steps any rule took (the measured curve)."""
-    base_rows = read_metrics(base)
-    final = [r for r in base_rows if r.get("final") and "valid_ppl" in r]
+    records = {r: read_metrics(r) for r in (base, *runs)}  # each metrics.jsonl read once
+    final = [r for r in records[base] if r.get("final") and "valid_ppl" in r]
     if not final:
         raise UserError(f"the base run {base} has no final validation; let it finish first.")
     target = final[-1]["valid_ppl"]
-    b = summarize_run(base, target)
+    b = summarize_run(base, target, records[base])
     if "b_noise_tokens_median" not in b:
         raise UserError(f"the base run {base} did not measure the noise scale; it needs two "
                         f"micro batches per step (train.micro_batch = half the global batch).")
@@ -103,7 +103,7 @@ def analyse(runs: list[str], base: str) -> dict:
     s_base = b["steps_to_target"] or b["steps"]
     s_min = s_base / (1.0 + bn / b["batch_tokens"])
     s_min_median = s_base / (1.0 + bn_median / b["batch_tokens"])
-    rows = [summarize_run(r, target) for r in runs]
+    rows = [summarize_run(r, target, records[r]) for r in runs]
     for r in rows:
         r["predicted_steps"] = predicted_steps(s_min, bn, r["batch_tokens"])
         r["predicted_steps_median"] = predicted_steps(s_min_median, bn_median, r["batch_tokens"])

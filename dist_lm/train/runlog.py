@@ -114,10 +114,12 @@ class RunLog:
         self.sink.set_summary(**best, best_valid_loss=tr.best_val, best_step=tr.best_step,
                               **self.target_fields())
         if tr.rank == 0 and tr.noise and not self.advised and \
-                tr.noise.measured() >= ADVICE_AFTER and tr.noise.advice():
+                tr.noise.measured() >= ADVICE_AFTER:
             # once, as soon as the estimate spans the EMA's window; again at the end of the run
-            self.advised = True
-            print(f"dist-lm: at step {tr.step}, {tr.noise.advice()}", flush=True)
+            advice = tr.noise.advice()
+            if advice:
+                self.advised = True
+                print(f"dist-lm: at step {tr.step}, {advice}", flush=True)
         if tr.rank == 0 and event in ("switch", "target"):
             what = ("switching to averaged SGD (NT-ASGD)" if event == "switch" else
                     f"target {target:g} reached ({self.target_fields()['time_to_target_s']:.0f}"
@@ -136,8 +138,9 @@ class RunLog:
                "tokens": tr.tokens, **self.target_fields()}
         if tr.noise:  # the critical batch measured, and one line when the batch is far above it
             rec.update({k: v for k, v in tr.noise.record().items() if k.startswith("b_noise")})
-            if tr.rank == 0 and tr.noise.advice():
-                print(f"dist-lm: {tr.noise.advice()}", flush=True)
+            advice = tr.noise.advice() if tr.rank == 0 else None
+            if advice:
+                print(f"dist-lm: {advice}", flush=True)
         self.sink.log(rec)
         self.sink.set_summary(**{k: v for k, v in rec.items() if k.startswith(("test_", "valid_"))})
         tr.scaling_baseline.record(self.run_tps)
